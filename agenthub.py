@@ -1,0 +1,2240 @@
+#!/usr/bin/env python3
+"""agenthub: one small hub for machines and processes that run jobs.
+
+It speaks existing public HTTP APIs so that their real clients work unchanged:
+
+* a job queue wire-compatible with the Testflinger server (``/v1/job`` …), so the
+  real ``testflinger-cli`` and ``testflinger-agent`` submit, run, poll, cancel
+  and fetch artifacts through it;
+* (later sections) Consul-style user events and an agent registry.
+
+The module is read top to bottom in the order data flows through it, like
+``bottle.py``: configuration, storage (the only place with SQL), validation,
+auth, the job queue, HTTP sections (one per API), the application factory and
+the command line.  Every section opens with a banner comment.
+
+Run it with ``python agenthub.py`` (see ``--help``); embed it with
+``create_app(Config(...))``; or serve the lazily built WSGI ``application``.
+"""
+
+import argparse
+import base64
+import binascii
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import hmac
+import json
+import os
+import queue
+import re
+import secrets
+import socketserver
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
+
+import bottle
+from bottle import HTTPResponse, request
+
+__version__ = "0.1.0"
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+@dataclasses.dataclass
+class Config:
+    """Everything that can be set from flags or ``AGENTHUB_*`` variables.
+
+    One object, passed to ``create_app``; tests build it directly.
+    """
+
+    db: str = ":memory:"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    server: str = "threaded"
+    secret_key: str = ""            # signs JWTs; generated and kept in the db if empty
+    require_auth: bool = False      # anonymous requests get 401 instead of "contributor"
+    jwt_leeway: int = 5             # seconds of clock skew accepted on tokens
+    access_token_seconds: int = 600
+    refresh_token_days: int = 6
+    retention_days: float = 7.0     # jobs, logs, files, agents, queues expire after this
+    purge_interval: float = 600.0   # seconds between purges; 0 disables the purger
+    max_json_bytes: int = 16 * 1024 * 1024   # larger JSON bodies answer 413
+    quiet: bool = False             # no access log on stderr
+    bench_route: bool = False       # mount GET /_bench/ping (a trivial JSON route) for `bench`
+
+    ENV = {
+        "db": "AGENTHUB_DB", "host": "AGENTHUB_HOST", "port": "AGENTHUB_PORT",
+        "server": "AGENTHUB_SERVER", "secret_key": "AGENTHUB_SECRET_KEY",
+        "require_auth": "AGENTHUB_REQUIRE_AUTH", "jwt_leeway": "AGENTHUB_JWT_LEEWAY",
+        "access_token_seconds": "AGENTHUB_ACCESS_TOKEN_SECONDS",
+        "refresh_token_days": "AGENTHUB_REFRESH_TOKEN_DAYS",
+        "retention_days": "AGENTHUB_RETENTION_DAYS",
+        "purge_interval": "AGENTHUB_PURGE_INTERVAL",
+        "max_json_bytes": "AGENTHUB_MAX_JSON_BYTES", "quiet": "AGENTHUB_QUIET",
+    }
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides):
+        """Build a Config from ``AGENTHUB_*`` variables, then ``overrides``."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field in dataclasses.fields(cls):
+            name = cls.ENV.get(field.name)
+            if name and name in environ:
+                values[field.name] = _coerce(field.type, environ[name], name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _coerce(kind, text, name):
+    """Turn an environment string into the field's type, or explain why not."""
+    try:
+        if kind in (bool, "bool"):
+            if text.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.strip().lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(text)
+        if kind in (int, "int"):
+            return int(text)
+        if kind in (float, "float"):
+            return float(text)
+        return text
+    except ValueError:
+        raise SystemExit(f"agenthub: {name}={text!r} is not a valid {getattr(kind, '__name__', kind)}")
+
+
+def utcnow():
+    """The one clock of the program: seconds since the epoch, UTC."""
+    return time.time()
+
+
+def iso(ts):
+    """Seconds-precision ISO-8601 with exactly one zone designator ("Z").
+
+    The original server renders aware datetimes as ``+00:00Z`` in one place,
+    which the agent cannot parse; we always emit ``…Z``.
+    """
+    if ts is None:
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text):
+    """Parse an ISO-8601 datetime (naive means UTC) into epoch seconds, or raise ValueError."""
+    if not isinstance(text, str):
+        raise ValueError("not a string")
+    value = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.timezone.utc)
+    return value.timestamp()
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
+#
+# SQLite is the only store.  Every SQL statement of the program lives in this
+# section.  Writes are serialised by one lock in the process (SQLite allows a
+# single writer anyway, and its busy handler stalls for seconds under many
+# writer threads); reads run in parallel on pooled WAL connections.
+
+MIGRATIONS = [
+    # 1: the Testflinger job queue, its agents and auth.
+    """
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE jobs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,      -- arrival order: the FIFO tie-breaker
+        job_id TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        job_priority INTEGER NOT NULL DEFAULT 0,
+        job_queue TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'waiting',
+        attachments_status TEXT,
+        exclude_agents TEXT NOT NULL DEFAULT '[]',
+        client_id TEXT,
+        job_data TEXT NOT NULL,                      -- the validated submission, as JSON
+        result_status TEXT NOT NULL DEFAULT '{}',    -- {phase: exit code}
+        device_info TEXT,
+        agent_name TEXT                              -- who popped it
+    );
+    CREATE INDEX jobs_pop ON jobs (state, job_queue, job_priority DESC, seq);
+    CREATE INDEX jobs_queue ON jobs (job_queue, seq);
+    CREATE INDEX jobs_created ON jobs (created_at);
+    CREATE TABLE log_fragments (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        log_type TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        fragment_number INTEGER NOT NULL,
+        timestamp REAL NOT NULL,
+        log_data TEXT NOT NULL,
+        inserted_at REAL NOT NULL
+    );
+    CREATE INDEX log_fragments_job ON log_fragments (job_id, log_type, fragment_number);
+    CREATE INDEX log_fragments_inserted ON log_fragments (inserted_at);
+    CREATE TABLE files (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        kind TEXT NOT NULL,                          -- 'artifact' | 'attachments'
+        size INTEGER NOT NULL DEFAULT 0,
+        complete INTEGER NOT NULL DEFAULT 0,         -- 0 while the upload streams in
+        uploaded_at REAL NOT NULL
+    );
+    CREATE INDEX files_job ON files (job_id, kind, complete, id);
+    CREATE TABLE file_chunks (
+        file_id INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (file_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE agents (
+        name TEXT PRIMARY KEY,
+        state TEXT, queues TEXT, location TEXT, job_id TEXT, provision_type TEXT,
+        identifier TEXT, comment TEXT,
+        log TEXT NOT NULL DEFAULT '[]',
+        provision_streak_type TEXT, provision_streak_count INTEGER,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE provision_logs (
+        id INTEGER PRIMARY KEY,
+        agent_name TEXT NOT NULL, job_id TEXT NOT NULL, exit_code INTEGER NOT NULL,
+        detail TEXT, timestamp REAL NOT NULL
+    );
+    CREATE INDEX provision_logs_agent ON provision_logs (agent_name, id);
+    CREATE TABLE advertised_queues (name TEXT PRIMARY KEY, description TEXT NOT NULL, updated_at REAL NOT NULL);
+    CREATE TABLE queue_images (queue TEXT PRIMARY KEY, images TEXT NOT NULL, updated_at REAL NOT NULL);
+    CREATE TABLE wait_times (id INTEGER PRIMARY KEY, queue TEXT NOT NULL, seconds REAL NOT NULL, popped_at REAL NOT NULL);
+    CREATE INDEX wait_times_queue ON wait_times (queue);
+    CREATE TABLE restricted_queues (name TEXT PRIMARY KEY);
+    CREATE TABLE clients (
+        client_id TEXT PRIMARY KEY,
+        secret_hash TEXT,
+        role TEXT NOT NULL DEFAULT 'contributor',
+        max_priority TEXT, allowed_queues TEXT, max_reservation_time TEXT, email TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE refresh_tokens (
+        token_hash TEXT PRIMARY KEY,                 -- sha256 of the token: the db never holds it
+        client_id TEXT NOT NULL REFERENCES clients (client_id) ON DELETE CASCADE,
+        issued_at REAL NOT NULL, expires_at REAL NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0,
+        last_accessed REAL NOT NULL
+    );
+    """,
+]
+
+CHUNK_SIZE = 1024 * 1024   # bytes per stored file chunk and per streamed read
+
+
+class Store:
+    """The SQLite database: a pool of connections and one method per query.
+
+    A file database gets WAL connections from a pool that grows on demand;
+    ``:memory:`` is a single connection (an in-memory database is private to
+    its connection) guarded like a pool of one.  ``write()`` is the one way
+    to change data: it takes the process-wide writer lock and wraps the block
+    in ``BEGIN IMMEDIATE … COMMIT``, so every multi-step change is one
+    transaction.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.memory = path in (":memory:", "")
+        self._idle = queue.LifoQueue()
+        self._size = threading.BoundedSemaphore(1) if self.memory else None
+        self._write_lock = threading.RLock()
+        self._closed = False
+        with self.write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in _split_sql(script):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+
+    # -- connections ---------------------------------------------------------
+
+    def _open(self):
+        conn = sqlite3.connect(":memory:" if self.memory else self.path,
+                               isolation_level=None, check_same_thread=False, timeout=30)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA foreign_keys = ON")
+        if not self.memory:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    @contextlib.contextmanager
+    def connection(self):
+        """Borrow a connection for the length of the block."""
+        if self._closed:
+            raise RuntimeError("store is closed")
+        if self._size is not None:
+            self._size.acquire()
+        try:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = self._open()
+            try:
+                yield conn
+            finally:
+                if conn.in_transaction:
+                    conn.rollback()
+                if self._closed or (not self.memory and self._idle.qsize() >= 32):
+                    if not self.memory:
+                        conn.close()
+                else:
+                    self._idle.put(conn)
+        finally:
+            if self._size is not None:
+                self._size.release()
+
+    @contextlib.contextmanager
+    def write(self):
+        """One write transaction, serialised with every other writer."""
+        with self._write_lock, self.connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+
+    def read(self, sql, args=()):
+        with self.connection() as conn:
+            return conn.execute(sql, args).fetchall()
+
+    def read_one(self, sql, args=()):
+        with self.connection() as conn:
+            return conn.execute(sql, args).fetchone()
+
+    def close(self):
+        self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                break
+
+    # -- settings ------------------------------------------------------------
+
+    def setting(self, key, make_default):
+        """Read a setting, storing ``make_default()`` the first time."""
+        with self.write() as db:
+            row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+            if row:
+                return row[0]
+            value = make_default()
+            db.execute("INSERT INTO settings (key, value) VALUES (?, ?)", (key, value))
+            return value
+
+    # -- jobs ------------------------------------------------------------------
+
+    def insert_job(self, db, job):
+        db.execute(
+            "INSERT INTO jobs (job_id, created_at, job_priority, job_queue, state, attachments_status,"
+            " exclude_agents, client_id, job_data) VALUES (?, ?, ?, ?, 'waiting', ?, ?, ?, ?)",
+            (job["job_id"], job["created_at"], job["job_priority"], job["job_queue"],
+             job["attachments_status"], json.dumps(job["exclude_agents"]), job["client_id"],
+             json.dumps(job["job_data"])))
+
+    def job_exists(self, db, job_id):
+        return db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone() is not None
+
+    def get_job(self, job_id):
+        return self.read_one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+
+    def pop_job(self, queues, agent_name, now):
+        """Atomically take the best waiting job of ``queues`` for ``agent_name``.
+
+        Highest priority first; equal priorities strictly first-in first-out
+        (the original relies on MongoDB's natural order).  The wait time is
+        recorded in the same transaction.
+        """
+        marks = ",".join("?" * len(queues))
+        with self.write() as db:
+            row = db.execute(
+                f"UPDATE jobs SET state = 'running', started_at = ?, agent_name = ? WHERE seq = ("
+                f" SELECT seq FROM jobs WHERE state = 'waiting' AND job_queue IN ({marks})"
+                "  AND (attachments_status IS NULL OR attachments_status = 'complete')"
+                "  AND NOT EXISTS (SELECT 1 FROM json_each(jobs.exclude_agents) WHERE value = ?)"
+                "  ORDER BY job_priority DESC, seq ASC LIMIT 1) RETURNING *",
+                (now, agent_name, *queues, agent_name)).fetchone()
+            if row is not None:
+                db.execute("INSERT INTO wait_times (queue, seconds, popped_at) VALUES (?, ?, ?)",
+                           (row["job_queue"], now - row["created_at"], now))
+            return row
+
+    def job_position(self, job_id):
+        """Index of a waiting job among the waiting jobs of its queue, or None."""
+        with self.connection() as db:
+            row = db.execute("SELECT seq, job_queue, job_priority FROM jobs WHERE job_id = ? AND state = 'waiting'",
+                             (job_id,)).fetchone()
+            if row is None:
+                return None
+            return db.execute(
+                "SELECT count(*) FROM jobs WHERE state = 'waiting' AND job_queue = ?"
+                " AND (job_priority > ? OR (job_priority = ? AND seq < ?))",
+                (row["job_queue"], row["job_priority"], row["job_priority"], row["seq"])).fetchone()[0]
+
+    def cancel_job(self, job_id):
+        """Flip an active job to cancelled; False when unknown or already finished."""
+        with self.write() as db:
+            cur = db.execute("UPDATE jobs SET state = 'cancelled' WHERE job_id = ?"
+                             " AND state NOT IN ('cancelled', 'complete', 'completed')", (job_id,))
+            return cur.rowcount > 0
+
+    def set_attachments_complete(self, db, job_id):
+        db.execute("UPDATE jobs SET attachments_status = 'complete' WHERE job_id = ?", (job_id,))
+
+    def update_result(self, job_id, status=None, device_info=None, job_state=None):
+        """Replace the given parts of a job's result; a cancelled job stays cancelled."""
+        with self.write() as db:
+            if status is not None:
+                db.execute("UPDATE jobs SET result_status = ? WHERE job_id = ?", (json.dumps(status), job_id))
+            if device_info is not None:
+                db.execute("UPDATE jobs SET device_info = ? WHERE job_id = ?", (json.dumps(device_info), job_id))
+            if job_state is not None:
+                db.execute("UPDATE jobs SET state = ? WHERE job_id = ? AND state != 'cancelled'",
+                           (job_state, job_id))
+
+    def search_jobs(self, tags, match_all, states, limit, offset):
+        where, args = [], []
+        if tags:
+            marks = ",".join("?" * len(tags))
+            if match_all:
+                where.append(f"(SELECT count(DISTINCT value) FROM json_each(job_data, '$.tags')"
+                             f" WHERE value IN ({marks})) = ?")
+                args += [*tags, len(set(tags))]
+            else:
+                where.append(f"EXISTS (SELECT 1 FROM json_each(job_data, '$.tags') WHERE value IN ({marks}))")
+                args += tags
+        if states is not None:
+            if "active" in states:
+                where.append("state NOT IN ('cancelled', 'complete', 'completed')")
+            else:
+                where.append(f"state IN ({','.join('?' * len(states))})")
+                args += states
+        sql = "SELECT job_id, created_at, state FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq LIMIT ? OFFSET ?"
+        return self.read(sql, (*args, -1 if limit is None else limit, offset))
+
+    def queue_jobs(self, queue_name, limit, offset):
+        return self.read("SELECT job_id, created_at, state, job_queue FROM jobs WHERE job_queue = ?"
+                         " ORDER BY seq LIMIT ? OFFSET ?", (queue_name, -1 if limit is None else limit, offset))
+
+    def wait_times(self, queues):
+        if queues:
+            rows = self.read(f"SELECT queue, seconds FROM wait_times WHERE queue IN ({','.join('?' * len(queues))})"
+                             " ORDER BY queue, seconds", queues)
+        else:
+            rows = self.read("SELECT queue, seconds FROM wait_times ORDER BY queue, seconds")
+        grouped = {}
+        for row in rows:
+            grouped.setdefault(row["queue"], []).append(row["seconds"])
+        return grouped
+
+    # -- logs ------------------------------------------------------------------
+
+    def add_log_fragment(self, job_id, log_type, phase, number, timestamp, data, now):
+        with self.write() as db:
+            db.execute("INSERT INTO log_fragments (job_id, log_type, phase, fragment_number, timestamp,"
+                       " log_data, inserted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (job_id, log_type, phase, number, timestamp, data, now))
+
+    def log_fragments(self, job_id, log_type, start_fragment=0, start_timestamp=None, phase=None):
+        sql = ("SELECT phase, fragment_number, log_data FROM log_fragments"
+               " WHERE job_id = ? AND fragment_number >= ?")
+        args = [job_id, start_fragment]
+        if log_type is not None:
+            sql += " AND log_type = ?"
+            args.append(log_type)
+        if start_timestamp is not None:
+            sql += " AND timestamp >= ?"
+            args.append(start_timestamp)
+        if phase is not None:
+            sql += " AND phase = ?"
+            args.append(phase)
+        return self.read(sql + " ORDER BY fragment_number, id", args)
+
+    def all_log_fragments(self, job_id):
+        return self.read("SELECT log_type, phase, log_data FROM log_fragments WHERE job_id = ?"
+                         " ORDER BY fragment_number, id", (job_id,))
+
+    # -- files (artifacts, attachments) -----------------------------------------
+
+    def begin_file(self, job_id, kind, now):
+        with self.write() as db:
+            return db.execute("INSERT INTO files (job_id, kind, uploaded_at) VALUES (?, ?, ?)",
+                              (job_id, kind, now)).lastrowid
+
+    def add_file_chunk(self, file_id, seq, data):
+        """One chunk per short transaction, so a slow upload never holds the writer lock."""
+        with self.write() as db:
+            db.execute("INSERT INTO file_chunks (file_id, seq, data) VALUES (?, ?, ?)", (file_id, seq, data))
+
+    def drop_file(self, file_id):
+        with self.write() as db:
+            db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+
+    def finish_file(self, db, file_id, size):
+        """Make an upload visible and drop the versions it replaces, in the caller's transaction."""
+        row = db.execute("UPDATE files SET complete = 1, size = ? WHERE id = ? RETURNING job_id, kind",
+                         (size, file_id)).fetchone()
+        db.execute("DELETE FROM files WHERE job_id = ? AND kind = ? AND id != ?", (row[0], row[1], file_id))
+
+    def newest_file(self, job_id, kind):
+        return self.read_one("SELECT id, size FROM files WHERE job_id = ? AND kind = ? AND complete = 1"
+                             " ORDER BY id DESC LIMIT 1", (job_id, kind))
+
+    def file_chunk(self, file_id, seq):
+        row = self.read_one("SELECT data FROM file_chunks WHERE file_id = ? AND seq = ?", (file_id, seq))
+        return None if row is None else row[0]
+
+    # -- agents ------------------------------------------------------------------
+
+    AGENT_FIELDS = ("state", "queues", "location", "job_id", "provision_type", "identifier", "comment")
+
+    def upsert_agent(self, name, fields, log_lines, now):
+        """Set the given fields of an agent (creating it), append log lines, keep the last 100."""
+        with self.write() as db:
+            row = db.execute("SELECT log FROM agents WHERE name = ?", (name,)).fetchone()
+            log = (json.loads(row["log"]) if row else []) + list(log_lines)
+            values = {k: (json.dumps(v) if k == "queues" else v) for k, v in fields.items()}
+            if row is None:
+                cols = ["name", "updated_at", "log", *values]
+                db.execute(f"INSERT INTO agents ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+                           (name, now, json.dumps(log[-100:]), *values.values()))
+            else:
+                sets = ", ".join(f"{k} = ?" for k in ["updated_at", "log", *values])
+                db.execute(f"UPDATE agents SET {sets} WHERE name = ?",
+                           (now, json.dumps(log[-100:]), *values.values(), name))
+
+    def get_agent(self, name):
+        return self.read_one("SELECT * FROM agents WHERE name = ?", (name,))
+
+    def list_agents(self, queue_name=None):
+        if queue_name is None:
+            return self.read("SELECT * FROM agents ORDER BY name")
+        return self.read("SELECT * FROM agents WHERE EXISTS (SELECT 1 FROM json_each(agents.queues)"
+                         " WHERE value = ?) ORDER BY name", (queue_name,))
+
+    def add_provision_log(self, agent_name, job_id, exit_code, detail, now):
+        """Append a provision log entry (kept even for unknown agents, last 100) and update the
+        agent's streak.  Returns False when the agent is unknown."""
+        with self.write() as db:
+            db.execute("INSERT INTO provision_logs (agent_name, job_id, exit_code, detail, timestamp)"
+                       " VALUES (?, ?, ?, ?, ?)", (agent_name, job_id, exit_code, detail, now))
+            db.execute("DELETE FROM provision_logs WHERE agent_name = ? AND id NOT IN (SELECT id FROM"
+                       " provision_logs WHERE agent_name = ? ORDER BY id DESC LIMIT 100)", (agent_name, agent_name))
+            agent = db.execute("SELECT provision_streak_type, provision_streak_count FROM agents WHERE name = ?",
+                               (agent_name,)).fetchone()
+            if agent is None:
+                return False
+            kind = "pass" if exit_code == 0 else "fail"
+            count = (agent["provision_streak_count"] or 0) + 1 if agent["provision_streak_type"] == kind else 1
+            db.execute("UPDATE agents SET provision_streak_type = ?, provision_streak_count = ? WHERE name = ?",
+                       (kind, count, agent_name))
+            return True
+
+    def provision_logs(self, agent_name):
+        return self.read("SELECT job_id, exit_code, detail, timestamp FROM provision_logs WHERE agent_name = ?"
+                         " ORDER BY id", (agent_name,))
+
+    # -- queues ------------------------------------------------------------------
+
+    def upsert_advertised_queues(self, queues, now):
+        with self.write() as db:
+            db.executemany("INSERT INTO advertised_queues (name, description, updated_at) VALUES (?, ?, ?)"
+                           " ON CONFLICT (name) DO UPDATE SET description = excluded.description,"
+                           " updated_at = excluded.updated_at", [(k, v, now) for k, v in queues.items()])
+
+    def advertised_queues(self):
+        return self.read("SELECT name, description FROM advertised_queues ORDER BY name")
+
+    def replace_images(self, images, now):
+        with self.write() as db:
+            db.executemany("INSERT INTO queue_images (queue, images, updated_at) VALUES (?, ?, ?)"
+                           " ON CONFLICT (queue) DO UPDATE SET images = excluded.images,"
+                           " updated_at = excluded.updated_at",
+                           [(q, json.dumps(m), now) for q, m in images.items()])
+
+    def images(self, queue_name):
+        row = self.read_one("SELECT images FROM queue_images WHERE queue = ?", (queue_name,))
+        return json.loads(row[0]) if row else {}
+
+    def queue_exists(self, queue_name):
+        return self.read_one("SELECT 1 FROM agents, json_each(agents.queues) WHERE value = ? LIMIT 1",
+                             (queue_name,)) is not None
+
+    def restricted_owners(self, queues):
+        """{queue: [client ids allowed]} for the restricted ones among ``queues`` that have owners."""
+        if not queues:
+            return {}
+        marks = ",".join("?" * len(queues))
+        rows = self.read(
+            f"SELECT r.name AS queue, c.client_id FROM restricted_queues r"
+            f" JOIN clients c ON EXISTS (SELECT 1 FROM json_each(c.allowed_queues) WHERE value = r.name)"
+            f" WHERE r.name IN ({marks}) ORDER BY r.name, c.client_id", list(queues))
+        owners = {}
+        for row in rows:
+            owners.setdefault(row["queue"], []).append(row["client_id"])
+        return owners
+
+    def is_restricted(self, queue_name):
+        return self.read_one("SELECT 1 FROM restricted_queues WHERE name = ?", (queue_name,)) is not None
+
+    # -- clients and tokens --------------------------------------------------------
+
+    def upsert_client(self, client_id, secret_hash, role, now):
+        with self.write() as db:
+            db.execute("INSERT INTO clients (client_id, secret_hash, role, created_at) VALUES (?, ?, ?, ?)"
+                       " ON CONFLICT (client_id) DO UPDATE SET secret_hash = excluded.secret_hash,"
+                       " role = excluded.role", (client_id, secret_hash, role, now))
+
+    def get_client(self, client_id):
+        return self.read_one("SELECT * FROM clients WHERE client_id = ?", (client_id,))
+
+    def add_refresh_token(self, token_hash, client_id, issued_at, expires_at):
+        with self.write() as db:
+            db.execute("INSERT INTO refresh_tokens (token_hash, client_id, issued_at, expires_at, last_accessed)"
+                       " VALUES (?, ?, ?, ?, ?)", (token_hash, client_id, issued_at, expires_at, issued_at))
+
+    def use_refresh_token(self, token_hash, now):
+        """Return the token row (after stamping last_accessed), or None if unknown."""
+        with self.write() as db:
+            return db.execute("UPDATE refresh_tokens SET last_accessed = ? WHERE token_hash = ? RETURNING *",
+                              (now, token_hash)).fetchone()
+
+    # -- purge -------------------------------------------------------------------------
+
+    def purge(self, cutoff, token_cutoff, stale_upload_cutoff):
+        """Delete what expired before ``cutoff``; waiting jobs are kept however old they are."""
+        with self.write() as db:
+            done = db.execute("DELETE FROM jobs WHERE created_at < ? AND state != 'waiting' RETURNING job_id",
+                              (cutoff,)).fetchall()
+            db.execute("DELETE FROM log_fragments WHERE inserted_at < ?", (cutoff,))
+            # Files expire with their age; an upload that never finished (client gone, crash)
+            # is dropped after an hour.
+            db.execute("DELETE FROM files WHERE uploaded_at < ? OR (complete = 0 AND uploaded_at < ?)",
+                       (cutoff, stale_upload_cutoff))
+            db.execute("DELETE FROM agents WHERE updated_at < ?", (cutoff,))
+            db.execute("DELETE FROM advertised_queues WHERE updated_at < ?", (cutoff,))
+            db.execute("DELETE FROM queue_images WHERE updated_at < ?", (cutoff,))
+            db.execute("DELETE FROM wait_times WHERE popped_at < ?", (cutoff,))
+            db.execute("DELETE FROM refresh_tokens WHERE last_accessed < ?", (token_cutoff,))
+            return len(done)
+
+
+def _split_sql(script):
+    """Split a migration script into statements (no semicolons inside our literals)."""
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+###############################################################################
+# Validation ##################################################################
+###############################################################################
+#
+# A small declarative toolkit: schemas are data (a dict of fields), and their
+# errors come out as the nested field → [messages] maps that marshmallow, and
+# so the Testflinger clients, use.  Other APIs reshape the same map.
+
+MISSING = object()
+
+
+class Invalid(Exception):
+    """A value failed validation; ``errors`` is a list of messages or a nested map."""
+
+    def __init__(self, errors):
+        super().__init__(errors)
+        self.errors = errors if isinstance(errors, (list, dict)) else [errors]
+
+
+class Field:
+    """Base field: required / allow_none / default handling and extra validators."""
+
+    def __init__(self, required=False, allow_none=False, validate=(), default=MISSING):
+        self.required, self.allow_none, self.default = required, allow_none, default
+        self.validators = validate if isinstance(validate, (list, tuple)) else [validate]
+
+    def load(self, value):
+        if value is None:
+            if self.allow_none:
+                return None
+            raise Invalid(["Field may not be null."])
+        value = self.convert(value)
+        messages = [m for check in self.validators for m in [check(value)] if m]
+        if messages:
+            raise Invalid(messages)
+        return value
+
+    def convert(self, value):
+        return value
+
+
+class Raw(Field):
+    pass
+
+
+class String(Field):
+    def convert(self, value):
+        if not isinstance(value, str):
+            raise Invalid(["Not a valid string."])
+        return value
+
+
+class Integer(Field):
+    """Integers as marshmallow coerces them: "10" and 10.0 pass, bools and 1.5 do not."""
+
+    def convert(self, value):
+        if isinstance(value, bool):
+            raise Invalid(["Not a valid integer."])
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return int(value.strip())
+        raise Invalid(["Not a valid integer."])
+
+
+class Boolean(Field):
+    TRUE = {True, 1, "true", "True", "TRUE", "t", "T", "on", "On", "ON", "yes", "Yes", "YES", "y", "Y", "1"}
+    FALSE = {False, 0, "false", "False", "FALSE", "f", "F", "off", "Off", "OFF", "no", "No", "NO", "n", "N", "0"}
+
+    def convert(self, value):
+        with contextlib.suppress(TypeError):
+            if value in self.TRUE and not isinstance(value, float):
+                return True
+            if value in self.FALSE and not isinstance(value, float):
+                return False
+        raise Invalid(["Not a valid boolean."])
+
+
+class URL(String):
+    """An absolute http(s)/ftp URL whose host has a dot-separated TLD, is an IP or localhost."""
+
+    PATTERN = re.compile(
+        r"^(?:https?|ftps?)://(?:[^\s:@/]+(?::[^\s@/]*)?@)?"
+        r"(?:(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}\.?|localhost|"
+        r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[[0-9a-f:.]+\])(?::\d{1,5})?(?:[/?#]\S*)?$", re.I)
+
+    def convert(self, value):
+        value = super().convert(value)
+        if not self.PATTERN.match(value):
+            raise Invalid(["Not a valid URL."])
+        return value
+
+
+class Email(String):
+    PATTERN = re.compile(r"^[^@\s]+@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$", re.I)
+
+    def convert(self, value):
+        value = super().convert(value)
+        if not self.PATTERN.match(value):
+            raise Invalid(["Not a valid email address."])
+        return value
+
+
+class DateTime(Field):
+    """ISO-8601 datetime, loaded as epoch seconds (naive means UTC)."""
+
+    def convert(self, value):
+        try:
+            return parse_iso(value)
+        except (ValueError, TypeError):
+            raise Invalid(["Not a valid datetime."])
+
+
+class Duration(Field):
+    """Seconds as an int or a string like "90", "30m", "1h30m", "2 days"."""
+
+    PART = re.compile(r"(\d+)\s*(secs?|mins?|hours?|days?|[smhd])")
+    UNITS = {"s": 1, "sec": 1, "secs": 1, "m": 60, "min": 60, "mins": 60,
+             "h": 3600, "hour": 3600, "hours": 3600, "d": 86400, "day": 86400, "days": 86400}
+
+    def convert(self, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise Invalid(["Invalid duration format: Duration cannot be negative"])
+            return value
+        if not isinstance(value, str):
+            raise Invalid([f"Invalid duration format: Duration must be string or int, got {type(value)}"])
+        text = value.strip().lower()
+        if not text:
+            raise Invalid(["Invalid duration format: Duration cannot be empty"])
+        if text.startswith("-"):
+            raise Invalid(["Invalid duration format: Duration cannot be negative"])
+        if text.isdigit():
+            return int(text)
+        parts = self.PART.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != re.sub(r"\s+", "", text):
+            raise Invalid([f"Invalid duration format: Invalid duration format: '{text}'"])
+        return sum(int(n) * self.UNITS[u] for n, u in parts)
+
+
+class List(Field):
+    def __init__(self, inner, **kw):
+        super().__init__(**kw)
+        self.inner = inner
+
+    def convert(self, value):
+        if not isinstance(value, list):
+            raise Invalid(["Not a valid list."])
+        out, errors = [], {}
+        for index, item in enumerate(value):
+            try:
+                out.append(self.inner.load(item))
+            except Invalid as exc:
+                errors[str(index)] = exc.errors
+        if errors:
+            raise Invalid(errors)
+        return out
+
+
+class Dict(Field):
+    """A mapping; ``keys``/``values`` fields validate its entries when given."""
+
+    def __init__(self, keys=None, values=None, **kw):
+        super().__init__(**kw)
+        self.keys, self.values = keys, values
+
+    def convert(self, value):
+        if not isinstance(value, dict):
+            raise Invalid(["Not a valid mapping type."])
+        out, errors = {}, {}
+        for key, item in value.items():
+            try:
+                key = self.keys.load(key) if self.keys else key
+            except Invalid as exc:
+                errors.setdefault(str(key), {})["key"] = exc.errors
+            try:
+                out[key] = self.values.load(item) if self.values else item
+            except Invalid as exc:
+                errors.setdefault(str(key), {})["value"] = exc.errors
+        if errors:
+            raise Invalid(errors)
+        return out
+
+
+class Nested(Field):
+    def __init__(self, schema, **kw):
+        super().__init__(**kw)
+        self.schema = schema
+
+    def convert(self, value):
+        return self.schema.load(value)
+
+
+class Schema:
+    """A dict of fields; rejects unknown keys unless ``unknown="include"``.
+
+    ``checks`` are schema-level functions returning an error message or None.
+    """
+
+    def __init__(self, fields, unknown="raise", checks=()):
+        self.fields, self.unknown, self.checks = fields, unknown, checks
+
+    def load(self, data):
+        if not isinstance(data, dict):
+            raise Invalid({"_schema": ["Invalid input type."]})
+        out, errors = {}, {}
+        for name, field in self.fields.items():
+            if name not in data:
+                if field.required:
+                    errors[name] = ["Missing data for required field."]
+                elif field.default is not MISSING:
+                    out[name] = field.default() if callable(field.default) else field.default
+                continue
+            try:
+                out[name] = field.load(data[name])
+            except Invalid as exc:
+                errors[name] = exc.errors
+        for name in data:
+            if name not in self.fields:
+                if self.unknown == "raise":
+                    errors[name] = ["Unknown field."]
+                else:
+                    out[name] = data[name]
+        if not errors:
+            messages = [m for check in self.checks for m in [check(out)] if m]
+            if messages:
+                errors["_schema"] = messages
+        if errors:
+            raise Invalid(errors)
+        return out
+
+
+class OneOfSchema(Field):
+    """The first schema that loads wins; none → ``message`` at ``_schema``."""
+
+    def __init__(self, schemas, message, **kw):
+        super().__init__(**kw)
+        self.schemas, self.message = schemas, message
+
+    def convert(self, value):
+        for schema in self.schemas:
+            with contextlib.suppress(Invalid):
+                return schema.load(value)
+        raise Invalid({"_schema": [self.message]})
+
+
+def one_of(*choices):
+    """Validator: value must be one of ``choices`` (marshmallow's wording)."""
+    text = "Must be one of: " + ", ".join(choices) + "."
+    return lambda value: None if value in choices else text
+
+
+def matches(pattern):
+    regex = re.compile(pattern)
+    return lambda value: None if regex.match(value) else "String does not match expected pattern."
+
+
+def length(min=None, max=None):
+    def check(value):
+        if min is not None and len(value) < min:
+            return f"Shorter than minimum length {min}."
+        if max is not None and len(value) > max:
+            return f"Longer than maximum length {max}."
+    return check
+
+
+def at_least(low):
+    return lambda value: None if value >= low else f"Must be greater than or equal to {low}."
+
+
+# -- Testflinger schemas --------------------------------------------------------------
+
+PHASES = ("setup", "provision", "firmware_update", "test", "allocate", "reserve", "cleanup")
+SEARCH_STATES = ("setup", "provision", "firmware_update", "test", "allocate", "allocated", "reserve",
+                 "cleanup", "cancelled", "completed", "active",
+                 # accepted by agenthub, not by the original (spec §9): the real states
+                 "waiting", "running", "complete")
+ROLES = ("admin", "manager", "contributor", "agent")
+
+ATTACHMENT = Schema({"agent": String(required=True), "device": String()})
+ATTACHMENTS = List(Nested(ATTACHMENT))
+
+
+def _requires_one_of(*names, exactly=False):
+    def check(data):
+        given = [n for n in names if data.get(n)]
+        if not given:
+            return ("One of 'url', 'urls', or a provision attachment must be provided." if exactly
+                    else "Either 'url' or 'use_attachment' must be provided.")
+        if exactly and len(given) > 1:
+            return f"Provide only one boot image source; got multiple: {given}."
+    return check
+
+
+_IOT_BASE = {"provisioning_timeout": Integer(), "url": URL(), "urls": List(URL(), validate=length(min=1)),
+             "attachments": List(Nested(ATTACHMENT), validate=length(max=1)), "agent_ssh_access": Boolean()}
+_IOT_CHECK = (_requires_one_of("url", "urls", "attachments", exactly=True),)
+_ROBOT = {"robot_tasks": List(String(), required=True), "robot_retries": Integer(),
+          "provisioning_timeout": Integer()}
+
+# Tried in this order; the first that loads wins (as the original's OneOfSchema).
+PROVISION_SCHEMAS = [
+    Schema({"url": URL(required=True)}),                                             # cm3
+    Schema({"distro": String(), "kernel": String(), "user_data": String(),          # maas
+            "disks": List(Dict()), "ephemeral": Boolean()}),
+    Schema({"jobs": List(Dict(), required=True, validate=length(min=1))}),           # multi
+    Schema({"url": URL(), "use_attachment": String(), "attachments": ATTACHMENTS,    # muxpi
+            "create_user": Boolean(), "boot_check_url": String(),
+            "media": String(validate=one_of("sd", "usb"))},
+           checks=(_requires_one_of("url", "use_attachment"),)),
+    Schema({"skip": Boolean(default=True)}),                                         # noprovision
+    Schema({"url": URL(), "attachments": ATTACHMENTS, "token_file": String(),        # oem_autoinstall
+            "user_data": String(), "redeploy_cfg": String(), "authorized_keys": String(),
+            "control_host_iso_url": String(), "control_host_iso_type": String(),
+            "update_user_data": Boolean()}),
+    Schema({"url": URL(required=True)}),                                             # oem_script
+    Schema({**_IOT_BASE, "ubuntu_sso_email": Email(), "provision_plan": Dict(required=True)},
+           checks=_IOT_CHECK),                                                       # control_host_iot_custom
+    Schema({**_IOT_BASE, "preset": String(required=True), "preset_kwargs": Dict()},
+           checks=_IOT_CHECK),                                                       # control_host_iot_preset
+    Schema({**_ROBOT, "url": URL(required=True), "autoinstall_storage_layout": String(),
+            "ubuntu_sso_email": Email(), "autoinstall_base_user_data": String(),
+            "autoinstall_oem": Boolean(), "cmdline_append": String()}),             # control_host_kvm_autoinstall
+    Schema({**_ROBOT, "url": URL(required=True), "live_image": Boolean(required=True),
+            "wait_until_ssh": Boolean(required=True)}),                              # control_host_kvm_generic
+    Schema({**_ROBOT, "alloem_url": URL(required=True), "url": URL(), "oem": String()}),  # kvm_oem_2204
+    Schema({"provisioning_timeout": Integer(), "alloem_url": URL(),                  # control_host_kvm_preset
+            "autoinstall_base_user_data": String(), "autoinstall_oem": Boolean(),
+            "autoinstall_storage_layout": String(), "cmdline_append": String(), "live_image": Boolean(),
+            "oem": String(), "preset": String(required=True), "robot_tasks": List(String()),
+            "ubuntu_sso_email": Email(), "url": URL(), "wait_until_ssh": Boolean()}),
+]
+
+JOB_SCHEMA = Schema({
+    "job_id": String(), "parent_job_id": String(), "name": String(),
+    "tags": List(String()),
+    "job_queue": String(required=True, validate=length(min=1)),
+    "global_timeout": Integer(), "output_timeout": Integer(), "allocation_timeout": Integer(),
+    "provision_data": OneOfSchema(PROVISION_SCHEMAS, "Invalid provision data schema.", allow_none=True),
+    "firmware_update_data": Dict(),
+    "test_data": Nested(Schema({
+        "test_cmds": String(), "attachments": ATTACHMENTS,
+        "test_username": String(), "test_password": String(),
+        "secrets": Dict(keys=String(validate=matches(r"^[a-zA-Z_][a-zA-Z0-9_]*$")),
+                        values=String(validate=matches(r"^[a-zA-Z0-9_/-]+$"))),
+    })),
+    "allocate_data": Dict(),
+    # A null timeout passes the original's schema and then crashes its permission check (500);
+    # here null simply means "the default".
+    "reserve_data": Nested(Schema({"ssh_keys": List(String(validate=matches(r"^(lp|gh):(\S+)$"))),
+                                   "timeout": Duration(allow_none=True)})),
+    "job_status_webhook": String(),
+    "job_priority": Integer(),
+    "exclude_agents": List(String(), default=list),
+    "debug": Boolean(),
+})
+ACTION_SCHEMA = Schema({"action": String(required=True, validate=one_of("cancel"))})
+RESULT_SCHEMA = Schema({"status": Dict(keys=String(validate=one_of(*PHASES)), values=Integer()),
+                        "device_info": Dict(), "job_state": String()})
+LOG_POST_SCHEMA = Schema({"fragment_number": Integer(required=True), "timestamp": DateTime(required=True),
+                          "phase": String(required=True, validate=one_of(*PHASES)),
+                          "log_data": String(required=True)})
+LOG_QUERY_SCHEMA = Schema({"start_fragment": Integer(validate=at_least(0)), "start_timestamp": DateTime(),
+                           "phase": String(validate=one_of(*PHASES))})
+SEARCH_SCHEMA = Schema({"tags": List(String()), "match": String(validate=one_of("any", "all")),
+                        "state": List(String(validate=one_of(*SEARCH_STATES))),
+                        "limit": Integer(validate=at_least(0)), "offset": Integer(validate=at_least(0))})
+PAGE_SCHEMA = Schema({"limit": Integer(validate=at_least(0)), "offset": Integer(validate=at_least(0))})
+AGENT_SCHEMA = Schema({"identifier": String(), "job_id": String(), "location": String(),
+                       "log": List(String()), "provision_type": String(), "queues": List(String()),
+                       "state": String(), "comment": String()})
+PROVISION_LOG_SCHEMA = Schema({"job_id": String(required=True), "exit_code": Integer(required=True),
+                               "detail": String()})
+REFRESH_SCHEMA = Schema({"refresh_token": String(required=True, validate=length(min=1))})
+
+
+def _queues_check(data):
+    for key, value in data.items():
+        if not key:
+            return "Queue names must be non-empty strings"
+        if not isinstance(value, str):
+            return f"Description for queue '{key}' must be a string"
+
+
+def _images_check(data):
+    for queue_name, images in data.items():
+        if not queue_name:
+            return "Queue names must be non-empty strings"
+        if not isinstance(images, dict):
+            return f"Images for queue '{queue_name}' must be a dict"
+        for name, provision in images.items():
+            if not name or name.startswith("$") or "." in name or "\x00" in name:
+                return (f"Names for queue '{queue_name}' must be non-empty strings,"
+                        " must not start with '$', contain '.' or null bytes")
+            if not isinstance(provision, str):
+                return f"Provision data for image '{name}' in queue '{queue_name}' must be a string"
+
+
+QUEUES_SCHEMA = Schema({}, unknown="include", checks=(_queues_check,))
+IMAGES_SCHEMA = Schema({}, unknown="include", checks=(_images_check,))
+
+
+###############################################################################
+# Auth ########################################################################
+###############################################################################
+
+class ApiError(Exception):
+    """A domain rule refused a request: an HTTP status and a message.
+
+    Each HTTP section turns it into its own API's error style.
+    """
+
+    def __init__(self, status, message, text=False):
+        super().__init__(message)
+        self.status, self.message, self.text = status, message, text
+
+
+def hash_secret(secret):
+    """A slow salted hash (scrypt) so a leaked database does not give away client secrets."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(secret.encode(), salt=salt, n=2 ** 14, r=8, p=1, dklen=32)
+    return f"scrypt$16384$8$1${salt.hex()}${digest.hex()}"
+
+
+def check_secret(secret, stored):
+    try:
+        _, n, r, p, salt, digest = stored.split("$")
+        got = hashlib.scrypt(secret.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p),
+                             dklen=len(digest) // 2)
+    except (ValueError, AttributeError):
+        return False
+    return hmac.compare_digest(got.hex(), digest)
+
+
+def _b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64url(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def jwt_encode(claims, key):
+    """HS256 JSON Web Token, as PyJWT makes them."""
+    head = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+    body = _b64url(json.dumps(claims, separators=(",", ":")).encode())
+    signature = hmac.new(key.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{_b64url(signature)}"
+
+
+def jwt_decode(token, key, leeway, now):
+    """Verify an HS256 token; raise ApiError with the original server's status and message."""
+    try:
+        head_b64, body_b64, sig_b64 = token.split(".")
+        header = json.loads(_unb64url(head_b64))
+        claims = json.loads(_unb64url(body_b64))
+        signature = _unb64url(sig_b64)
+        if not isinstance(header, dict) or not isinstance(claims, dict):
+            raise ValueError("not an object")
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ApiError(403, "Unable to decode token")
+    if header.get("alg") != "HS256":
+        raise ApiError(403, "Invalid Token")
+    expected = hmac.new(key.encode(), f"{head_b64}.{body_b64}".encode(), hashlib.sha256).digest()
+    if not hmac.compare_digest(signature, expected):
+        raise ApiError(403, "Invalid Token signature")
+    for claim in ("exp", "iat", "sub"):
+        if claim not in claims:
+            raise ApiError(403, f"Token missing required claim: {claim}")
+    exp, iat = claims["exp"], claims["iat"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (exp, iat)):
+        raise ApiError(403, "Invalid Token")
+    if iat > now + leeway:
+        raise ApiError(401, "Token not yet valid")
+    if exp <= now - leeway:
+        raise ApiError(401, "Token has expired")
+    return claims
+
+
+@dataclasses.dataclass
+class Identity:
+    """Who is calling: role None means "not allowed anywhere gated"."""
+
+    role: str = None
+    client_id: str = None
+    permissions: dict = dataclasses.field(default_factory=dict)
+    anonymous: bool = False
+
+
+class Auth:
+    """Clients, their secrets and tokens; the role of each request."""
+
+    def __init__(self, store, config):
+        self.store, self.config = store, config
+        self.key = config.secret_key or store.setting("jwt_signing_key", lambda: secrets.token_hex(32))
+
+    def add_client(self, client_id, role, secret=None):
+        """Create or reset a client; returns its (new) secret."""
+        secret = secret or secrets.token_urlsafe(24)
+        self.store.upsert_client(client_id, hash_secret(secret), role, utcnow())
+        return secret
+
+    def permissions(self, client_id):
+        row = self.store.get_client(client_id)
+        if row is None:
+            return None
+        perms = {"client_id": row["client_id"], "role": row["role"]}
+        for key in ("max_priority", "allowed_queues", "max_reservation_time"):
+            if row[key] is not None:
+                perms[key] = json.loads(row[key])
+        if row["email"] is not None:
+            perms["email"] = row["email"]
+        return perms
+
+    def access_token(self, permissions):
+        now = int(utcnow())
+        return jwt_encode({"exp": now + self.config.access_token_seconds, "iat": now,
+                           "sub": "access_token", "permissions": permissions}, self.key)
+
+    def refresh_token(self, client_id, days=None):
+        """A 48-character opaque token; only its sha256 is stored."""
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+        token = "".join(secrets.choice(alphabet) for _ in range(48))
+        now = utcnow()
+        days = self.config.refresh_token_days if days is None else days
+        self.store.add_refresh_token(_sha256(token), client_id, now, now + days * 86400)
+        return token
+
+    def login(self, authorization):
+        """``POST /v1/oauth2/token``: HTTP Basic client credentials → token pair."""
+        if not authorization:
+            raise ApiError(401, "No authorization header specified", text=True)
+        try:
+            scheme, _, encoded = authorization.partition(" ")
+            if scheme.lower() != "basic":
+                raise ValueError(scheme)
+            client_id, sep, secret = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+            if not sep or not client_id or not secret:
+                raise ValueError("incomplete")
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            raise ApiError(401, "Client id and key must be specified in authorization header", text=True)
+        row = self.store.get_client(client_id)
+        if row is None or not row["secret_hash"] or not check_secret(secret, row["secret_hash"]):
+            raise ApiError(401, "Invalid client id or client key", text=True)
+        return {"access_token": self.access_token(self.permissions(client_id)), "token_type": "Bearer",
+                "expires_in": self.config.access_token_seconds, "refresh_token": self.refresh_token(client_id)}
+
+    def refresh(self, token):
+        """``POST /v1/oauth2/refresh``: a stored refresh token → a new access token."""
+        now = utcnow()
+        row = self.store.use_refresh_token(_sha256(token), now)
+        if row is None:
+            raise ApiError(400, "Invalid refresh token.")
+        if row["revoked"]:
+            raise ApiError(400, "Refresh token revoked.")
+        if row["expires_at"] < now:
+            raise ApiError(400, "Refresh token expired")
+        permissions = self.permissions(row["client_id"])
+        if permissions is None:
+            raise ApiError(400, "Invalid refresh token.")
+        return {"access_token": self.access_token(permissions), "token_type": "Bearer",
+                "expires_in": self.config.access_token_seconds}
+
+    def identify(self, authorization):
+        """The caller's identity from the ``Authorization`` header (JWT errors raise ApiError)."""
+        if not authorization:
+            if self.config.require_auth:
+                return Identity(anonymous=True)
+            return Identity(role="contributor", anonymous=True)
+        if not authorization.startswith("Bearer "):
+            return Identity()
+        claims = jwt_decode(authorization[len("Bearer "):], self.key, self.config.jwt_leeway, utcnow())
+        permissions = claims.get("permissions")
+        # The original crashes (500) on a token without permissions.client_id; it is refused here.
+        if not isinstance(permissions, dict) or not isinstance(permissions.get("client_id"), str):
+            raise ApiError(403, "Invalid Token")
+        role = permissions.get("role", "contributor")
+        role = role.lower() if isinstance(role, str) and role.lower() in ROLES else None
+        return Identity(role=role, client_id=permissions["client_id"], permissions=permissions)
+
+    def require(self, identity, roles):
+        """Refuse the request unless the identity has one of ``roles`` (listed as the original does)."""
+        if self.config.require_auth and identity.client_id is None:
+            raise ApiError(401, "Authentication is required for specified endpoint")
+        if identity.role not in roles:
+            raise ApiError(403, "Specified action requires role: " + ", ".join(roles))
+
+
+def _sha256(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+###############################################################################
+# Job queue ###################################################################
+###############################################################################
+
+def parse_job_id(text):
+    """Canonical form of a job id, or None when Python's ``uuid.UUID`` rejects it."""
+    try:
+        return str(uuid.UUID(text))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def percentiles(values):
+    """Percentiles 5/10/50/90/95 by linear interpolation between closest ranks (values sorted)."""
+    if not values:
+        return {}
+    n, out = len(values), {}
+    for p in (5, 10, 50, 90, 95):
+        idx = (n - 1) * p / 100
+        lo = int(idx)
+        out[str(p)] = (values[lo] * (lo + 1 - idx) + values[lo + 1] * (idx - lo)) if lo + 1 < n else values[lo]
+    return out
+
+
+class JobQueue:
+    """Testflinger jobs: submit, pop, cancel, results, logs, files, and what agents tell us."""
+
+    ACTIVE_END = ("cancelled", "complete", "completed")
+
+    def __init__(self, store, config):
+        self.store, self.config = store, config
+
+    # -- jobs ----------------------------------------------------------------------
+
+    def submit(self, data, identity):
+        """Store a validated job; apply the rules of spec §2.2 in the original's order."""
+        queue_name = data["job_queue"]
+        if data.get("exclude_agents"):
+            allowed = [a for a in self.store.list_agents(queue_name) if a["name"] not in data["exclude_agents"]]
+            if not allowed:
+                raise ApiError(422, "There are no agents on the specified queue that are allowed to run this job")
+        if "secrets" in data.get("test_data", {}):
+            raise ApiError(422, "No secrets store")
+        job_id = data.get("job_id") or str(uuid.uuid4())
+        if parse_job_id(job_id) is None:
+            raise ApiError(400, "Invalid job_id specified")
+        job_id = parse_job_id(job_id)
+        self.check_permissions(identity.permissions if identity.client_id else {}, data)
+        has_attachments = any(isinstance(v, dict) and "attachments" in v
+                              for k, v in data.items() if k.endswith("_data"))
+        job_data = {**data, "job_id": job_id}
+        reserve = job_data.get("reserve_data")
+        if reserve is not None and reserve.get("timeout", 0) is None:
+            del reserve["timeout"]
+        job = {"job_id": job_id, "created_at": utcnow(), "job_priority": data.get("job_priority", 0),
+               "job_queue": queue_name, "attachments_status": "waiting" if has_attachments else None,
+               "exclude_agents": data.get("exclude_agents", []), "client_id": identity.client_id,
+               "job_data": job_data}
+        with self.store.write() as db:
+            # The original stores a second document for a re-used id; one id is one job here.
+            if self.store.job_exists(db, job_id):
+                raise ApiError(409, f"Job {job_id} already exists")
+            self.store.insert_job(db, job)
+        return job_id
+
+    def check_permissions(self, permissions, data):
+        """Priority, restricted queue and reservation length against the token's permissions."""
+        queue_name = data["job_queue"]
+        priority = data.get("job_priority", 0)
+        if priority != 0:
+            if not permissions:
+                raise ApiError(401, f"Authentication required for setting priority: {priority}")
+            allowed = permissions.get("max_priority") or {}
+            if priority > max(allowed.get("*", 0), allowed.get(queue_name, 0)):
+                raise ApiError(403, f"Not enough permissions to push to {queue_name} with priority {priority}")
+        if self.store.is_restricted(queue_name):
+            if not permissions:
+                raise ApiError(401, f"Authentication required to push to restricted queue: {queue_name}")
+            if queue_name not in (permissions.get("allowed_queues") or []):
+                raise ApiError(403, f"Not enough permissions to push to the restricted queue: {queue_name}")
+        timeout = (data.get("reserve_data") or {}).get("timeout")
+        timeout = 3600 if timeout is None else timeout
+        if timeout > 6 * 3600:
+            if not permissions:
+                raise ApiError(401, f"Authentication required for setting timeout: {timeout}")
+            allowed = permissions.get("max_reservation_time") or {}
+            if timeout > max(allowed.get(queue_name, 0), allowed.get("*", 0)):
+                raise ApiError(403, f"Not enough permissions to push to {queue_name} "
+                                    f"with reservation timeout {timeout}")
+
+    def pop(self, queues, agent_name):
+        row = self.store.pop_job(list(dict.fromkeys(queues)), agent_name, utcnow())
+        if row is None:
+            return None
+        job = json.loads(row["job_data"])
+        job["job_id"] = row["job_id"]
+        job["started_at"] = iso(row["started_at"])
+        if row["attachments_status"]:
+            job["attachments_status"] = row["attachments_status"]
+        if row["client_id"]:
+            job["client_id"] = row["client_id"]
+        if "secrets" in job.get("test_data", {}):
+            # No secrets store yet: every secret resolves to "" (the original's rule).
+            job["test_data"]["secrets"] = dict.fromkeys(job["test_data"]["secrets"], "")
+        return job
+
+    def definition(self, job_id):
+        row = self.store.get_job(job_id)
+        if row is None:
+            return None
+        return {**json.loads(row["job_data"]), "job_id": row["job_id"]}
+
+    def position(self, job_id):
+        return self.store.job_position(job_id)
+
+    def cancel(self, job_id):
+        return self.store.cancel_job(job_id)
+
+    def search(self, tags, match, states, limit=None, offset=0):
+        rows = self.store.search_jobs(tags, match == "all", states, limit, offset)
+        return [{"job_id": r["job_id"], "created_at": iso(r["created_at"]), "job_state": r["state"]}
+                for r in rows]
+
+    def queue_jobs(self, queue_name, limit=None, offset=0):
+        return [{"job_id": r["job_id"], "created_at": iso(r["created_at"]), "job_state": r["state"],
+                 "job_queue": r["job_queue"]} for r in self.store.queue_jobs(queue_name, limit, offset)]
+
+    def wait_times(self, queues):
+        return {q: percentiles(v) for q, v in self.store.wait_times(queues).items()}
+
+    # -- results and logs ------------------------------------------------------------
+
+    def post_result(self, job_id, data):
+        self.store.update_result(job_id, data.get("status"), data.get("device_info"), data.get("job_state"))
+
+    def result(self, job_id):
+        """The flat result of spec §2.3, or None for an unknown job."""
+        row = self.store.get_job(job_id)
+        if row is None:
+            return None
+        out = {"job_state": row["state"]}
+        if row["device_info"] is not None:
+            out["device_info"] = json.loads(row["device_info"])
+        status = json.loads(row["result_status"])
+        logs = {}
+        for frag in self.store.all_log_fragments(job_id):
+            key = f"{frag['phase']}_{frag['log_type']}"
+            logs[key] = logs.get(key, "") + frag["log_data"]
+        for phase in PHASES:
+            if phase in status:
+                out[f"{phase}_status"] = status[phase]
+            for kind in ("output", "serial"):
+                if f"{phase}_{kind}" in logs:
+                    out[f"{phase}_{kind}"] = logs[f"{phase}_{kind}"]
+        return out
+
+    def add_log(self, job_id, log_type, data):
+        self.store.add_log_fragment(job_id, log_type, data["phase"], data["fragment_number"],
+                                    data["timestamp"], data["log_data"], utcnow())
+
+    def logs(self, job_id, log_type, start_fragment=0, start_timestamp=None, phase=None):
+        phases = [phase] if phase else list(PHASES)
+        out = {p: {"last_fragment_number": -1, "log_data": ""} for p in phases}
+        for frag in self.store.log_fragments(job_id, log_type, start_fragment, start_timestamp, phase):
+            entry = out[frag["phase"]]
+            entry["last_fragment_number"] = max(entry["last_fragment_number"], frag["fragment_number"])
+            entry["log_data"] += frag["log_data"]
+        return {log_type: out}
+
+    # -- files -------------------------------------------------------------------------
+
+    def check_attachments_upload(self, job_id):
+        """None when an attachments upload may proceed; 'done' when already complete; else ApiError."""
+        row = self.store.get_job(job_id)
+        if row is None or row["state"] != "waiting":
+            raise ApiError(422, f"Job {job_id} is not valid\n", text=True)
+        if row["attachments_status"] is None:
+            raise ApiError(422, f"Job {job_id} not awaiting attachments\n", text=True)
+        return "done" if row["attachments_status"] == "complete" else None
+
+    def save_file(self, job_id, kind, chunks):
+        """Stream ``chunks`` into the database; the file appears whole or not at all.
+
+        Each chunk is its own short transaction (a slow upload must not hold the
+        writer lock); the file stays invisible until the final transaction marks
+        it complete and drops the version it replaces.
+        """
+        file_id = self.store.begin_file(job_id, kind, utcnow())
+        size = 0
+        try:
+            for seq, chunk in enumerate(chunks):
+                self.store.add_file_chunk(file_id, seq, chunk)
+                size += len(chunk)
+            with self.store.write() as db:
+                if kind == "attachments":
+                    row = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+                    if row is None or row["state"] != "waiting":
+                        raise ApiError(422, f"Job {job_id} is not valid\n", text=True)
+                    self.store.set_attachments_complete(db, job_id)
+                self.store.finish_file(db, file_id, size)
+        except BaseException:
+            self.store.drop_file(file_id)
+            raise
+        return size
+
+    def open_file(self, job_id, kind):
+        """(size, chunk iterator) of the newest stored file, or None."""
+        row = self.store.newest_file(job_id, kind)
+        if row is None:
+            return None
+        file_id = row["id"]
+
+        def chunks():
+            seq = 0
+            while True:
+                data = self.store.file_chunk(file_id, seq)
+                if data is None:
+                    return
+                yield data
+                seq += 1
+        return row["size"], chunks()
+
+    # -- agents, queues, images ------------------------------------------------------
+
+    def post_agent(self, name, data):
+        fields = {k: v for k, v in data.items() if k in Store.AGENT_FIELDS}
+        self.store.upsert_agent(name, fields, data.get("log", []), utcnow())
+
+    def agent(self, name, full=True):
+        row = self.store.get_agent(name)
+        return None if row is None else self._agent_out(row, full)
+
+    def agents(self, queue_name=None, full=True):
+        return [self._agent_out(row, full) for row in self.store.list_agents(queue_name)]
+
+    def _agent_out(self, row, full):
+        """An agent as the original returns it: only the fields that were ever set."""
+        out = {"name": row["name"]}
+        names = Store.AGENT_FIELDS + (("identifier", "updated_at", "provision_streak_type",
+                                       "provision_streak_count") if full else ())
+        for key in dict.fromkeys(names):
+            if key == "identifier" and not full:
+                continue
+            value = row[key]
+            if value is None:
+                continue
+            out[key] = json.loads(value) if key == "queues" else iso(value) if key == "updated_at" else value
+        if full:
+            out["restricted_to"] = self.store.restricted_owners(out.get("queues", []))
+        return out
+
+    def provision_log(self, agent_name, data):
+        if not self.store.add_provision_log(agent_name, data["job_id"], data["exit_code"],
+                                            data.get("detail"), utcnow()):
+            raise ApiError(404, "Agent not found\n", text=True)
+
+    def purge(self):
+        now = utcnow()
+        cutoff = now - self.config.retention_days * 86400
+        return self.store.purge(cutoff, now - 90 * 86400, now - 3600)
+
+
+###############################################################################
+# HTTP plumbing ###############################################################
+###############################################################################
+#
+# Helpers shared by every API section: JSON answers, bodies read with a size
+# limit, and a streaming multipart reader (Bottle's own parser spools each
+# upload to a temporary file and refuses more than 1 GiB).
+
+def json_response(obj, status=200, headers=None):
+    body = json.dumps(obj, separators=(",", ":")) + "\n"
+    return HTTPResponse(body, status, {"Content-Type": "application/json", **(headers or {})})
+
+
+def text_response(text, status=200):
+    return HTTPResponse(text, status, {"Content-Type": "text/html; charset=utf-8"})
+
+
+def no_content():
+    return HTTPResponse("", 204, {"Content-Type": "application/json"})
+
+
+def read_json(limit):
+    """The request body as JSON; missing, empty or non-JSON bodies read as ``{}``
+    (the original's rule).  Larger than ``limit`` raises ApiError(413)."""
+    if request.content_length > limit:
+        raise ApiError(413, "Payload too large")
+    data = request.body.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "Payload too large")
+    if not data.strip():
+        return {}
+    try:
+        return json.loads(data)
+    except ValueError:
+        return {}
+
+
+def body_stream():
+    """The raw request body as a file-like object that stops at Content-Length."""
+    if "chunked" in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return request.body          # Bottle de-chunks into a spooled file
+    return _Limited(request.environ["wsgi.input"], max(request.content_length, 0))
+
+
+class _Limited:
+    def __init__(self, stream, remaining):
+        self.stream, self.remaining = stream, remaining
+
+    def read(self, size):
+        if self.remaining <= 0:
+            return b""
+        data = self.stream.read(min(size, self.remaining))
+        self.remaining -= len(data)
+        if not data:
+            self.remaining = 0
+        return data
+
+
+def multipart_part(field, content_type, stream):
+    """Find the part named ``field`` of a multipart/form-data body.
+
+    Returns an iterator over its content in chunks of up to ``CHUNK_SIZE``
+    bytes, reading ``stream`` as it goes, or None when the body is not
+    multipart or has no such part.  Memory stays flat whatever the size.
+    """
+    match = re.search(r'boundary=(?:"([^"]+)"|([^;\s]+))', content_type or "")
+    if not (content_type or "").lower().startswith("multipart/form-data") or not match:
+        return None
+    scanner = _PartScanner(stream, (match.group(1) or match.group(2)).encode("latin-1"))
+    for headers in scanner.parts():
+        disposition = headers.get("content-disposition", "")
+        name = re.search(r'(?:^|;)\s*name="([^"]*)"', disposition) or re.search(r'(?:^|;)\s*name=([^;\s]+)',
+                                                                                disposition)
+        if name and name.group(1) == field:
+            return scanner.body()
+        for _ in scanner.body():
+            pass
+    return None
+
+
+class _PartScanner:
+    """Splits a multipart body at its boundaries, a block at a time."""
+
+    BLOCK = 256 * 1024
+
+    def __init__(self, stream, boundary):
+        self.stream, self.buf, self.eof = stream, b"", False
+        self.delimiter = b"\r\n--" + boundary
+        self.buf = b"\r\n"              # so the first boundary looks like every other one
+        self.finished = False
+
+    def _fill(self):
+        if self.eof:
+            return False
+        data = self.stream.read(self.BLOCK)
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+    def parts(self):
+        """Yield each part's headers (lower-cased names); the caller drains ``body()``."""
+        while not self._find(self.delimiter):
+            if not self._fill():
+                return
+        self.buf = self.buf[self.buf.index(self.delimiter) + len(self.delimiter):]
+        while not self.finished:
+            while len(self.buf) < 2 and self._fill():
+                pass
+            if self.buf[:2] != b"\r\n":
+                return                   # "--" closes the body (or it is malformed)
+            while b"\r\n\r\n" not in self.buf:
+                if not self._fill() or len(self.buf) > 65536:
+                    return
+            head, self.buf = self.buf[2:].split(b"\r\n\r\n", 1)
+            headers = {}
+            for line in head.decode("utf-8", "replace").split("\r\n"):
+                key, _, value = line.partition(":")
+                headers[key.strip().lower()] = value.strip()
+            yield headers
+
+    def _find(self, needle):
+        return needle in self.buf
+
+    def body(self):
+        """Yield the current part's content; stops at the next boundary."""
+        pending = bytearray()
+        keep = len(self.delimiter) + 1
+        while True:
+            index = self.buf.find(self.delimiter)
+            if index >= 0:
+                pending += self.buf[:index]
+                self.buf = self.buf[index + len(self.delimiter):]
+                break
+            if len(self.buf) > keep:
+                pending += self.buf[:-keep]
+                self.buf = self.buf[-keep:]
+            if len(pending) >= CHUNK_SIZE:
+                yield bytes(pending[:CHUNK_SIZE])
+                del pending[:CHUNK_SIZE]
+            if not self._fill():
+                self.finished = True
+                raise ApiError(400, "Bad Request")        # body ended inside a part
+        while len(pending) >= CHUNK_SIZE:
+            yield bytes(pending[:CHUNK_SIZE])
+            del pending[:CHUNK_SIZE]
+        if pending:
+            yield bytes(pending)
+
+
+###############################################################################
+# HTTP: Testflinger ###########################################################
+###############################################################################
+#
+# Routes parse the request, call the job queue, and answer in the Testflinger
+# server's styles (spec §1): JSON aborts ``{"detail": {}, "message": …}``,
+# 422 validation maps, and plain-text bodies where the original sends text.
+
+AMC = ("admin", "manager", "contributor")
+AMA = ("admin", "manager", "agent")
+AGENT = ("agent",)
+ANY_ROLE = ROLES
+
+TF_NOT_FOUND = ("Not found: 404 Not Found: The requested URL was not found on the server. If you entered "
+                "the URL manually please check your spelling and try again.")
+
+
+def tf_abort(status, message):
+    return json_response({"detail": {}, "message": message}, status)
+
+
+def tf_error(error):
+    """An ApiError in Testflinger's style: plain text where the original sends text."""
+    return text_response(error.message, error.status) if error.text else tf_abort(error.status, error.message)
+
+
+def tf_validation_error(errors, location="json"):
+    return json_response({"detail": {location: errors}, "message": "Validation error"}, 422)
+
+
+def tf_load(schema, data, location="json"):
+    try:
+        return schema.load(data)
+    except Invalid as exc:
+        raise tf_validation_error(exc.errors, location)
+
+
+def tf_query():
+    """Query parameters as marshmallow's webargs sees them: repeated keys become lists."""
+    out = {}
+    for key in request.query.keys():
+        values = request.query.getall(key)
+        out[key] = values if key in ("tags", "state", "queue") else values[-1]
+    return out
+
+
+def tf_job_id(job_id, text=False):
+    """The canonical id, or the endpoint's 400 (JSON or plain text, as the original)."""
+    canonical = parse_job_id(job_id)
+    if canonical is None:
+        raise text_response("Invalid job id\n", 400) if text else tf_abort(400, "Invalid job_id specified")
+    return canonical
+
+
+def install_testflinger(app, hub):
+    """Mount the Testflinger v1 API on ``app``."""
+    jobs, auth, config = hub.jobs, hub.auth, hub.config
+
+    def route(method, path, roles=None):
+        """Register a route; ``roles`` gates it (authentication first, then the role)."""
+        def decorate(func):
+            def handler(**kw):
+                try:
+                    if roles is not None:
+                        identity = auth.identify(request.get_header("Authorization"))
+                        auth.require(identity, roles)
+                        request.environ["agenthub.identity"] = identity
+                    return func(**kw)
+                except ApiError as error:
+                    return tf_error(error)
+            app.route(path, method, handler, name=f"tf:{method}:{path}")
+            return func
+        return decorate
+
+    def body(schema):
+        return tf_load(schema, read_json(config.max_json_bytes))
+
+    # -- service ------------------------------------------------------------------
+
+    @route("GET", "/v1")
+    def home():
+        return text_response(f"Testflinger Server vagenthub-{__version__}")
+
+    # -- jobs -----------------------------------------------------------------------
+
+    @route("POST", "/v1/job", AMC)
+    def submit_job():
+        job_id = jobs.submit(body(JOB_SCHEMA), request.environ["agenthub.identity"])
+        return json_response({"job_id": job_id})
+
+    @route("GET", "/v1/job", AGENT)
+    def pop_job():
+        queues = request.query.getall("queue")
+        if not queues:
+            return tf_abort(400, "No queue(s) specified in request")
+        agent_name = request.get_cookie("agent_name")
+        if not agent_name:
+            return tf_abort(401, "Agent not identified")
+        job = jobs.pop(queues, agent_name)
+        return no_content() if job is None else json_response(job)
+
+    @route("GET", "/v1/job/search", AMC)
+    def search_jobs():
+        query = tf_load(SEARCH_SCHEMA, tf_query(), "query")
+        return json_response(jobs.search(query.get("tags"), query.get("match", "any"), query.get("state"),
+                                         query.get("limit"), query.get("offset", 0)))
+
+    @route("GET", "/v1/job/<job_id>", AMC)
+    def get_job(job_id):
+        job = jobs.definition(tf_job_id(job_id))
+        return no_content() if job is None else json_response(job)
+
+    @route("GET", "/v1/job/<job_id>/attachments", AGENT)
+    def get_attachments(job_id):
+        return send_file(tf_job_id(job_id, text=True), "attachments", "application/gzip")
+
+    @route("POST", "/v1/job/<job_id>/attachments", AMC)
+    def post_attachments(job_id):
+        job_id = tf_job_id(job_id, text=True)
+        if jobs.check_attachments_upload(job_id) == "done":
+            return text_response("OK")
+        return receive_file(job_id, "attachments")
+
+    @route("GET", "/v1/job/<job_id>/position", AMC)
+    def job_position(job_id):
+        position = jobs.position(tf_job_id(job_id))
+        if position is None:
+            return text_response("Job not found or already started\n", 410)
+        return text_response(str(position))
+
+    @route("POST", "/v1/job/<job_id>/action", AMC)
+    def job_action(job_id):
+        body(ACTION_SCHEMA)
+        if not jobs.cancel(tf_job_id(job_id, text=True)):
+            return text_response("The job is already completed or cancelled", 400)
+        return text_response("OK")
+
+    # -- results, logs, artifacts ------------------------------------------------------
+
+    @route("POST", "/v1/result/<job_id>", AGENT)
+    def post_result(job_id):
+        # The original validates, then checks the id, then refuses >= 16 MiB; the size is checked
+        # first here so that a huge body is never read into memory just to be refused.
+        if request.content_length >= 16 * 1024 * 1024:
+            return tf_abort(413, "Payload too large")
+        data = tf_load(RESULT_SCHEMA, read_json(16 * 1024 * 1024))
+        jobs.post_result(tf_job_id(job_id), data)
+        return text_response("OK")
+
+    @route("GET", "/v1/result/<job_id>", ANY_ROLE)
+    def get_result(job_id):
+        result = jobs.result(tf_job_id(job_id))
+        return no_content() if result is None else json_response(result)
+
+    # The original raises inside URL matching (a 500) for other log types; here they are unknown URLs.
+    @route("POST", "/v1/result/<job_id>/log/<log_type:re:output|serial>", AGENT)
+    def post_log(job_id, log_type):
+        data = body(LOG_POST_SCHEMA)
+        jobs.add_log(tf_job_id(job_id), log_type, data)
+        return text_response("OK")
+
+    @route("GET", "/v1/result/<job_id>/log/<log_type:re:output|serial>", AMC)
+    def get_log(job_id, log_type):
+        try:
+            query = LOG_QUERY_SCHEMA.load(tf_query())
+        except Invalid as exc:
+            return tf_abort(400, exc.errors)
+        return json_response(jobs.logs(tf_job_id(job_id), log_type, query.get("start_fragment", 0),
+                                       query.get("start_timestamp"), query.get("phase")))
+
+    @route("POST", "/v1/result/<job_id>/artifact", AGENT)
+    def post_artifact(job_id):
+        return receive_file(tf_job_id(job_id, text=True), "artifact")
+
+    @route("GET", "/v1/result/<job_id>/artifact", AMC)
+    def get_artifact(job_id):
+        return send_file(tf_job_id(job_id, text=True), "artifact", "application/x-tar",
+                         "inline; filename=artifact.tar.gz")
+
+    def receive_file(job_id, kind):
+        part = multipart_part("file", request.content_type, body_stream())
+        if part is None:
+            return tf_abort(400, "Bad Request")
+        jobs.save_file(job_id, kind, part)
+        return text_response("OK")
+
+    def send_file(job_id, kind, content_type, disposition=None):
+        found = jobs.open_file(job_id, kind)
+        if found is None:
+            return no_content()
+        size, chunks = found
+        headers = {"Content-Type": content_type, "Content-Length": str(size)}
+        if disposition:
+            headers["Content-Disposition"] = disposition
+        return HTTPResponse(chunks, 200, headers)
+
+    # -- agents, queues, images ----------------------------------------------------------
+
+    @route("GET", "/v1/agents/queues", AMC)
+    def get_queues():
+        return json_response({r["name"]: r["description"] for r in hub.store.advertised_queues()})
+
+    @route("POST", "/v1/agents/queues", AMA)
+    def post_queues():
+        hub.store.upsert_advertised_queues(body(QUEUES_SCHEMA), utcnow())
+        return text_response("OK")
+
+    @route("GET", "/v1/agents/images/<queue_name>", AMC)
+    def get_images(queue_name):
+        return json_response(hub.store.images(queue_name))
+
+    @route("POST", "/v1/agents/images", AMA)
+    def post_images():
+        hub.store.replace_images(body(IMAGES_SCHEMA), utcnow())
+        return text_response("OK")
+
+    @route("GET", "/v1/agents/data", AMC)
+    def list_agents():
+        return json_response(jobs.agents())
+
+    @route("GET", "/v1/agents/data/<agent_name>", ANY_ROLE)
+    def get_agent(agent_name):
+        agent = jobs.agent(agent_name)
+        return json_response({}, 404) if agent is None else json_response(agent)
+
+    @route("POST", "/v1/agents/data/<agent_name>", AMA)
+    def post_agent(agent_name):
+        jobs.post_agent(agent_name, body(AGENT_SCHEMA))
+        answer = json_response({"status": "OK"})
+        answer.set_cookie("agent_name", agent_name, httponly=True, samesite="strict", path="/")
+        return answer
+
+    @route("POST", "/v1/agents/provision_logs/<agent_name>", AGENT)
+    def post_provision_log(agent_name):
+        jobs.provision_log(agent_name, body(PROVISION_LOG_SCHEMA))
+        return text_response("OK")
+
+    @route("GET", "/v1/queues/wait_times", AMC)
+    def wait_times():
+        return json_response(jobs.wait_times(request.query.getall("queue")))
+
+    @route("GET", "/v1/queues/<queue_name>/agents", AMC)
+    def queue_agents(queue_name):
+        if not hub.store.queue_exists(queue_name):
+            return tf_abort(404, f"Queue '{queue_name}' does not exist.")
+        agents = jobs.agents(queue_name, full=False)
+        return json_response(agents) if agents else no_content()
+
+    @route("GET", "/v1/queues/<queue_name>/jobs", AMC)
+    def queue_jobs(queue_name):
+        query = tf_load(PAGE_SCHEMA, tf_query(), "query")
+        found = jobs.queue_jobs(queue_name, query.get("limit"), query.get("offset", 0))
+        return json_response(found) if found else no_content()
+
+    # -- oauth2 ---------------------------------------------------------------------------
+
+    @route("POST", "/v1/oauth2/token")
+    def oauth_token():
+        return json_response(auth.login(request.get_header("Authorization")))
+
+    @route("POST", "/v1/oauth2/refresh")
+    def oauth_refresh():
+        return json_response(auth.refresh(body(REFRESH_SCHEMA)["refresh_token"]))
+
+
+def tf_http_error(error):
+    """Bottle-level errors (unknown route, wrong method, crash) on ``/v1`` in Testflinger's style."""
+    if error.status_code == 404:
+        return TF_NOT_FOUND
+    if error.status_code == 405:
+        bottle.response.content_type = "application/json"
+        return json.dumps({"detail": {}, "message": "Method Not Allowed"})
+    if error.status_code >= 500:
+        bottle.response.content_type = "text/html; charset=utf-8"
+        return f"Unhandled Exception: {error.exception!r}"
+    bottle.response.content_type = "application/json"
+    return json.dumps({"detail": {}, "message": str(error.body)})
+
+
+###############################################################################
+# Application #################################################################
+###############################################################################
+
+class Hub:
+    """Everything one app owns: config, store, domain services, background threads.
+
+    Installed on its Bottle app as a plugin, so ``app.close()`` stops the
+    threads and closes the database; ``app.hub`` reaches it from outside.
+    """
+
+    name = "agenthub"
+    api = 2
+
+    def __init__(self, config):
+        self.config = config
+        self.store = Store(config.db)
+        self.auth = Auth(self.store, config)
+        self.jobs = JobQueue(self.store, config)
+        self._stop = threading.Event()
+        self._threads = []
+
+    def start(self):
+        if self.config.purge_interval > 0:
+            self._spawn(self._purge_loop, "agenthub-purge")
+
+    def _spawn(self, target, name):
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _purge_loop(self):
+        """Emulates the original's TTL indexes (spec §4.5), waiting jobs excepted."""
+        while not self._stop.wait(self.config.purge_interval):
+            try:
+                self.jobs.purge()
+            except sqlite3.Error as exc:       # a busy or full disk must not kill the thread
+                print(f"agenthub: purge failed: {exc}", file=sys.stderr)
+
+    # Bottle plugin protocol
+    def apply(self, callback, route):
+        return callback
+
+    def close(self):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.store.close()
+
+
+def create_app(config=None, **overrides):
+    """A fresh Bottle app with its own database, state and threads.
+
+    ``create_app()`` gives an in-memory hub; ``create_app(Config(db=path))`` or
+    ``create_app(db=path, require_auth=True)`` configure it.  Call
+    ``app.close()`` when done.
+    """
+    config = dataclasses.replace(config or Config(), **overrides)
+    hub = Hub(config)
+    app = bottle.Bottle(catchall=True)
+    app.hub = hub
+    app.install(hub)
+
+    @app.hook("before_request")
+    def _strip_trailing_slash():
+        # Trailing slashes are optional everywhere (the original's strict_slashes=False).
+        path = request.environ.get("PATH_INFO", "/")
+        if len(path) > 1 and path.endswith("/"):
+            request.environ["PATH_INFO"] = path.rstrip("/") or "/"
+
+    def errors(error):
+        if request.path.startswith("/v1"):
+            return tf_http_error(error)
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return f"{error.status_line}\n"
+    app.default_error_handler = errors
+
+    install_testflinger(app, hub)
+    if config.bench_route:
+        app.route("/_bench/ping", "GET", lambda: {"ok": True})
+    hub.start()
+    return app
+
+
+_application = None
+_application_lock = threading.Lock()
+
+
+def application(environ, start_response):
+    """Module-level WSGI entry point, built on first use from ``AGENTHUB_*`` variables."""
+    global _application
+    if _application is None:
+        with _application_lock:
+            if _application is None:
+                _application = create_app(Config.from_env())
+    return _application(environ, start_response)
+
+
+###############################################################################
+# Threaded server #############################################################
+###############################################################################
+#
+# The standard library's wsgiref answers one request per connection on one
+# thread.  This server gives each connection a thread (a long poll or a slow
+# upload never stalls anyone else) and keeps HTTP/1.1 connections alive, which
+# is what the Testflinger agent's requests.Session and py-consul expect.
+
+class _KeepAliveHandler(ServerHandler):
+    http_version = "1.1"
+
+    def cleanup_headers(self):
+        super().cleanup_headers()
+        status = int(self.status.split(" ", 1)[0])
+        if "Content-Length" not in self.headers and status not in (204, 304) and status >= 200:
+            self.request_handler.close_connection = True
+        if self.request_handler.close_connection:
+            self.headers["Connection"] = "close"
+
+
+class _RequestHandler(WSGIRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 120                  # idle keep-alive connections are dropped after this
+
+    def handle(self):
+        self.close_connection = True
+        try:
+            self.handle_one_request()
+            while not self.close_connection:
+                self.handle_one_request()
+        except (ConnectionError, TimeoutError, OSError):
+            pass
+
+    def handle_one_request(self):
+        self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline:
+            self.close_connection = True
+            return
+        if len(self.raw_requestline) > 65536:
+            self.send_error(414)
+            self.close_connection = True
+            return
+        if not self.parse_request():
+            return
+        environ = self.get_environ()
+        length = int(environ.get("CONTENT_LENGTH") or 0) if (environ.get("CONTENT_LENGTH") or "0").isdigit() else 0
+        body = _Limited(self.rfile, length)
+        handler = _KeepAliveHandler(body, self.wfile, self.get_stderr(), environ, multithread=True)
+        handler.request_handler = self
+        handler.run(self.server.get_app())
+        if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            self.close_connection = True       # we cannot tell where a chunked body ended
+        elif body.remaining:
+            if body.remaining > CHUNK_SIZE:
+                self.close_connection = True   # cheaper to drop the connection than to read it
+            else:
+                while body.read(65536):
+                    pass
+
+    def log_message(self, format, *args):
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+
+class ThreadedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+    quiet = False
+
+
+def make_server(app, host="127.0.0.1", port=0, quiet=True):
+    """A threaded keep-alive WSGI server bound to (host, port); port 0 picks a free one."""
+    server = ThreadedWSGIServer((host, port), _RequestHandler)
+    server.quiet = quiet
+    server.set_app(app)
+    return server
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+def _serve_options(parser, env):
+    parser.add_argument("--host", default=env.host, help="address to bind (default %(default)s; AGENTHUB_HOST)")
+    parser.add_argument("--port", type=int, default=env.port, help="port (default %(default)s; AGENTHUB_PORT)")
+    parser.add_argument("--server", default=env.server,
+                        help="'threaded' (built in, default) or any server name Bottle knows, e.g. waitress,"
+                             " cheroot (must be installed; AGENTHUB_SERVER)")
+    parser.add_argument("--secret-key", default=env.secret_key,
+                        help="key that signs access tokens (AGENTHUB_SECRET_KEY); by default one is generated"
+                             " and kept in the database")
+    parser.add_argument("--require-auth", action="store_true", default=env.require_auth,
+                        help="anonymous requests get 401 on every gated route instead of acting as"
+                             " 'contributor' (AGENTHUB_REQUIRE_AUTH)")
+    parser.add_argument("--jwt-leeway", type=int, default=env.jwt_leeway,
+                        help="seconds of clock skew accepted on tokens (default %(default)s)")
+    parser.add_argument("--access-token-seconds", type=int, default=env.access_token_seconds,
+                        help="lifetime of access tokens (default %(default)s)")
+    parser.add_argument("--refresh-token-days", type=float, default=env.refresh_token_days,
+                        help="lifetime of refresh tokens from /v1/oauth2/token (default %(default)s)")
+    parser.add_argument("--retention-days", type=float, default=env.retention_days,
+                        help="finished jobs, logs, files, agents and queues are purged after this many"
+                             " days; waiting jobs are kept (default %(default)s)")
+    parser.add_argument("--purge-interval", type=float, default=env.purge_interval,
+                        help="seconds between purges, 0 to disable (default %(default)s)")
+    parser.add_argument("--max-json-bytes", type=int, default=env.max_json_bytes,
+                        help="larger JSON bodies answer 413 (default %(default)s)")
+    parser.add_argument("--quiet", action="store_true", default=env.quiet, help="no access log")
+    parser.add_argument("--bench-route", action="store_true",
+                        help="also serve GET /_bench/ping, the trivial JSON route `bench` compares against")
+
+
+def build_parser(environ=None):
+    env = Config.from_env(environ, db=(environ or os.environ).get("AGENTHUB_DB", "agenthub.db"))
+    parser = argparse.ArgumentParser(
+        prog="agenthub", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A hub for agents that run jobs: a Testflinger-compatible job queue on SQLite.\n"
+                    "Without a command, `agenthub [options]` is `agenthub serve [options]`.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP server (the default command)")
+    serve.add_argument("--db", default=env.db,
+                       help="SQLite file, or :memory: (default %(default)s; AGENTHUB_DB)")
+    _serve_options(serve, env)
+
+    client = commands.add_parser("add-client", help="create or reset an API client and print its secret")
+    client.add_argument("client_id", metavar="NAME")
+    client.add_argument("--role", choices=ROLES, default="contributor", help="default %(default)s")
+    client.add_argument("--secret", help="use this secret (default: a random one, printed)")
+    client.add_argument("--token-file", metavar="F",
+                        help="also write {\"refresh_token\": …} to F, the file testflinger-agent --token-file reads")
+    client.add_argument("--token-days", type=float, default=365,
+                        help="lifetime of the token-file refresh token (default %(default)s)")
+    client.add_argument("--db", default=env.db, help="SQLite file (default %(default)s; AGENTHUB_DB)")
+
+    bench = commands.add_parser("bench", help="measure the hub on a real server and print figures")
+    bench.add_argument("--jobs", type=int, default=2000, help="jobs to submit and pop (default %(default)s)")
+    bench.add_argument("--clients", type=int, default=8, help="concurrent clients (default %(default)s)")
+    bench.add_argument("--agents", type=int, default=200, help="simulated polling agents (default %(default)s)")
+    bench.add_argument("--artifact-mib", type=int, default=256, help="artifact size (default %(default)s)")
+
+    parser.epilog = "\n".join(f"\n{'=' * 8} agenthub {name} {'=' * 8}\n{sub.format_help()}"
+                              for name, sub in commands.choices.items())
+    return parser, commands
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, commands = build_parser()
+    if not argv or (argv[0] not in commands.choices and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "serve")
+    args = parser.parse_args(argv)
+    if args.command == "add-client":
+        return add_client_command(args)
+    if args.command == "bench":
+        return bench_command(args)
+    return serve_command(args)
+
+
+def serve_command(args):
+    config = Config(db=args.db, host=args.host, port=args.port, server=args.server, secret_key=args.secret_key,
+                    require_auth=args.require_auth, jwt_leeway=args.jwt_leeway,
+                    access_token_seconds=args.access_token_seconds, refresh_token_days=args.refresh_token_days,
+                    retention_days=args.retention_days, purge_interval=args.purge_interval,
+                    max_json_bytes=args.max_json_bytes, quiet=args.quiet, bench_route=args.bench_route)
+    app = create_app(config)
+    try:
+        if config.server != "threaded":
+            bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=config.quiet)
+            return 0
+        server = make_server(app, config.host, config.port, quiet=config.quiet)
+        print(f"agenthub {__version__} serving on http://{config.host}:{server.server_address[1]}/"
+              f" (database {config.db})", flush=True)
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.close()
+    return 0
+
+
+def add_client_command(args):
+    if args.db in (":memory:", ""):
+        print("agenthub: add-client needs a database file (--db PATH)", file=sys.stderr)
+        return 2
+    store = Store(args.db)
+    try:
+        auth = Auth(store, Config(db=args.db))
+        secret = auth.add_client(args.client_id, args.role, args.secret)
+        print(f"client_id: {args.client_id}\nrole: {args.role}\nsecret: {secret}")
+        if args.token_file:
+            token = auth.refresh_token(args.client_id, days=args.token_days)
+            with open(os.open(args.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+                json.dump({"refresh_token": token}, fh)
+            print(f"token file: {args.token_file} (valid {args.token_days:g} days)")
+    finally:
+        store.close()
+    return 0
+
+
+def bench_command(args):
+    raise SystemExit("bench: not written yet")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
