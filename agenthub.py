@@ -1833,7 +1833,7 @@ def install_testflinger(app, hub):
                          "inline; filename=artifact.tar.gz")
 
     def receive_file(job_id, kind):
-        part = multipart_part("file", request.content_type, body_stream())
+        part = multipart_part("file", request.environ.get("CONTENT_TYPE", ""), body_stream())
         if part is None:
             return tf_abort(400, "Bad Request")
         jobs.save_file(job_id, kind, part)

@@ -1,0 +1,1058 @@
+"""Tests of agenthub, in the order of the module's sections.
+
+HTTP behaviour goes through WebTest's TestApp; concurrency, keep-alive and
+large streams go through a real threaded server on port 0.
+"""
+
+import base64
+import hashlib
+import http.client
+import io
+import json
+import os
+import sqlite3
+import tarfile
+import threading
+import time
+import tracemalloc
+import urllib.request
+import uuid
+
+import pytest
+import webtest
+
+import agenthub
+from agenthub import Config, create_app
+
+ANY_UUID = "00000000-0000-4000-8000-000000000000"
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def app():
+    app = create_app(purge_interval=0)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def anon(app):
+    return webtest.TestApp(app)
+
+
+def token_headers(app, role, client_id=None, **perms):
+    """Make a client with ``role`` and return the Authorization header of a real access token."""
+    client_id = client_id or f"{role}-{uuid.uuid4().hex[:6]}"
+    secret = app.hub.auth.add_client(client_id, role)
+    if perms:
+        with app.hub.store.write() as db:
+            for key, value in perms.items():
+                db.execute(f"UPDATE clients SET {key} = ? WHERE client_id = ?", (json.dumps(value), client_id))
+    basic = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+    answer = webtest.TestApp(app).post("/v1/oauth2/token", headers={"Authorization": f"Basic {basic}"})
+    return {"Authorization": "Bearer " + answer.json["access_token"]}
+
+
+class Client:
+    """A TestApp that sends one identity's headers on every request."""
+
+    def __init__(self, app, headers):
+        self.test = webtest.TestApp(app)
+        self.headers = headers
+
+    def __getattr__(self, name):
+        method = getattr(self.test, name)
+
+        def call(*args, **kw):
+            kw["headers"] = {**self.headers, **kw.get("headers", {})}
+            return method(*args, **kw)
+        return call
+
+
+@pytest.fixture
+def agent(app):
+    """An authenticated agent named agent1 that listens on q1 (cookie set)."""
+    client = Client(app, token_headers(app, "agent", "agent1"))
+    client.post_json("/v1/agents/data/agent1", {"state": "waiting", "queues": ["q1", "q2"]})
+    return client
+
+
+@pytest.fixture
+def admin(app):
+    return Client(app, token_headers(app, "admin"))
+
+
+def submit(client, **job):
+    job.setdefault("job_queue", "q1")
+    return client.post_json("/v1/job", job).json["job_id"]
+
+
+@pytest.fixture
+def server():
+    """A real threaded agenthub server on a free loopback port."""
+    app = create_app(purge_interval=0)
+    httpd = agenthub.make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield app, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    app.close()
+
+
+def call_http(base, method, path, body=None, headers=None):
+    """One request with urllib; returns (status, headers, bytes)."""
+    data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers or {})
+    if isinstance(body, (dict, list)):
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read()
+
+
+# == Configuration ==================================================================================
+
+def test_config_from_env_reads_variables_and_overrides():
+    config = Config.from_env({"AGENTHUB_DB": "/tmp/x.db", "AGENTHUB_PORT": "9000",
+                              "AGENTHUB_REQUIRE_AUTH": "yes"}, port=9100)
+    assert (config.db, config.port, config.require_auth) == ("/tmp/x.db", 9100, True)
+    with pytest.raises(SystemExit, match="AGENTHUB_PORT"):
+        Config.from_env({"AGENTHUB_PORT": "eighty"})
+
+
+def test_iso_has_exactly_one_zone_designator():
+    assert agenthub.iso(0) == "1970-01-01T00:00:00Z"
+    assert agenthub.parse_iso("1970-01-01T00:00:10") == 10
+    assert agenthub.parse_iso("1970-01-01T01:00:10+01:00") == 10
+
+
+# == Storage ========================================================================================
+
+def test_file_database_is_wal_and_migrated(tmp_path):
+    path = str(tmp_path / "hub.db")
+    app = create_app(db=path, purge_interval=0)
+    submit(webtest.TestApp(app))
+    app.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(agenthub.MIGRATIONS)
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 1
+    # Reopening keeps the data and runs no migration twice.
+    app = create_app(db=path, purge_interval=0)
+    assert len(webtest.TestApp(app).get("/v1/job/search").json) == 1
+    app.close()
+
+
+def test_failed_write_transaction_leaves_nothing(app):
+    store = app.hub.store
+    with pytest.raises(RuntimeError):
+        with store.write() as db:
+            db.execute("INSERT INTO restricted_queues (name) VALUES ('x')")
+            raise RuntimeError("boom")
+    assert store.read("SELECT * FROM restricted_queues") == []
+
+
+def test_secret_key_is_kept_in_a_file_database(tmp_path):
+    path = str(tmp_path / "hub.db")
+    first = create_app(db=path, purge_interval=0)
+    key = first.hub.auth.key
+    first.close()
+    second = create_app(db=path, purge_interval=0)
+    assert second.hub.auth.key == key and len(key) == 64
+    second.close()
+
+
+# == Validation =====================================================================================
+
+def test_integer_coercion_is_marshmallows():
+    field = agenthub.Integer()
+    assert field.load("10") == 10 and field.load(3.0) == 3
+    for bad in (True, 1.5, "x", [], {}):
+        with pytest.raises(agenthub.Invalid):
+            field.load(bad)
+
+
+@pytest.mark.parametrize("text,seconds", [("1800", 1800), ("30m", 1800), ("1h30m", 5400), ("2 days", 172800),
+                                          ("4d", 345600), (90, 90), ("10sec", 10), ("1hour", 3600)])
+def test_duration_strings(text, seconds):
+    assert agenthub.Duration().load(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "-5", -5, "5x", "h", "1h-2m", True])
+def test_duration_rejects(bad):
+    with pytest.raises(agenthub.Invalid, match="Invalid duration format"):
+        agenthub.Duration().load(bad)
+
+
+def test_url_field_needs_a_tld_or_ip():
+    url = agenthub.URL()
+    assert url.load("http://example.com/img") == "http://example.com/img"
+    assert url.load("http://10.1.2.3:8000/x")
+    with pytest.raises(agenthub.Invalid):
+        url.load("http://x/img")
+
+
+# == Auth ===========================================================================================
+
+def test_client_secret_is_stored_hashed(app):
+    secret = app.hub.auth.add_client("someone", "contributor", "a-secret-of-some-length")
+    stored = app.hub.store.get_client("someone")["secret_hash"]
+    assert secret not in stored and stored.startswith("scrypt$")
+    assert agenthub.check_secret(secret, stored) and not agenthub.check_secret("wrong", stored)
+
+
+def test_token_and_refresh_flow(app, anon):
+    secret = app.hub.auth.add_client("c1", "manager")
+    basic = base64.b64encode(b"c1:" + secret.encode()).decode()
+    answer = anon.post("/v1/oauth2/token", headers={"Authorization": f"Basic {basic}"}).json
+    assert answer["token_type"] == "Bearer" and answer["expires_in"] == 600
+    assert len(answer["refresh_token"]) == 48 and answer["refresh_token"].isalnum()
+    claims = agenthub.jwt_decode(answer["access_token"], app.hub.auth.key, 0, time.time())
+    assert claims["sub"] == "access_token" and claims["permissions"]["role"] == "manager"
+    assert claims["exp"] - claims["iat"] == 600
+    # The database holds only a hash of the refresh token.
+    stored = app.hub.store.read("SELECT token_hash FROM refresh_tokens")
+    assert [r[0] for r in stored] == [hashlib.sha256(answer["refresh_token"].encode()).hexdigest()]
+    refreshed = anon.post_json("/v1/oauth2/refresh", {"refresh_token": answer["refresh_token"]}).json
+    assert set(refreshed) == {"access_token", "token_type", "expires_in"}
+
+
+@pytest.mark.parametrize("header,message", [
+    (None, "No authorization header specified"),
+    ("Bearer abc", "Client id and key must be specified in authorization header"),
+    ("Basic !!!", "Client id and key must be specified in authorization header"),
+    ("Basic " + base64.b64encode(b"nobody:secret").decode(), "Invalid client id or client key"),
+])
+def test_token_errors_are_plain_text_401(anon, header, message):
+    answer = anon.post("/v1/oauth2/token", headers={"Authorization": header} if header else {}, status=401)
+    assert answer.text == message and answer.content_type == "text/html"
+
+
+def test_wrong_secret_is_refused(app, anon):
+    app.hub.auth.add_client("c2", "admin", "right-secret-1234567")
+    basic = base64.b64encode(b"c2:wrong").decode()
+    assert anon.post("/v1/oauth2/token", headers={"Authorization": f"Basic {basic}"},
+                     status=401).text == "Invalid client id or client key"
+
+
+def test_refresh_errors(app, anon):
+    assert anon.post_json("/v1/oauth2/refresh", {"refresh_token": "nope"}, status=400).json == {
+        "detail": {}, "message": "Invalid refresh token."}
+    assert "refresh_token" in anon.post_json("/v1/oauth2/refresh", {"refresh_token": {"$ne": 1}},
+                                             status=422).json["detail"]["json"]
+    anon.post_json("/v1/oauth2/refresh", {}, status=422)
+    app.hub.auth.add_client("c3", "agent")
+    token = app.hub.auth.refresh_token("c3", days=-1)
+    assert anon.post_json("/v1/oauth2/refresh", {"refresh_token": token},
+                          status=400).json["message"] == "Refresh token expired"
+    token = app.hub.auth.refresh_token("c3")
+    with app.hub.store.write() as db:
+        db.execute("UPDATE refresh_tokens SET revoked = 1")
+    assert anon.post_json("/v1/oauth2/refresh", {"refresh_token": token},
+                          status=400).json["message"] == "Refresh token revoked."
+
+
+def _token(app, **claims):
+    now = int(time.time())
+    base = {"exp": now + 600, "iat": now, "sub": "access_token",
+            "permissions": {"client_id": "x", "role": "contributor"}}
+    base.update(claims)
+    return {"Authorization": "Bearer " + agenthub.jwt_encode({k: v for k, v in base.items() if v is not None},
+                                                             app.hub.auth.key)}
+
+
+def test_jwt_errors_answer_as_the_original(app, anon):
+    now = int(time.time())
+    cases = [
+        (_token(app, exp=now - 10), 401, "Token has expired"),
+        (_token(app, iat=now + 60), 401, "Token not yet valid"),
+        (_token(app, sub=None), 403, "Token missing required claim: sub"),
+        (_token(app, permissions={"role": "admin"}), 403, "Invalid Token"),   # the original: 500
+        ({"Authorization": "Bearer not-a-token"}, 403, "Unable to decode token"),
+        ({"Authorization": "Bearer " + agenthub.jwt_encode({"exp": now + 60, "iat": now, "sub": "a"}, "other")},
+         403, "Invalid Token signature"),
+    ]
+    for headers, status, message in cases:
+        assert anon.get("/v1/job/search", headers=headers, status=status).json["message"] == message
+    # Within the leeway an expired token still works.
+    anon.get("/v1/job/search", headers=_token(app, exp=now - 2), status=200)
+
+
+# Every route of this issue with the roles that may call it (spec §2.1).
+AMC, AMA, AGENT, ALL = agenthub.AMC, agenthub.AMA, agenthub.AGENT, agenthub.ROLES
+ROUTES = [
+    ("POST", "/v1/job", AMC), ("GET", "/v1/job?queue=q1", AGENT),
+    ("GET", f"/v1/job/{ANY_UUID}", AMC), ("GET", f"/v1/job/{ANY_UUID}/attachments", AGENT),
+    ("POST", f"/v1/job/{ANY_UUID}/attachments", AMC), ("GET", f"/v1/job/{ANY_UUID}/position", AMC),
+    ("POST", f"/v1/job/{ANY_UUID}/action", AMC), ("GET", "/v1/job/search", AMC),
+    ("POST", f"/v1/result/{ANY_UUID}", AGENT), ("GET", f"/v1/result/{ANY_UUID}", ALL),
+    ("POST", f"/v1/result/{ANY_UUID}/log/output", AGENT), ("GET", f"/v1/result/{ANY_UUID}/log/serial", AMC),
+    ("POST", f"/v1/result/{ANY_UUID}/artifact", AGENT), ("GET", f"/v1/result/{ANY_UUID}/artifact", AMC),
+    ("GET", "/v1/agents/queues", AMC), ("POST", "/v1/agents/queues", AMA),
+    ("GET", "/v1/agents/images/q1", AMC), ("POST", "/v1/agents/images", AMA),
+    ("GET", "/v1/agents/data", AMC), ("GET", "/v1/agents/data/a1", ALL), ("POST", "/v1/agents/data/a1", AMA),
+    ("POST", "/v1/agents/provision_logs/a1", AGENT), ("GET", "/v1/queues/wait_times", AMC),
+    ("GET", "/v1/queues/q1/agents", AMC), ("GET", "/v1/queues/q1/jobs", AMC),
+]
+
+
+@pytest.mark.parametrize("method,path,roles", ROUTES, ids=[f"{m} {p}" for m, p, _ in ROUTES])
+def test_role_matrix(app, method, path, roles):
+    callers = {role: token_headers(app, role) for role in ALL}
+    callers["anonymous"] = {}
+    callers["not-bearer"] = {"Authorization": "Token abc"}
+    test = webtest.TestApp(app)
+    for who, headers in callers.items():
+        answer = test.request(path, method=method, headers=headers, expect_errors=True)
+        allowed = who in roles or (who == "anonymous" and "contributor" in roles)
+        if allowed:
+            assert answer.status_int != 403 or "requires role" not in answer.text, (who, answer.text)
+        else:
+            assert answer.status_int == 403, (who, answer.status)
+            assert answer.json["message"] == "Specified action requires role: " + ", ".join(roles)
+
+
+def test_require_auth_mode_refuses_anonymous(tmp_path):
+    app = create_app(require_auth=True, purge_interval=0)
+    test = webtest.TestApp(app)
+    assert test.post_json("/v1/job", {"job_queue": "q"}, status=401).json["message"] == \
+        "Authentication is required for specified endpoint"
+    test.get("/v1/", status=200)                           # public stays public
+    Client(app, token_headers(app, "contributor")).post_json("/v1/job", {"job_queue": "q"}, status=200)
+    app.close()
+
+
+# == Jobs: submit ===================================================================================
+
+def test_submit_stores_the_whole_job(anon):
+    job = {"job_queue": "q1", "name": "n", "tags": ["a", "b"], "global_timeout": "100", "debug": True,
+           "provision_data": {"distro": "noble"}, "firmware_update_data": {"any": ["thing"]},
+           "test_data": {"test_cmds": "true", "test_username": "u", "test_password": "p"},
+           "allocate_data": {"allocate": True}, "reserve_data": {"ssh_keys": ["lp:me"], "timeout": "1h30m"},
+           "job_status_webhook": "http://example.com/hook", "parent_job_id": "p"}
+    job_id = anon.post_json("/v1/job", job).json["job_id"]
+    assert uuid.UUID(job_id).version == 4
+    stored = anon.get(f"/v1/job/{job_id}").json
+    assert stored["global_timeout"] == 100 and stored["reserve_data"]["timeout"] == 5400
+    assert stored["exclude_agents"] == [] and stored["job_id"] == job_id
+    assert {k: v for k, v in stored.items() if k not in ("global_timeout", "reserve_data", "exclude_agents",
+                                                          "job_id")} == \
+        {k: v for k, v in job.items() if k not in ("global_timeout", "reserve_data")}
+
+
+@pytest.mark.parametrize("body,errors", [
+    (None, {"job_queue": ["Missing data for required field."]}),
+    ({"job_queue": ""}, {"job_queue": ["Shorter than minimum length 1."]}),
+    ({"job_queue": "q", "extra": 1}, {"extra": ["Unknown field."]}),
+    ({"job_queue": 5}, {"job_queue": ["Not a valid string."]}),
+    ({"job_queue": "q", "job_priority": "high"}, {"job_priority": ["Not a valid integer."]}),
+    ({"job_queue": "q", "tags": ["a", 3]}, {"tags": {"1": ["Not a valid string."]}}),
+    ({"job_queue": "q", "test_data": {"secrets": {"1BAD": "x"}}},
+     {"test_data": {"secrets": {"1BAD": {"key": ["String does not match expected pattern."]}}}}),
+    ({"job_queue": "q", "test_data": {"bogus": 1}}, {"test_data": {"bogus": ["Unknown field."]}}),
+    ({"job_queue": "q", "test_data": "x"}, {"test_data": {"_schema": ["Invalid input type."]}}),
+    ({"job_queue": "q", "reserve_data": {"ssh_keys": ["me"]}},
+     {"reserve_data": {"ssh_keys": {"0": ["String does not match expected pattern."]}}}),
+    ({"job_queue": "q", "reserve_data": {"timeout": "-5"}},
+     {"reserve_data": {"timeout": ["Invalid duration format: Duration cannot be negative"]}}),
+    ({"job_queue": "q", "provision_data": {"url": "http://x/y"}},
+     {"provision_data": {"_schema": ["Invalid provision data schema."]}}),
+    ({"job_queue": "q", "provision_data": {"jobs": []}},
+     {"provision_data": {"_schema": ["Invalid provision data schema."]}}),
+    ({"job_queue": "q", "job_id": 5}, {"job_id": ["Not a valid string."]}),
+    ({"job_queue": "q", "exclude_agents": "a"}, {"exclude_agents": ["Not a valid list."]}),
+    ([1, 2], {"_schema": ["Invalid input type."]}),
+])
+def test_submit_validation_errors(anon, body, errors):
+    if body is None:
+        answer = anon.post("/v1/job", status=422)
+    else:
+        answer = anon.post_json("/v1/job", body, status=422)
+    assert answer.json == {"detail": {"json": errors}, "message": "Validation error"}
+
+
+def test_submit_with_malformed_json_is_a_validation_error(anon):
+    answer = anon.post("/v1/job", "{not json", content_type="application/json", status=422)
+    assert answer.json["detail"]["json"] == {"job_queue": ["Missing data for required field."]}
+
+
+@pytest.mark.parametrize("provision", [
+    None, {}, {"url": "http://example.com/x.img"}, {"jobs": [{"job_queue": "a"}]},
+    {"use_attachment": "img", "media": "usb"}, {"skip": True}, {"token_file": "t"},
+    {"preset": "p", "url": "http://example.com/x"}, {"provision_plan": {"a": 1}, "urls": ["http://example.com/a"]},
+    {"url": "http://example.com/x", "robot_tasks": ["t"], "live_image": False, "wait_until_ssh": True},
+    {"alloem_url": "http://example.com/x", "robot_tasks": ["t"]}, {"preset": "p", "oem": "x"},
+])
+def test_each_provision_schema_is_accepted(anon, provision):
+    job_id = submit(anon, provision_data=provision)
+    assert anon.get(f"/v1/job/{job_id}").json["provision_data"] == provision
+
+
+def test_submit_job_id_rules(anon):
+    assert anon.post_json("/v1/job", {"job_queue": "q", "job_id": "nope"}, status=400).json == {
+        "detail": {}, "message": "Invalid job_id specified"}
+    assert uuid.UUID(submit(anon, job_id=""))
+    given = str(uuid.uuid4())
+    assert submit(anon, job_id=given.upper()) == given          # stored canonically
+    # The original silently stores a second job under the same id; one id is one job here.
+    assert "already exists" in anon.post_json("/v1/job", {"job_queue": "q", "job_id": given},
+                                              status=409).json["message"]
+
+
+def test_submit_exclude_agents_needs_an_allowed_agent(anon, agent):
+    message = "There are no agents on the specified queue that are allowed to run this job"
+    assert anon.post_json("/v1/job", {"job_queue": "q1", "exclude_agents": ["agent1"]},
+                          status=422).json["message"] == message
+    assert anon.post_json("/v1/job", {"job_queue": "nobody", "exclude_agents": ["x"]},
+                          status=422).json["message"] == message
+    submit(anon, exclude_agents=["someone-else"])
+
+
+def test_submit_with_secrets_without_a_store(anon):
+    assert anon.post_json("/v1/job", {"job_queue": "q", "test_data": {"secrets": {"A": "x/y"}}},
+                          status=422).json["message"] == "No secrets store"
+
+
+def test_priority_permissions(app, anon):
+    assert anon.post_json("/v1/job", {"job_queue": "q", "job_priority": 5}, status=401).json["message"] == \
+        "Authentication required for setting priority: 5"
+    user = Client(app, token_headers(app, "contributor", max_priority={"q": 10, "*": 2}))
+    submit(user, job_queue="q", job_priority=10)
+    submit(user, job_queue="other", job_priority=2)
+    assert user.post_json("/v1/job", {"job_queue": "other", "job_priority": 3}, status=403).json["message"] == \
+        "Not enough permissions to push to other with priority 3"
+
+
+def test_reservation_permissions(app, anon):
+    submit(anon, reserve_data={"timeout": "6h"})
+    submit(anon, reserve_data={"timeout": None})          # the original answers 500 here
+    assert anon.post_json("/v1/job", {"job_queue": "q", "reserve_data": {"timeout": "7h"}},
+                          status=401).json["message"] == "Authentication required for setting timeout: 25200"
+    user = Client(app, token_headers(app, "contributor", max_reservation_time={"q": 30000}))
+    submit(user, job_queue="q", reserve_data={"timeout": 30000})
+    assert user.post_json("/v1/job", {"job_queue": "r", "reserve_data": {"timeout": 30000}},
+                          status=403).json["message"] == "Not enough permissions to push to r with reservation " \
+                                                         "timeout 30000"
+
+
+def test_restricted_queue_permissions(app, anon):
+    with app.hub.store.write() as db:
+        db.execute("INSERT INTO restricted_queues (name) VALUES ('secret-q')")
+    assert anon.post_json("/v1/job", {"job_queue": "secret-q"}, status=401).json["message"] == \
+        "Authentication required to push to restricted queue: secret-q"
+    outsider = Client(app, token_headers(app, "contributor"))
+    assert outsider.post_json("/v1/job", {"job_queue": "secret-q"}, status=403).json["message"] == \
+        "Not enough permissions to push to the restricted queue: secret-q"
+    owner = Client(app, token_headers(app, "contributor", allowed_queues=["secret-q"]))
+    submit(owner, job_queue="secret-q")
+
+
+# == Jobs: pop ======================================================================================
+
+def test_pop_errors(app, anon, agent):
+    assert anon.get("/v1/job?queue=q1", status=403).json["message"] == "Specified action requires role: agent"
+    assert agent.get("/v1/job", status=400).json["message"] == "No queue(s) specified in request"
+    cookieless = Client(app, agent.headers)
+    assert cookieless.get("/v1/job?queue=q1", status=401).json["message"] == "Agent not identified"
+    answer = agent.get("/v1/job?queue=q1", status=204)
+    assert answer.body == b""
+
+
+def test_pop_order_priority_then_fifo_across_queues(app, anon, agent):
+    user = Client(app, token_headers(app, "contributor", max_priority={"*": 100}))
+    first = submit(anon, job_queue="q2")
+    second = submit(anon, job_queue="q1")
+    urgent = submit(user, job_queue="q1", job_priority=50)
+    third = submit(anon, job_queue="q2")
+    submit(anon, job_queue="elsewhere")
+    order = [agent.get("/v1/job?queue=q2&queue=q1").json["job_id"] for _ in range(4)]
+    assert order == [urgent, first, second, third]
+    agent.get("/v1/job?queue=q2&queue=q1", status=204)
+
+
+def test_pop_marks_running_and_returns_the_job(anon, agent):
+    job_id = submit(anon, tags=["x"])
+    job = agent.get("/v1/job?queue=q1").json
+    assert job["job_id"] == job_id and job["tags"] == ["x"] and job["exclude_agents"] == []
+    assert job["started_at"].endswith("Z") and job["started_at"].count("Z") == 1 and "+" not in job["started_at"]
+    assert anon.get(f"/v1/result/{job_id}").json == {"job_state": "running"}
+
+
+def test_pop_skips_excluded_agents_and_jobs_awaiting_attachments(app, anon, agent):
+    other = Client(app, token_headers(app, "agent", "agent2"))
+    other.post_json("/v1/agents/data/agent2", {"queues": ["q1"]})
+    excluded = submit(anon, exclude_agents=["agent1"])
+    gated = submit(anon, test_data={"attachments": [{"agent": "a.txt"}]})
+    agent.get("/v1/job?queue=q1", status=204)
+    assert other.get("/v1/job?queue=q1").json["job_id"] == excluded
+    anon.post(f"/v1/job/{gated}/attachments", upload_files=[("file", "a.tar.gz", b"data")])
+    job = agent.get("/v1/job?queue=q1").json
+    assert job["job_id"] == gated and job["attachments_status"] == "complete"
+
+
+def test_pop_shows_client_id_and_blanks_secrets(app):
+    user = Client(app, token_headers(app, "contributor", "submitter"))
+    with app.hub.store.write() as db:
+        job = {"job_id": ANY_UUID, "created_at": time.time(), "job_priority": 0, "job_queue": "q1",
+               "attachments_status": None, "exclude_agents": [], "client_id": "submitter",
+               "job_data": {"job_queue": "q1", "test_data": {"secrets": {"TOKEN": "a/b"}}}}
+        app.hub.store.insert_job(db, job)
+    agent = Client(app, token_headers(app, "agent", "agent1"))
+    agent.post_json("/v1/agents/data/agent1", {"queues": ["q1"]})
+    popped = agent.get("/v1/job?queue=q1").json
+    assert popped["client_id"] == "submitter" and popped["test_data"]["secrets"] == {"TOKEN": ""}
+    assert "client_id" not in user.get(f"/v1/job/{ANY_UUID}").json
+
+
+# == Jobs: read, position, cancel, search ================================================================
+
+def test_get_job_errors(anon):
+    assert anon.get("/v1/job/xyz", status=400).json["message"] == "Invalid job_id specified"
+    assert anon.get(f"/v1/job/{ANY_UUID}", status=204).body == b""
+
+
+def test_position(anon, agent):
+    first, second = submit(anon), submit(anon)
+    assert anon.get(f"/v1/job/{second}/position").text == "1"
+    assert anon.get(f"/v1/job/{first}/position").text == "0"
+    agent.get("/v1/job?queue=q1")
+    assert anon.get(f"/v1/job/{second}/position").text == "0"
+    assert anon.get(f"/v1/job/{first}/position", status=410).text == "Job not found or already started\n"
+    anon.get("/v1/job/zzz/position", status=400)
+
+
+def test_cancel(anon, agent):
+    waiting, running = submit(anon), submit(anon)
+    agent.get("/v1/job?queue=q1")           # takes `waiting`; swap names for clarity
+    running, waiting = waiting, running
+    for job_id in (waiting, running):
+        assert anon.post_json(f"/v1/job/{job_id}/action", {"action": "cancel"}).text == "OK"
+        assert anon.get(f"/v1/result/{job_id}").json["job_state"] == "cancelled"
+    answer = anon.post_json(f"/v1/job/{waiting}/action", {"action": "cancel"}, status=400)
+    assert answer.text == "The job is already completed or cancelled"
+    anon.post_json(f"/v1/job/{ANY_UUID}/action", {"action": "cancel"}, status=400)
+    assert anon.post_json("/v1/job/bad/action", {"action": "cancel"}, status=400).text == "Invalid job id\n"
+    assert anon.post_json(f"/v1/job/{waiting}/action", {"action": "stop"}, status=422).json["detail"] == {
+        "json": {"action": ["Must be one of: cancel."]}}
+    # The agent's final "complete" does not overwrite a cancel (the original lets it: #673).
+    agent.post_json(f"/v1/result/{running}", {"job_state": "complete", "status": {"test": 247}})
+    result = anon.get(f"/v1/result/{running}").json
+    assert result["job_state"] == "cancelled" and result["test_status"] == 247
+    agent.get("/v1/job?queue=q1", status=204)       # a cancelled waiting job is never handed out
+
+
+def test_search(anon, agent):
+    a = submit(anon, tags=["x", "y"])
+    b = submit(anon, tags=["x"])
+    c = submit(anon)
+    agent.get("/v1/job?queue=q1")
+    anon.post_json(f"/v1/job/{c}/action", {"action": "cancel"})
+
+    def ids(query):
+        return [j["job_id"] for j in anon.get("/v1/job/search" + query).json]
+    assert ids("") == [a, b, c]
+    assert ids("?tags=x") == [a, b] and ids("?tags=x&tags=y&match=all") == [a]
+    assert ids("?tags=y&tags=z") == [a] and ids("?tags=x&tags=z&match=all") == []
+    assert ids("?state=active") == [a, b] and ids("?state=cancelled") == [c]
+    assert ids("?state=running") == [a] and ids("?state=waiting") == [b]
+    assert ids("?state=active&state=cancelled") == [a, b]
+    assert ids("?limit=1&offset=1") == [b]
+    row = anon.get("/v1/job/search?state=waiting").json[0]
+    assert set(row) == {"job_id", "created_at", "job_state"} and row["job_state"] == "waiting"
+    assert anon.get("/v1/job/search?match=some", status=422).json["detail"] == {
+        "query": {"match": ["Must be one of: any, all."]}}
+    assert "0" in anon.get("/v1/job/search?state=bogus", status=422).json["detail"]["query"]["state"]
+    anon.get("/v1/job/search?limit=-1", status=422)
+
+
+# == Results and logs =================================================================================
+
+def test_results_round_trip(anon, agent):
+    job_id = submit(anon)
+    assert anon.get(f"/v1/result/{job_id}").json == {"job_state": "waiting"}
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "setup"})
+    agent.post_json(f"/v1/result/{job_id}", {"status": {"setup": 0}, "device_info": {"ip": "1.2.3.4"}})
+    agent.post_json(f"/v1/result/{job_id}", {"status": {"setup": 0, "test": 1}, "job_state": "complete"})
+    for n, (phase, kind, text) in enumerate([("setup", "output", "a"), ("test", "output", "b"),
+                                              ("test", "serial", "s"), ("test", "output", "c")]):
+        agent.post_json(f"/v1/result/{job_id}/log/{kind}", {"fragment_number": n, "phase": phase,
+                                                             "timestamp": "2026-01-01T00:00:00", "log_data": text})
+    assert anon.get(f"/v1/result/{job_id}").json == {
+        "job_state": "complete", "device_info": {"ip": "1.2.3.4"}, "setup_status": 0, "setup_output": "a",
+        "test_status": 1, "test_output": "bc", "test_serial": "s"}
+    assert list(anon.get(f"/v1/result/{job_id}").json)[:2] == ["job_state", "device_info"]
+
+
+def test_result_errors(anon, agent):
+    assert agent.post_json(f"/v1/result/{ANY_UUID}", {"job_state": "x"}).text == "OK"   # unknown: no-op
+    anon.get(f"/v1/result/{ANY_UUID}", status=204)
+    assert agent.post_json(f"/v1/result/{ANY_UUID}", {"status": {"bogus": 1}}, status=422).json["detail"] == {
+        "json": {"status": {"bogus": {"key": ["Must be one of: setup, provision, firmware_update, test, "
+                                              "allocate, reserve, cleanup."]}}}}
+    agent.post_json(f"/v1/result/{ANY_UUID}", {"what": 1}, status=422)
+    agent.post_json("/v1/result/nope", {}, status=400)
+    big = b'{"device_info": {"x": "' + b"a" * (16 * 1024 * 1024) + b'"}}'
+    assert agent.post(f"/v1/result/{ANY_UUID}", big, content_type="application/json",
+                      status=413).json["message"] == "Payload too large"
+
+
+def test_log_fragments_and_queries(anon, agent):
+    job_id = submit(anon)
+    stamps = ["2026-01-01T00:00:00Z", "2026-01-01T00:00:10+00:00", "2026-01-01T00:00:20"]
+    for n, (phase, stamp) in enumerate(zip(["setup", "test", "test"], stamps)):
+        agent.post_json(f"/v1/result/{job_id}/log/output",
+                        {"fragment_number": n, "timestamp": stamp, "phase": phase, "log_data": f"<{n}>"})
+    logs = anon.get(f"/v1/result/{job_id}/log/output").json["output"]
+    assert list(logs) == list(agenthub.PHASES)
+    assert logs["setup"] == {"last_fragment_number": 0, "log_data": "<0>"}
+    assert logs["test"] == {"last_fragment_number": 2, "log_data": "<1><2>"}
+    assert logs["cleanup"] == {"last_fragment_number": -1, "log_data": ""}
+    assert anon.get(f"/v1/result/{job_id}/log/output?start_fragment=2").json["output"]["test"]["log_data"] == "<2>"
+    assert anon.get(f"/v1/result/{job_id}/log/output?phase=test").json == {
+        "output": {"test": {"last_fragment_number": 2, "log_data": "<1><2>"}}}
+    assert anon.get(f"/v1/result/{job_id}/log/output?start_timestamp=2026-01-01T00:00:05"
+                    ).json["output"]["test"]["log_data"] == "<1><2>"
+    assert anon.get(f"/v1/result/{job_id}/log/serial?phase=test").json == {
+        "serial": {"test": {"last_fragment_number": -1, "log_data": ""}}}
+    assert anon.get(f"/v1/result/{job_id}/log/output?start_fragment=-1", status=400).json == {
+        "detail": {}, "message": {"start_fragment": ["Must be greater than or equal to 0."]}}
+    anon.get(f"/v1/result/{job_id}/log/output?phase=nope", status=400)
+
+
+def test_log_post_errors(agent):
+    good = {"fragment_number": 0, "timestamp": "2026-01-01T00:00:00", "phase": "test", "log_data": "x"}
+    agent.post_json(f"/v1/result/{ANY_UUID}/log/output", {**good, "timestamp": "yesterday"}, status=422)
+    agent.post_json(f"/v1/result/{ANY_UUID}/log/output", {**good, "phase": "lunch"}, status=422)
+    agent.post_json(f"/v1/result/{ANY_UUID}/log/output", {k: v for k, v in good.items() if k != "log_data"},
+                    status=422)
+    agent.post_json("/v1/result/bad/log/output", good, status=400)
+    # The original crashes (500) on an unknown log type; it is an unknown URL here.
+    answer = agent.post_json(f"/v1/result/{ANY_UUID}/log/console", good, status=404)
+    assert answer.text.startswith("Not found: 404 Not Found")
+
+
+# == Artifacts and attachments ========================================================================
+
+def _tarball(files):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_artifact_round_trip(anon, agent):
+    job_id = submit(anon)
+    anon.get(f"/v1/result/{job_id}/artifact", status=204)
+    first = _tarball({"artifacts/a.txt": b"one"})
+    second = _tarball({"artifacts/a.txt": b"two" * 500000})
+    for data in (first, second):
+        assert agent.post(f"/v1/result/{job_id}/artifact", upload_files=[("file", "file", data)]).text == "OK"
+    answer = anon.get(f"/v1/result/{job_id}/artifact")
+    assert answer.body == second                                 # newest version wins
+    assert answer.headers["Content-Type"] == "application/x-tar"
+    assert answer.headers["Content-Disposition"] == "inline; filename=artifact.tar.gz"
+    assert answer.headers["Content-Length"] == str(len(second))
+    assert len(agenthub.Store.read(agent.test.app.hub.store, "SELECT id FROM files")) == 1
+
+
+def test_artifact_errors(agent):
+    assert agent.post(f"/v1/result/{ANY_UUID}/artifact", upload_files=[("other", "f", b"x")],
+                      status=400).json == {"detail": {}, "message": "Bad Request"}
+    agent.post(f"/v1/result/{ANY_UUID}/artifact", b"plain", status=400)
+    assert agent.post("/v1/result/bad/artifact", upload_files=[("file", "f", b"x")],
+                      status=400).text == "Invalid job id\n"
+    truncated = (b"--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\nabc")
+    agent.post(f"/v1/result/{ANY_UUID}/artifact", truncated, content_type="multipart/form-data; boundary=XX",
+               status=400)
+    assert agent.test.app.hub.store.read("SELECT id FROM files") == []      # nothing half-stored
+
+
+def test_multipart_with_several_parts(agent, anon):
+    job_id = submit(anon)
+    agent.post(f"/v1/result/{job_id}/artifact", {"note": "hello"},
+               upload_files=[("other", "o.bin", b"o" * 300000), ("file", "file", b"\r\n--x" * 100000)])
+    assert anon.get(f"/v1/result/{job_id}/artifact").body == b"\r\n--x" * 100000
+
+
+def test_attachments(anon, agent):
+    plain = submit(anon)
+    job_id = submit(anon, provision_data={"attachments": [{"agent": "a"}], "use_attachment": "a"})
+    assert anon.get(f"/v1/job/{job_id}").json["provision_data"]["use_attachment"] == "a"
+    assert anon.post(f"/v1/job/{plain}/attachments", upload_files=[("file", "a.tgz", b"x")],
+                     status=422).text == f"Job {plain} not awaiting attachments\n"
+    assert anon.post(f"/v1/job/{ANY_UUID}/attachments", upload_files=[("file", "a.tgz", b"x")],
+                     status=422).text == f"Job {ANY_UUID} is not valid\n"
+    anon.post("/v1/job/nope/attachments", upload_files=[("file", "a.tgz", b"x")], status=400)
+    anon.post(f"/v1/job/{job_id}/attachments", upload_files=[("nofile", "a.tgz", b"x")], status=400)
+    agent.get(f"/v1/job/{job_id}/attachments", status=204)
+    assert anon.post(f"/v1/job/{job_id}/attachments", upload_files=[("file", "a.tgz", b"first")]).text == "OK"
+    assert anon.post(f"/v1/job/{job_id}/attachments", upload_files=[("file", "a.tgz", b"second")]).text == "OK"
+    answer = agent.get(f"/v1/job/{job_id}/attachments")
+    assert answer.body == b"first" and answer.headers["Content-Type"] == "application/gzip"
+    agent.get("/v1/job/nope/attachments", status=400)
+
+
+# == Agents, queues, images ===========================================================================
+
+def test_agent_data(app, anon, agent):
+    answer = agent.post_json("/v1/agents/data/agent9", {"state": "waiting", "queues": ["q9"],
+                                                        "location": "lab", "log": ["l1", "l2"]})
+    assert answer.json == {"status": "OK"}
+    cookie = answer.headers["Set-Cookie"]
+    assert cookie.startswith("agent_name=agent9") and "HttpOnly" in cookie and "Path=/" in cookie
+    assert "samesite=strict" in cookie.lower()
+    data = anon.get("/v1/agents/data/agent9").json
+    assert data["state"] == "waiting" and data["queues"] == ["q9"] and data["restricted_to"] == {}
+    assert "log" not in data and data["updated_at"].endswith("Z")
+    agent.post_json("/v1/agents/data/agent9", {"log": [f"x{i}" for i in range(150)], "comment": ""})
+    stored = json.loads(app.hub.store.get_agent("agent9")["log"])
+    assert len(stored) == 100 and stored[-1] == "x149"
+    assert anon.get("/v1/agents/data/agent9").json["location"] == "lab"    # fields merge
+    assert anon.get("/v1/agents/data/ghost", status=404).json == {}
+    assert [a["name"] for a in anon.get("/v1/agents/data").json] == ["agent1", "agent9"]
+    agent.post_json("/v1/agents/data/agent9", {"queues": "q9"}, status=422)
+    agent.post_json("/v1/agents/data/agent9", {"name": "x"}, status=422)
+
+
+def test_restricted_to_lists_owners(app, anon, agent):
+    app.hub.auth.add_client("owner", "contributor")
+    with app.hub.store.write() as db:
+        db.execute("INSERT INTO restricted_queues (name) VALUES ('q2')")
+        db.execute("UPDATE clients SET allowed_queues = '[\"q2\"]' WHERE client_id = 'owner'")
+    assert anon.get("/v1/agents/data/agent1").json["restricted_to"] == {"q2": ["owner"]}
+
+
+def test_provision_logs_and_streaks(app, anon, agent):
+    assert agent.post_json("/v1/agents/provision_logs/ghost", {"job_id": "j", "exit_code": 0},
+                           status=404).text == "Agent not found\n"
+    for code in (0, 0, 1):
+        agent.post_json("/v1/agents/provision_logs/agent1", {"job_id": "j", "exit_code": code, "detail": "d"})
+    data = anon.get("/v1/agents/data/agent1").json
+    assert (data["provision_streak_type"], data["provision_streak_count"]) == ("fail", 1)
+    assert len(app.hub.store.provision_logs("agent1")) == 3
+    assert len(app.hub.store.provision_logs("ghost")) == 1       # kept, as the original does
+    agent.post_json("/v1/agents/provision_logs/agent1", {"job_id": "j"}, status=422)
+
+
+def test_queues_and_images(anon, agent):
+    assert anon.get("/v1/agents/queues").json == {}
+    agent.post_json("/v1/agents/queues", {"q1": "first", "q2": "second"})
+    agent.post_json("/v1/agents/queues", {"q1": "renamed"})
+    assert anon.get("/v1/agents/queues").json == {"q1": "renamed", "q2": "second"}
+    assert agent.post_json("/v1/agents/queues", {"q3": 5}, status=422).json["detail"]["json"] == {
+        "_schema": ["Description for queue 'q3' must be a string"]}
+    agent.post_json("/v1/agents/queues", {"": "x"}, status=422)
+    agent.post_json("/v1/agents/images", {"q1": {"core22": "url: http://example.com/c.img"}})
+    assert anon.get("/v1/agents/images/q1").json == {"core22": "url: http://example.com/c.img"}
+    assert anon.get("/v1/agents/images/q9").json == {}
+    for bad in ({"q1": "x"}, {"q1": {"$x": "y"}}, {"q1": {"a.b": "y"}}, {"q1": {"a": 1}}):
+        agent.post_json("/v1/agents/images", bad, status=422)
+
+
+def test_queue_agents_and_jobs(anon, agent):
+    assert anon.get("/v1/queues/nope/agents", status=404).json["message"] == "Queue 'nope' does not exist."
+    agents = anon.get("/v1/queues/q1/agents").json
+    assert agents == [{"name": "agent1", "state": "waiting", "queues": ["q1", "q2"]}]
+    anon.get("/v1/queues/q1/jobs", status=204)
+    ids = [submit(anon) for _ in range(3)]
+    jobs = anon.get("/v1/queues/q1/jobs").json
+    assert [j["job_id"] for j in jobs] == ids and set(jobs[0]) == {"job_id", "created_at", "job_state",
+                                                                   "job_queue"}
+    assert [j["job_id"] for j in anon.get("/v1/queues/q1/jobs?limit=2&offset=1").json] == ids[1:]
+    anon.get("/v1/queues/q1/jobs?limit=x", status=422)
+
+
+def test_wait_times(app, anon, agent):
+    assert anon.get("/v1/queues/wait_times").json == {}
+    with app.hub.store.write() as db:
+        for n in (1, 2, 3, 4, 5):
+            db.execute("INSERT INTO wait_times (queue, seconds, popped_at) VALUES ('a', ?, ?)", (n, time.time()))
+        db.execute("INSERT INTO wait_times (queue, seconds, popped_at) VALUES ('b', ?, ?)",
+                   (90000, time.time()))          # 25 hours: whole days are kept (the original drops them)
+    times = anon.get("/v1/queues/wait_times").json
+    assert times["a"]["50"] == 3 and times["a"]["5"] == pytest.approx(1.2) and times["b"]["95"] == 90000
+    assert list(anon.get("/v1/queues/wait_times?queue=b").json) == ["b"]
+    submit(anon)
+    agent.get("/v1/job?queue=q1")
+    assert "q1" in anon.get("/v1/queues/wait_times?queue=q1").json
+
+
+def test_percentiles_match_the_spec():
+    assert agenthub.percentiles([1, 2, 3, 4, 5])["50"] == 3
+    assert agenthub.percentiles([10, 20, 30, 40, 50])["50"] == 30
+    assert agenthub.percentiles([7]) == {"5": 7, "10": 7, "50": 7, "90": 7, "95": 7}
+
+
+# == HTTP conventions ===================================================================================
+
+def test_http_conventions(anon):
+    assert anon.get("/v1").text.startswith("Testflinger Server v")
+    assert anon.get("/v1/").text == anon.get("/v1").text
+    assert anon.get("/v1/job/search/").status_int == 200
+    answer = anon.get("/v1/nothing-here", status=404)
+    assert answer.text.startswith("Not found: 404 Not Found: The requested URL was not found")
+    assert anon.put("/v1/job", status=405).json == {"detail": {}, "message": "Method Not Allowed"}
+    anon.post("/oidc/auth-init", status=404)
+
+
+# == Purge ================================================================================================
+
+def test_purge_keeps_waiting_jobs(app, anon, agent):
+    old_waiting, old_done, fresh = submit(anon), submit(anon), submit(anon)
+    agent.get("/v1/job?queue=q1")                     # old_waiting is popped: rename for clarity
+    old_done, old_waiting = old_waiting, old_done
+    agent.post_json(f"/v1/result/{old_done}/log/output", {"fragment_number": 0, "phase": "test",
+                                                          "timestamp": "2026-01-01T00:00:00", "log_data": "x"})
+    long_ago = time.time() - 8 * 86400
+    with app.hub.store.write() as db:
+        db.execute("UPDATE jobs SET created_at = ? WHERE job_id IN (?, ?)", (long_ago, old_waiting, old_done))
+        db.execute("UPDATE log_fragments SET inserted_at = ?", (long_ago,))
+        db.execute("UPDATE agents SET updated_at = ?", (long_ago,))
+    assert app.hub.jobs.purge() == 1
+    anon.get(f"/v1/job/{old_done}", status=204)
+    assert anon.get(f"/v1/job/{old_waiting}").json["job_id"] == old_waiting
+    anon.get(f"/v1/job/{fresh}", status=200)
+    assert app.hub.store.read("SELECT * FROM log_fragments") == []
+    anon.get("/v1/agents/data/agent1", status=404)
+
+
+# == Real server: concurrency, keep-alive, large files, the agent's sequence ===================================
+
+def test_concurrent_pops_hand_out_each_job_once(server):
+    app, base = server
+    headers = token_headers(app, "agent", "racer")
+    for _ in range(120):
+        call_http(base, "POST", "/v1/job", {"job_queue": "race"})
+    got, errors = [], []
+
+    def worker(n):
+        conn = http.client.HTTPConnection(base.split("//")[1])
+        name = f"racer{n}"
+        conn.request("POST", f"/v1/agents/data/{name}", json.dumps({"queues": ["race"]}),
+                     {**headers, "Content-Type": "application/json"})
+        conn.getresponse().read()
+        while True:
+            conn.request("GET", "/v1/job?queue=race", headers={**headers, "Cookie": f"agent_name={name}"})
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status == 204:
+                break
+            if resp.status != 200:
+                errors.append(resp.status)
+                break
+            got.append(json.loads(body)["job_id"])
+        conn.close()
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(got) == 120 and len(set(got)) == 120
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(server):
+    app, base = server
+    conn = http.client.HTTPConnection(base.split("//")[1])
+    for _ in range(5):
+        conn.request("GET", "/v1/")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read().startswith(b"Testflinger")
+    # A request whose body the route never read does not poison the next one.
+    conn.request("POST", "/v1/oauth2/token", body=b"x" * 5000)
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.status == 401
+    conn.request("GET", "/v1/")
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def test_a_slow_request_does_not_stall_others(server):
+    app, base = server
+    host, port = base.split("//")[1].split(":")
+    stalled = http.client.HTTPConnection(host, int(port))
+    stalled.putrequest("POST", "/v1/job")
+    stalled.putheader("Content-Length", "1000")
+    stalled.endheaders()
+    stalled.send(b"{")                                # the rest never comes
+    assert call_http(base, "GET", "/v1/")[0] == 200
+    stalled.close()
+
+
+def test_large_artifact_streams_with_flat_memory(server):
+    """64 MiB up and down through a real server; Python's allocations stay far below the file size."""
+    app, base = server
+    agent_headers = token_headers(app, "agent", "big")
+    size, block = 64 * 1024 * 1024, bytes(range(256)) * 4096      # 1 MiB blocks
+    boundary = "agenthubtestboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"file\"\r\n"
+            "Content-Type: application/x-gzip\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    host = base.split("//")[1]
+    tracemalloc.start()
+    try:
+        conn = http.client.HTTPConnection(host)
+        conn.putrequest("POST", f"/v1/result/{ANY_UUID}/artifact")
+        conn.putheader("Authorization", agent_headers["Authorization"])
+        conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
+        conn.putheader("Content-Length", str(len(head) + size + len(tail)))
+        conn.endheaders()
+        conn.send(head)
+        for _ in range(size // len(block)):
+            conn.send(block)
+        conn.send(tail)
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"OK")
+        digest = hashlib.sha256()
+        conn.request("GET", f"/v1/result/{ANY_UUID}/artifact")
+        resp = conn.getresponse()
+        assert resp.getheader("Content-Length") == str(size)
+        received = 0
+        while chunk := resp.read(1024 * 1024):
+            digest.update(chunk)
+            received += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    expected = hashlib.sha256()
+    for _ in range(size // len(block)):
+        expected.update(block)
+    assert received == size and digest.hexdigest() == expected.hexdigest()
+    assert peak < 16 * 1024 * 1024, f"peak traced memory {peak / 2**20:.1f} MiB"
+
+
+def test_the_agents_request_sequence_for_a_whole_job(server, tmp_path):
+    """Replays spec §8.3 against a real server, cookies and bearer token as the agent sends them."""
+    app, base = server
+    app.hub.auth.add_client("agent7", "agent")
+    refresh = app.hub.auth.refresh_token("agent7")
+    job_id = call_http(base, "POST", "/v1/job", {"job_queue": "lab", "provision_data": {"url": "http://example.com/i"},
+                                            "test_data": {"test_cmds": "true"}})[2]
+    job_id = json.loads(job_id)["job_id"]
+    conn = http.client.HTTPConnection(base.split("//")[1])
+    cookie = {}
+
+    def call(method, path, body=None, raw=None, content_type="application/json"):
+        headers = {"Authorization": f"Bearer {token}"}
+        if cookie:
+            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookie.items())
+        data = raw if raw is not None else (json.dumps(body) if body is not None else None)
+        if data is not None:
+            headers["Content-Type"] = content_type
+        conn.request(method, path, data, headers)
+        resp = conn.getresponse()
+        payload = resp.read()
+        if resp.getheader("Set-Cookie"):
+            key, value = resp.getheader("Set-Cookie").split(";")[0].split("=", 1)
+            cookie[key] = value
+        return resp.status, payload
+
+    status, body = call_http(base, "POST", "/v1/oauth2/refresh", {"refresh_token": refresh})[::2]
+    token = json.loads(body)["access_token"]
+    assert call("POST", "/v1/agents/data/agent7", {"state": "waiting", "comment": ""})[0] == 200
+    assert cookie["agent_name"] == "agent7"
+    assert call("POST", "/v1/agents/queues", {"lab": "the lab"})[0] == 200
+    assert call("POST", "/v1/agents/images", {"lab": {"noble": "url: http://example.com/n"}})[0] == 200
+    assert call("POST", "/v1/agents/data/agent7", {"location": "here", "queues": ["lab"],
+                                                   "provision_type": "noprovision"})[0] == 200
+    assert call("GET", "/v1")[0] == 200
+    status, body = call("GET", "/v1/agents/data/agent7")
+    agent = json.loads(body)
+    assert agent["state"] == "waiting" and agent["restricted_to"] == {}
+    agenthub.parse_iso(agent["updated_at"])
+    status, body = call("GET", "/v1/job?queue=lab")
+    assert status == 200 and json.loads(body)["job_id"] == job_id
+    assert call("POST", "/v1/agents/data/agent7", {"job_id": job_id})[0] == 200
+    statuses, fragment = {}, 0
+    for phase in ("setup", "provision", "firmware_update", "test", "allocate", "reserve"):
+        assert json.loads(call("GET", f"/v1/result/{job_id}")[1])["job_state"] != "cancelled"
+        call("GET", "/v1/agents/data/agent7")
+        call("GET", "/v1/agents/data/agent7")
+        assert call("POST", f"/v1/result/{job_id}", {"job_state": phase})[0] == 200
+        assert call("POST", "/v1/agents/data/agent7", {"state": phase, "comment": ""})[0] == 200
+        if phase in ("setup", "provision", "test"):
+            assert call("POST", f"/v1/result/{job_id}/log/output",
+                        {"fragment_number": fragment, "timestamp": "2026-11-24T03:00:00.123456+00:00",
+                         "phase": phase, "log_data": f"{phase} ran\n"})[0] == 200
+            fragment += 1
+            statuses[phase] = 0
+            assert call("POST", f"/v1/result/{job_id}", {"status": statuses})[0] == 200
+        if phase == "provision":
+            assert call("POST", "/v1/agents/provision_logs/agent7",
+                        {"job_id": job_id, "exit_code": 0, "detail": "provision_success"})[0] == 200
+    statuses["cleanup"] = 0
+    call("POST", f"/v1/result/{job_id}/log/output", {"fragment_number": fragment, "timestamp":
+                                                      "2026-11-24T03:00:01+00:00", "phase": "cleanup",
+                                                      "log_data": "clean\n"})
+    tarball = _tarball({"artifacts/report.txt": b"all good"})
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"file\"\r\n"
+            b"Content-Type: application/x-gzip\r\n\r\n" + tarball + b"\r\n--B--\r\n")
+    assert call("POST", f"/v1/result/{job_id}/artifact", raw=body,
+                content_type="multipart/form-data; boundary=B") == (200, b"OK")
+    assert call("POST", f"/v1/result/{job_id}", {"status": statuses, "job_state": "complete"})[0] == 200
+    assert call("POST", "/v1/agents/data/agent7", {"job_id": ""})[0] == 200
+    assert call("POST", "/v1/agents/data/agent7", {"state": "waiting", "comment": ""})[0] == 200
+    assert call("GET", "/v1/job?queue=lab")[0] == 204
+    conn.close()
+    # What the CLI sees afterwards.
+    result = json.loads(call_http(base, "GET", f"/v1/result/{job_id}")[2])
+    assert result["job_state"] == "complete" and result["test_output"] == "test ran\n"
+    assert result["provision_status"] == 0 and result["cleanup_output"] == "clean\n"
+    assert call_http(base, "GET", f"/v1/result/{job_id}/artifact")[2] == tarball
+    agent = json.loads(call_http(base, "GET", "/v1/agents/data/agent7")[2])
+    assert agent["job_id"] == "" and agent["provision_streak_type"] == "pass"
+
+
+# == Application and command line ==================================================================================
+
+def test_many_apps_are_independent():
+    one, two = create_app(purge_interval=0), create_app(purge_interval=0)
+    submit(webtest.TestApp(one))
+    assert webtest.TestApp(two).get("/v1/job/search").json == []
+    one.close()
+    two.close()
+
+
+def test_lazy_wsgi_application_reads_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGENTHUB_DB", str(tmp_path / "lazy.db"))
+    monkeypatch.setenv("AGENTHUB_PURGE_INTERVAL", "0")
+    monkeypatch.setattr(agenthub, "_application", None)
+    test = webtest.TestApp(agenthub.application)
+    test.post_json("/v1/job", {"job_queue": "q"})
+    assert (tmp_path / "lazy.db").exists()
+    agenthub._application.close()
+
+
+def test_add_client_writes_a_token_file_the_agent_can_use(tmp_path, capsys):
+    db, token_file = str(tmp_path / "hub.db"), tmp_path / "agent.token"
+    assert agenthub.main(["add-client", "lab-agent", "--role", "agent", "--db", db,
+                          "--token-file", str(token_file)]) == 0
+    printed = capsys.readouterr().out
+    assert "secret: " in printed and "role: agent" in printed
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    refresh = json.loads(token_file.read_text())["refresh_token"]
+    app = create_app(db=db, purge_interval=0)
+    test = webtest.TestApp(app)
+    access = test.post_json("/v1/oauth2/refresh", {"refresh_token": refresh}).json["access_token"]
+    test.get("/v1/job?queue=q", headers={"Authorization": f"Bearer {access}", "Cookie": "agent_name=lab-agent"},
+             status=204)
+    secret = printed.split("secret: ")[1].split()[0]
+    basic = base64.b64encode(f"lab-agent:{secret}".encode()).decode()
+    test.post("/v1/oauth2/token", headers={"Authorization": f"Basic {basic}"}, status=200)
+    app.close()
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        agenthub.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--host", "--port", "--db", "--server", "--secret-key", "--require-auth", "--retention-days",
+                 "--purge-interval", "--role", "--token-file", "--jobs", "--artifact-mib"):
+        assert flag in text
