@@ -2054,6 +2054,9 @@ class _KeepAliveHandler(ServerHandler):
 class _RequestHandler(WSGIRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 120                  # idle keep-alive connections are dropped after this
+    # wsgiref writes the status line, the headers and the body separately; with Nagle's algorithm
+    # on, a kept-alive connection then waits ~40 ms for the client's delayed ACK on every answer.
+    disable_nagle_algorithm = True
 
     def handle(self):
         self.close_connection = True
@@ -2232,8 +2235,211 @@ def add_client_command(args):
     return 0
 
 
+###############################################################################
+# Benchmark ###################################################################
+###############################################################################
+#
+# `agenthub bench` starts a real server in a subprocess (its own interpreter,
+# so the load generator does not share its GIL), drives it over loopback with
+# keep-alive connections and prints figures.  Nothing here is asserted: the
+# numbers are for people to read.
+
+class _BenchServer:
+    """``agenthub serve`` on a free loopback port with a fresh file database."""
+
+    def __init__(self, workdir):
+        import subprocess
+        self.db = os.path.join(workdir, "bench.db")
+        store = Store(self.db)
+        auth = Auth(store, Config(db=self.db))
+        self.secret = auth.add_client("bench-agent", "agent", "bench-agent-secret-000")
+        store.close()
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "serve", "--db", self.db, "--port", "0", "--quiet",
+             "--bench-route", "--purge-interval", "0"], stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        match = re.search(r"http://([\d.]+):(\d+)/", line)
+        if not match:
+            self.proc.kill()
+            raise SystemExit(f"bench: the server did not start: {line!r}")
+        self.host, self.port = match.group(1), int(match.group(2))
+
+    def connection(self):
+        import http.client
+        return http.client.HTTPConnection(self.host, self.port, timeout=120)
+
+    def rss(self, key="VmRSS"):
+        """Resident memory of the server process, in KiB (Linux)."""
+        with open(f"/proc/{self.proc.pid}/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def _request(conn, method, path, body=None, headers=None):
+    conn.request(method, path, body, headers or {})
+    resp = conn.getresponse()
+    return resp.status, resp.read(), resp
+
+
+def _load(server, clients, total, make):
+    """``clients`` threads, one keep-alive connection each, share ``total`` requests.
+
+    ``make(n, conn)`` performs request ``n``.  Returns (seconds, latencies, results).
+    """
+    counter, lock, latencies, results = iter(range(total)), threading.Lock(), [], []
+
+    def worker():
+        conn = server.connection()
+        while True:
+            with lock:
+                n = next(counter, None)
+            if n is None:
+                break
+            start = time.perf_counter()
+            result = make(n, conn)
+            elapsed = time.perf_counter() - start
+            with lock:
+                latencies.append(elapsed)
+                results.append(result)
+        conn.close()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start, latencies, results
+
+
+def _pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round((len(values) - 1) * p / 100)))] if values else float("nan")
+
+
 def bench_command(args):
-    raise SystemExit("bench: not written yet")
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="agenthub-bench-") as workdir:
+        server = _BenchServer(workdir)
+        try:
+            _bench_testflinger(server, args)
+        finally:
+            server.stop()
+    return 0
+
+
+def _bench_testflinger(server, args):
+    conn = server.connection()
+    basic = base64.b64encode(f"bench-agent:{server.secret}".encode()).decode()
+    token = json.loads(_request(conn, "POST", "/v1/oauth2/token", headers={"Authorization": f"Basic {basic}"})[1])
+    auth = {"Authorization": "Bearer " + token["access_token"]}
+    json_headers = {"Content-Type": "application/json"}
+    print(f"agenthub {__version__} bench: server pid {server.proc.pid} on {server.host}:{server.port}, "
+          f"file database, {os.cpu_count()} cores")
+
+    # The ceiling: a trivial Bottle JSON route on the same server, same harness.
+    ceiling_s, ceiling_lat, _ = _load(server, args.clients, args.jobs, lambda n, c: _request(c, "GET", "/_bench/ping")[0])
+    ceiling = args.jobs / ceiling_s
+    print(f"ceiling  GET /_bench/ping      {ceiling:8.0f} req/s  ({args.clients} clients, {args.jobs} requests)")
+
+    body = json.dumps({"job_queue": "bench", "tags": ["bench"], "test_data": {"test_cmds": "true"}})
+    submit_s, submit_lat, codes = _load(server, args.clients, args.jobs,
+                                        lambda n, c: _request(c, "POST", "/v1/job", body, json_headers)[0])
+    submit = args.jobs / submit_s
+    print(f"submit   POST /v1/job          {submit:8.0f} jobs/s {submit / ceiling:6.0%} of ceiling"
+          f"  p50 {_pct(submit_lat, 50) * 1000:.1f} ms p99 {_pct(submit_lat, 99) * 1000:.1f} ms"
+          f"  (non-200: {sum(1 for c in codes if c != 200)})")
+
+    def pop(n, c):
+        status, payload, _ = _request(c, "GET", "/v1/job?queue=bench",
+                                      headers={**auth, "Cookie": f"agent_name=bench{n % args.clients}"})
+        return json.loads(payload)["job_id"] if status == 200 else status
+    pop_s, pop_lat, popped = _load(server, args.clients, args.jobs, pop)
+    ids = [p for p in popped if isinstance(p, str)]
+    pops = args.jobs / pop_s
+    print(f"pop      GET /v1/job           {pops:8.0f} jobs/s {pops / ceiling:6.0%} of ceiling"
+          f"  p50 {_pct(pop_lat, 50) * 1000:.1f} ms p99 {_pct(pop_lat, 99) * 1000:.1f} ms"
+          f"  handed out {len(ids)}, distinct {len(set(ids))}, twice {len(ids) - len(set(ids))}")
+
+    # 200 agents polling (each every 0.5 s, twenty times faster than the agent's default) while jobs arrive.
+    polls, lock, stop = [], threading.Lock(), threading.Event()
+
+    def agent(n):
+        c = server.connection()
+        headers = {**auth, "Cookie": f"agent_name=poller{n}"}
+        while not stop.is_set():
+            start = time.perf_counter()
+            status = _request(c, "GET", f"/v1/job?queue=poll{n % 10}", headers=headers)[0]
+            with lock:
+                polls.append((time.perf_counter() - start, status))
+            stop.wait(0.5)
+        c.close()
+    agents = [threading.Thread(target=agent, args=(n,)) for n in range(args.agents)]
+    for thread in agents:
+        thread.start()
+    feeder = server.connection()
+    deadline = time.time() + 8
+    while time.time() < deadline:
+        _request(feeder, "POST", "/v1/job", json.dumps({"job_queue": f"poll{int(time.time() * 10) % 10}"}),
+                 json_headers)
+        time.sleep(0.02)
+    stop.set()
+    for thread in agents:
+        thread.join()
+    lat = [p[0] for p in polls]
+    print(f"polling  GET /v1/job x{args.agents} agents  p50 {_pct(lat, 50) * 1000:.1f} ms"
+          f"  p99 {_pct(lat, 99) * 1000:.1f} ms  ({len(polls)} polls, {sum(1 for p in polls if p[1] == 200)}"
+          f" got a job, errors {sum(1 for p in polls if p[1] not in (200, 204))})")
+
+    # A large artifact up and down, with the server's resident memory sampled throughout.
+    size = args.artifact_mib * 1024 * 1024
+    block = os.urandom(1024 * 1024)
+    job_id = str(uuid.uuid4())
+    peak, sampling = [server.rss()], threading.Event()
+    base_rss = peak[0]
+
+    def sample():
+        while not sampling.is_set():
+            peak[0] = max(peak[0], server.rss())
+            sampling.wait(0.02)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    boundary = uuid.uuid4().hex
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"file\"\r\n"
+            "Content-Type: application/x-gzip\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    start = time.perf_counter()
+    conn.putrequest("POST", f"/v1/result/{job_id}/artifact")
+    conn.putheader("Authorization", auth["Authorization"])
+    conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
+    conn.putheader("Content-Length", str(len(head) + size + len(tail)))
+    conn.endheaders()
+    conn.send(head)
+    for _ in range(args.artifact_mib):
+        conn.send(block)
+    conn.send(tail)
+    resp = conn.getresponse()
+    resp.read()
+    up = time.perf_counter() - start
+    start = time.perf_counter()
+    conn.request("GET", f"/v1/result/{job_id}/artifact")
+    resp = conn.getresponse()
+    received = 0
+    while chunk := resp.read(1024 * 1024):
+        received += len(chunk)
+    down = time.perf_counter() - start
+    sampling.set()
+    sampler.join()
+    print(f"artifact {args.artifact_mib} MiB  upload {size / up / 1e6:6.1f} MB/s"
+          f"  download {received / down / 1e6:6.1f} MB/s ({'complete' if received == size else f'{received} bytes!'})"
+          f"  server RSS {base_rss / 1024:.0f} MiB -> peak {peak[0] / 1024:.0f} MiB"
+          f" (growth {(peak[0] - base_rss) / 1024:.1f} MiB)")
+    conn.close()
 
 
 if __name__ == "__main__":
