@@ -23,6 +23,7 @@ import binascii
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import hmac
 import json
@@ -68,6 +69,10 @@ class Config:
     purge_interval: float = 600.0   # seconds between purges; 0 disables the purger
     max_json_bytes: int = 16 * 1024 * 1024   # larger JSON bodies answer 413
     quiet: bool = False             # no access log on stderr
+    event_buffer_size: int = 256    # user events kept (Consul keeps 256)
+    event_max_bytes: int = 512      # name + payload limit of one event (Serf's default)
+    event_acl_default: str = "allow"   # policy for event requests without a token: allow | deny
+    datacenter: str = "dc1"         # the only ?dc= the event API answers for
     bench_route: bool = False       # mount GET /_bench/ping (a trivial JSON route) for `bench`
 
     ENV = {
@@ -79,6 +84,8 @@ class Config:
         "retention_days": "AGENTHUB_RETENTION_DAYS",
         "purge_interval": "AGENTHUB_PURGE_INTERVAL",
         "max_json_bytes": "AGENTHUB_MAX_JSON_BYTES", "quiet": "AGENTHUB_QUIET",
+        "event_buffer_size": "AGENTHUB_EVENT_BUFFER_SIZE", "event_max_bytes": "AGENTHUB_EVENT_MAX_BYTES",
+        "event_acl_default": "AGENTHUB_EVENT_ACL_DEFAULT", "datacenter": "AGENTHUB_DATACENTER",
     }
 
     @classmethod
@@ -229,6 +236,27 @@ MIGRATIONS = [
         issued_at REAL NOT NULL, expires_at REAL NOT NULL,
         revoked INTEGER NOT NULL DEFAULT 0,
         last_accessed REAL NOT NULL
+    );
+    """,
+    # 2: Consul-style user events (the ring buffer survives restarts) and their ACL tokens.
+    """
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        payload BLOB,
+        node_filter TEXT NOT NULL DEFAULT '',
+        service_filter TEXT NOT NULL DEFAULT '',
+        tag_filter TEXT NOT NULL DEFAULT '',
+        ltime INTEGER NOT NULL,
+        fired_at REAL NOT NULL
+    );
+    CREATE TABLE event_tokens (
+        name TEXT PRIMARY KEY,
+        token_hash TEXT NOT NULL UNIQUE,             -- sha256 of the secret
+        read_prefixes TEXT NOT NULL DEFAULT '[]',
+        write_prefixes TEXT NOT NULL DEFAULT '[]',
+        created_at REAL NOT NULL
     );
     """,
 ]
@@ -618,6 +646,36 @@ class Store:
         with self.write() as db:
             return db.execute("UPDATE refresh_tokens SET last_accessed = ? WHERE token_hash = ? RETURNING *",
                               (now, token_hash)).fetchone()
+
+    # -- events ------------------------------------------------------------------------
+
+    def add_event(self, event, keep, now):
+        """Store a fired event and drop all but the newest ``keep``, in one transaction."""
+        with self.write() as db:
+            db.execute("INSERT INTO events (id, name, payload, node_filter, service_filter, tag_filter, ltime,"
+                       " fired_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (event.id, event.name, event.payload, event.node_filter, event.service_filter,
+                        event.tag_filter, event.ltime, now))
+            db.execute("DELETE FROM events WHERE seq <= (SELECT seq FROM events ORDER BY seq DESC"
+                       " LIMIT 1 OFFSET ?)", (keep,))
+
+    def newest_events(self, keep):
+        """The newest ``keep`` events, oldest first, and the highest Lamport time ever stored."""
+        with self.connection() as db:
+            rows = db.execute("SELECT * FROM (SELECT * FROM events ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+                              (keep,)).fetchall()
+            ltime = db.execute("SELECT coalesce(max(ltime), 0) FROM events").fetchone()[0]
+        return rows, ltime
+
+    def upsert_event_token(self, name, token_hash, read, write, now):
+        with self.write() as db:
+            db.execute("INSERT INTO event_tokens (name, token_hash, read_prefixes, write_prefixes, created_at)"
+                       " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET token_hash = excluded.token_hash,"
+                       " read_prefixes = excluded.read_prefixes, write_prefixes = excluded.write_prefixes",
+                       (name, token_hash, json.dumps(read), json.dumps(write), now))
+
+    def event_token(self, token_hash):
+        return self.read_one("SELECT * FROM event_tokens WHERE token_hash = ?", (token_hash,))
 
     # -- purge -------------------------------------------------------------------------
 
@@ -1503,6 +1561,240 @@ class JobQueue:
 
 
 ###############################################################################
+# Event buffer ################################################################
+###############################################################################
+#
+# Consul-style user events: a ring of the newest N events, kept in memory as an
+# immutable tuple (readers never lock) and in SQLite (a restart keeps IDs,
+# Lamport times and indexes, so a reconnecting watcher does not see old events
+# again: hashicorp/consul#571).  A threading.Condition wakes blocked queries.
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    id: str
+    name: str
+    payload: bytes = None
+    node_filter: str = ""
+    service_filter: str = ""
+    tag_filter: str = ""
+    ltime: int = 0
+
+    @property
+    def index(self):
+        """Consul's uuidToUint64: XOR of the two 64-bit halves of the ID."""
+        digits = self.id.replace("-", "")
+        return int(digits[:16], 16) ^ int(digits[16:], 16)
+
+    def as_json(self, ltime=None):
+        """The event in Consul's field order; ``ltime`` overrides (the fire answer says 0)."""
+        return {"ID": self.id, "Name": self.name,
+                "Payload": None if self.payload is None else base64.b64encode(self.payload).decode(),
+                "NodeFilter": self.node_filter, "ServiceFilter": self.service_filter,
+                "TagFilter": self.tag_filter, "Version": 1, "LTime": self.ltime if ltime is None else ltime}
+
+    def visible_to(self, node=None, service=None, tag=None):
+        """agenthub's hub views: an empty stored filter, or one that fully matches the given name."""
+        for given, stored in ((node, self.node_filter), (service, self.service_filter), (tag, self.tag_filter)):
+            if given is not None and stored and not _compiled(stored).fullmatch(given):
+                return False
+        return True
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(pattern):
+    return re.compile(pattern)
+
+
+_RE2_REJECTS = [
+    (re.compile(r"\(\?(?:=|!|<=|<!)"), "invalid or unsupported Perl syntax: look-around"),
+    (re.compile(r"\(\?P?=|\(\?>"), "invalid or unsupported Perl syntax"),
+    (re.compile(r"(?<!\\)\\[1-9]"), "invalid escape sequence: back-reference"),
+    (re.compile(r"(?<!\\)[*+?}]\+"), "invalid nested repetition operator"),
+]
+
+
+def re2_error(pattern):
+    """Why Go's RE2 would refuse ``pattern`` (as Consul words it), or None.
+
+    Python's ``re`` catches syntax errors; look-arounds, back-references, atomic
+    groups and possessive quantifiers, which Python accepts and RE2 does not,
+    are refused explicitly so Go clients see the same answer.
+    """
+    for regex, reason in _RE2_REJECTS:
+        if regex.search(pattern):
+            return f"error parsing regexp: {reason}: `{pattern}`"
+    try:
+        _compiled(pattern)
+    except re.error as exc:
+        return f"error parsing regexp: {exc.msg}: `{pattern}`"
+    return None
+
+
+_GO_DURATION = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_go_duration(text):
+    """Seconds from a Go ``time.ParseDuration`` string ("10s", "1m30s", "-5s", "0"); ValueError otherwise."""
+    sign, rest = (-1, text[1:]) if text[:1] == "-" else (1, text[1:] if text[:1] == "+" else text)
+    if rest == "0":
+        return 0.0
+    total, pos = 0.0, 0
+    if not rest:
+        raise ValueError(text)
+    while pos < len(rest):
+        match = _GO_DURATION.match(rest, pos)
+        if not match or match.group(1) in ("", "."):
+            raise ValueError(text)
+        total += float(match.group(1)) * _GO_UNITS[match.group(2)]
+        pos = match.end()
+    return sign * total
+
+
+@dataclasses.dataclass
+class EventToken:
+    name: str
+    read: list
+    write: list
+
+    def allows(self, access, event_name):
+        prefixes = self.write if access == "write" else self.read + self.write   # write implies read
+        return any(event_name.startswith(prefix) for prefix in prefixes)
+
+
+class EventAcl:
+    """Who may fire or read which events: tokens with name prefixes, then the default policy."""
+
+    def __init__(self, store, default):
+        self.store, self.default = store, default
+
+    def add_token(self, name, read, write, secret=None):
+        secret = secret or str(uuid.uuid4())
+        self.store.upsert_event_token(name, _sha256(secret), list(read), list(write), utcnow())
+        return secret
+
+    def resolve(self, secret):
+        """The token for ``secret`` (None when no token was given); unknown → ApiError 403."""
+        if not secret:
+            return None
+        row = self.store.event_token(_sha256(secret))
+        if row is None:
+            raise ApiError(403, "ACL not found")
+        return EventToken(row["name"], json.loads(row["read_prefixes"]), json.loads(row["write_prefixes"]))
+
+    def allows(self, token, access, event_name):
+        if token is not None and token.allows(access, event_name):
+            return True
+        return self.default == "allow"
+
+
+class EventBuffer:
+    """The ring of the newest ``size`` events, persisted, with blocking reads."""
+
+    MAX_WAIT = 600.0
+
+    def __init__(self, store, size, max_bytes):
+        self.store, self.size, self.max_bytes = store, size, max_bytes
+        rows, self._ltime = store.newest_events(size)
+        self._events = tuple(Event(r["id"], r["name"], r["payload"], r["node_filter"], r["service_filter"],
+                                   r["tag_filter"], r["ltime"]) for r in rows)
+        self._version = 0
+        self._changed = threading.Condition()
+
+    def validate(self, node, service, tag):
+        """The filters' rules.  Consul answers 500 for these; they are bad input, so 400 here."""
+        if tag and not service:
+            raise ApiError(400, "Cannot provide tag filter without service filter")
+        for label, pattern in (("node", node), ("service", service), ("tag", tag)):
+            error = pattern and re2_error(pattern)
+            if error:
+                raise ApiError(400, f"Invalid {label} filter: {error}")
+
+    def fire(self, name, payload, node="", service="", tag=""):
+        """Store a new event and wake the watchers; returns it (with its stored LTime)."""
+        # Serf refuses more than 512 bytes with a 500; this is the client's doing, so 413.
+        if len(name.encode()) + len(payload or b"") > self.max_bytes:
+            raise ApiError(413, "error broadcasting event: user event exceeds configured limit of "
+                                f"{self.max_bytes} bytes before encoding")
+        with self._changed:
+            event = Event(str(uuid.uuid4()), name, payload, node, service, tag, self._ltime + 1)
+            if name != "_rexec":                    # Consul never buffers remote-exec events
+                self.store.add_event(event, self.size, utcnow())
+                self._ltime += 1
+                self._events = (self._events + (event,))[-self.size:]
+                self._version += 1
+                self._changed.notify_all()
+        return event
+
+    def snapshot(self):
+        """(events oldest first, version): an immutable view, consistent with its version."""
+        with self._changed:
+            return self._events, self._version
+
+    def wait_for_change(self, version, timeout):
+        """Block until the buffer moves past ``version`` or ``timeout`` seconds pass."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._version != version, timeout)
+            return self._events, self._version
+
+    def query(self, select, index=0, wait=None):
+        """Consul's blocking query: ``select(events)`` gives the caller's filtered list.
+
+        Returns at once unless ``index`` > 0 equals the current index; then waits
+        for a change of that index, or until one deadline (``wait``, default and
+        cap 600 s) passes, and answers with whatever is current.
+        """
+        events, version = self.snapshot()
+        result = select(events)
+        current = result[-1].index if result else 1
+        if not index or current != index:
+            return result, current
+        wait = self.MAX_WAIT if wait is None or wait <= 0 else min(wait, self.MAX_WAIT)
+        deadline = time.monotonic() + wait
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return result, current
+            events, new_version = self.wait_for_change(version, remaining)
+            if new_version == version:
+                continue
+            version = new_version
+            result = select(events)
+            current = result[-1].index if result else 1
+            if current != index:
+                return result, current
+
+
+class UserEvents:
+    """The user-event rules: validation, then ACL, then the buffer (Consul's order)."""
+
+    def __init__(self, buffer, acl, config):
+        self.buffer, self.acl, self.config = buffer, acl, config
+
+    def fire(self, secret, name, payload, dc=None, node="", service="", tag=""):
+        if dc and dc != self.config.datacenter:
+            raise ApiError(400, "No path to datacenter")   # Consul: 500 from the failed forward
+        self.buffer.validate(node, service, tag)
+        token = self.acl.resolve(secret)
+        if not self.acl.allows(token, "write", name):
+            raise ApiError(403, "Permission denied")
+        return self.buffer.fire(name, payload, node, service, tag)
+
+    def list(self, secret, name=None, index=0, wait=None, node=None, service=None, tag=None):
+        """(events, index, filtered_by_acl) as a possibly blocking query."""
+        token = self.acl.resolve(secret)
+        filtered = [False]
+
+        def select(events):
+            view = [e for e in events if (not name or e.name == name) and e.visible_to(node, service, tag)]
+            allowed = [e for e in view if self.acl.allows(token, "read", e.name)]
+            filtered[0] = token is not None and len(allowed) < len(view)
+            return allowed
+        events, current = self.buffer.query(select, index, wait)
+        return events, current, filtered[0]
+
+
+###############################################################################
 # HTTP plumbing ###############################################################
 ###############################################################################
 #
@@ -1933,6 +2225,110 @@ def tf_http_error(error):
 
 
 ###############################################################################
+# HTTP: Consul events #########################################################
+###############################################################################
+#
+# Consul's user-event endpoints (spec consul.md): plain-text errors without a
+# trailing newline, compact JSON, X-Consul-Default-Acl-Policy on every answer.
+
+CONSUL_NOT_FOUND = "Invalid URL path: not a recognized HTTP API endpoint\n"
+
+
+def install_consul(app, hub):
+    """Mount ``/v1/event/fire/<name>`` and ``/v1/event/list`` on ``app``."""
+    events, config = hub.events, hub.config
+
+    def headers(**extra):
+        return {"X-Consul-Default-Acl-Policy": config.event_acl_default, "Vary": "Accept-Encoding", **extra}
+
+    def error(status, text, **extra):
+        return HTTPResponse(text, status, headers(**{"Content-Type": "text/plain; charset=utf-8"}, **extra))
+
+    def answer(obj, **extra):
+        if "pretty" in request.query:
+            body = json.dumps(obj, indent=4) + "\n"
+        else:
+            body = json.dumps(obj, separators=(",", ":"))
+        return HTTPResponse(body, 200, headers(**{"Content-Type": "application/json"}, **extra))
+
+    def method_guard(allowed):
+        """None when the method is allowed; else Consul's OPTIONS or 405 answer."""
+        allow = "OPTIONS," + allowed
+        if request.method == "OPTIONS":
+            return HTTPResponse("", 200, headers(Allow=allow))
+        if request.method != allowed:
+            return error(405, f"method {request.method} not allowed", Allow=allow)
+        return None
+
+    def token():
+        bearer = request.get_header("Authorization", "")
+        return (request.query.get("token") or request.get_header("X-Consul-Token")
+                or (bearer[7:].strip() if bearer.startswith("Bearer ") else None))
+
+    def filters(*names):
+        """Query values, None when absent; Bottle hands them over as latin-1, so re-decode."""
+        return [request.query.getunicode(n) if n in request.query else None for n in names]
+
+    @app.route("/v1/event/fire/<name:path>", "ANY")
+    def fire(name):
+        refused = method_guard("PUT")
+        if refused:
+            return refused
+        length = request.content_length
+        if length > config.event_max_bytes:       # never read a body we are going to refuse
+            return error(413, "error broadcasting event: user event exceeds configured limit of "
+                              f"{config.event_max_bytes} bytes before encoding")
+        # Consul reads the body only when Content-Length > 0: chunked bodies are ignored.
+        payload = request.environ["wsgi.input"].read(length) if length > 0 else None
+        dc, node, service, tag = filters("dc", "node", "service", "tag")
+        try:
+            event = events.fire(token(), name, payload or None, dc, node or "", service or "", tag or "")
+        except ApiError as exc:
+            return error(exc.status, exc.message)
+        return answer(event.as_json(ltime=0))
+
+    @app.route("/v1/event/fire/", "ANY")
+    def fire_without_name():
+        return method_guard("PUT") or error(400, "Missing name")
+
+    @app.route("/v1/event/fire", "ANY")
+    def fire_redirect():
+        # Go's ServeMux answers a path without its registered trailing slash with a redirect.
+        return HTTPResponse("", 301, headers(Location="/v1/event/fire/"))
+
+    @app.route("/v1/event/list", "ANY")
+    def list_events():
+        refused = method_guard("GET")
+        if refused:
+            return refused
+        wait = index = None
+        if request.query.get("wait"):
+            try:
+                wait = parse_go_duration(request.query.get("wait"))
+            except ValueError:
+                return error(400, "Invalid wait time")
+        if request.query.get("index"):
+            text = request.query.get("index")
+            if not text.isdigit() or int(text) >= 2 ** 64:
+                return error(400, "Invalid index")
+            index = int(text)
+        name, node, service, tag = filters("name", "node", "service", "tag")
+        try:
+            found, current, filtered = events.list(token(), name, index, wait, node or None, service or None,
+                                                   tag or None)
+        except ApiError as exc:
+            return error(exc.status, exc.message)
+        extra = {"X-Consul-Index": str(current)}
+        if filtered:
+            extra["X-Consul-Results-Filtered-By-ACLs"] = "true"
+        return answer([e.as_json() for e in found], **extra)
+
+    @app.route("/v1/event/<rest:path>", "ANY")
+    def unknown(rest):
+        return error(404, CONSUL_NOT_FOUND)
+
+
+###############################################################################
 # Application #################################################################
 ###############################################################################
 
@@ -1951,6 +2347,9 @@ class Hub:
         self.store = Store(config.db)
         self.auth = Auth(self.store, config)
         self.jobs = JobQueue(self.store, config)
+        self.event_acl = EventAcl(self.store, config.event_acl_default)
+        self.events = UserEvents(EventBuffer(self.store, config.event_buffer_size, config.event_max_bytes),
+                                 self.event_acl, config)
         self._stop = threading.Event()
         self._threads = []
 
@@ -1998,11 +2397,16 @@ def create_app(config=None, **overrides):
     @app.hook("before_request")
     def _strip_trailing_slash():
         # Trailing slashes are optional everywhere (the original's strict_slashes=False).
+        # Not on /v1/event/…: there a trailing slash is part of an event name, or a Consul 404.
         path = request.environ.get("PATH_INFO", "/")
-        if len(path) > 1 and path.endswith("/"):
+        if len(path) > 1 and path.endswith("/") and not path.startswith("/v1/event/"):
             request.environ["PATH_INFO"] = path.rstrip("/") or "/"
 
     def errors(error):
+        if request.path.startswith("/v1/event/"):
+            bottle.response.content_type = "text/plain; charset=utf-8"
+            bottle.response.set_header("X-Consul-Default-Acl-Policy", config.event_acl_default)
+            return CONSUL_NOT_FOUND if error.status_code == 404 else str(error.body)
         if request.path.startswith("/v1"):
             return tf_http_error(error)
         bottle.response.content_type = "text/plain; charset=utf-8"
@@ -2010,6 +2414,7 @@ def create_app(config=None, **overrides):
     app.default_error_handler = errors
 
     install_testflinger(app, hub)
+    install_consul(app, hub)
     if config.bench_route:
         app.route("/_bench/ping", "GET", lambda: {"ok": True})
     hub.start()
@@ -2143,6 +2548,15 @@ def _serve_options(parser, env):
     parser.add_argument("--max-json-bytes", type=int, default=env.max_json_bytes,
                         help="larger JSON bodies answer 413 (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", default=env.quiet, help="no access log")
+    parser.add_argument("--event-buffer-size", type=int, default=env.event_buffer_size,
+                        help="user events kept in the ring buffer (default %(default)s; AGENTHUB_EVENT_BUFFER_SIZE)")
+    parser.add_argument("--event-max-bytes", type=int, default=env.event_max_bytes,
+                        help="limit of an event's name + payload; more answers 413 (default %(default)s)")
+    parser.add_argument("--event-acl-default", choices=("allow", "deny"), default=env.event_acl_default,
+                        help="event policy for requests without a token, and for names no token prefix"
+                             " covers (default %(default)s; AGENTHUB_EVENT_ACL_DEFAULT)")
+    parser.add_argument("--datacenter", default=env.datacenter,
+                        help="the datacenter name ?dc= may give (default %(default)s)")
     parser.add_argument("--bench-route", action="store_true",
                         help="also serve GET /_bench/ping, the trivial JSON route `bench` compares against")
 
@@ -2170,6 +2584,15 @@ def build_parser(environ=None):
                         help="lifetime of the token-file refresh token (default %(default)s)")
     client.add_argument("--db", default=env.db, help="SQLite file (default %(default)s; AGENTHUB_DB)")
 
+    token = commands.add_parser("add-event-token", help="create or reset a user-event ACL token, print its secret")
+    token.add_argument("token_name", metavar="NAME")
+    token.add_argument("--read", nargs="*", default=[], metavar="PREFIX",
+                       help="event-name prefixes it may list ('' = every name)")
+    token.add_argument("--write", nargs="*", default=[], metavar="PREFIX",
+                       help="event-name prefixes it may fire (and list)")
+    token.add_argument("--secret", help="use this secret (default: a random UUID, printed)")
+    token.add_argument("--db", default=env.db, help="SQLite file (default %(default)s; AGENTHUB_DB)")
+
     bench = commands.add_parser("bench", help="measure the hub on a real server and print figures")
     bench.add_argument("--jobs", type=int, default=2000, help="jobs to submit and pop (default %(default)s)")
     bench.add_argument("--clients", type=int, default=8, help="concurrent clients (default %(default)s)")
@@ -2189,6 +2612,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "add-client":
         return add_client_command(args)
+    if args.command == "add-event-token":
+        return add_event_token_command(args)
     if args.command == "bench":
         return bench_command(args)
     return serve_command(args)
@@ -2199,7 +2624,9 @@ def serve_command(args):
                     require_auth=args.require_auth, jwt_leeway=args.jwt_leeway,
                     access_token_seconds=args.access_token_seconds, refresh_token_days=args.refresh_token_days,
                     retention_days=args.retention_days, purge_interval=args.purge_interval,
-                    max_json_bytes=args.max_json_bytes, quiet=args.quiet, bench_route=args.bench_route)
+                    max_json_bytes=args.max_json_bytes, quiet=args.quiet, bench_route=args.bench_route,
+                    event_buffer_size=args.event_buffer_size, event_max_bytes=args.event_max_bytes,
+                    event_acl_default=args.event_acl_default, datacenter=args.datacenter)
     app = create_app(config)
     try:
         if config.server != "threaded":
@@ -2216,11 +2643,31 @@ def serve_command(args):
     return 0
 
 
-def add_client_command(args):
+def _command_store(args, command):
+    """The database a management command writes to; None (after saying why) for :memory:."""
     if args.db in (":memory:", ""):
-        print("agenthub: add-client needs a database file (--db PATH)", file=sys.stderr)
+        print(f"agenthub: {command} needs a database file (--db PATH)", file=sys.stderr)
+        return None
+    return Store(args.db)
+
+
+def add_event_token_command(args):
+    store = _command_store(args, "add-event-token")
+    if store is None:
         return 2
-    store = Store(args.db)
+    try:
+        secret = EventAcl(store, "deny").add_token(args.token_name, args.read, args.write, args.secret)
+        print(f"name: {args.token_name}\nread: {' '.join(repr(p) for p in args.read) or '-'}\n"
+              f"write: {' '.join(repr(p) for p in args.write) or '-'}\nsecret: {secret}")
+    finally:
+        store.close()
+    return 0
+
+
+def add_client_command(args):
+    store = _command_store(args, "add-client")
+    if store is None:
+        return 2
     try:
         auth = Auth(store, Config(db=args.db))
         secret = auth.add_client(args.client_id, args.role, args.secret)

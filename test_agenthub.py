@@ -1010,6 +1010,303 @@ def test_the_agents_request_sequence_for_a_whole_job(server, tmp_path):
     assert agent["job_id"] == "" and agent["provision_streak_type"] == "pass"
 
 
+# == Consul events ====================================================================================================
+
+def fire(test, name, body=b"", status=200, **params):
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    return test.put(f"/v1/event/fire/{name}" + (f"?{query}" if query else ""), body, status=status)
+
+
+def xor_index(event_id):
+    digits = event_id.replace("-", "")
+    return int(digits[:16], 16) ^ int(digits[16:], 16)
+
+
+def test_index_formula_test_vector():
+    assert agenthub.Event("cb9a81ad-fff6-52ac-92a7-5f70687805ec", "x").index == 6430540886266763072
+
+
+def test_fire_answers_the_event_in_consuls_field_order(anon):
+    answer = fire(anon, "test", b"test", node="Node", service="foo", tag="bar")
+    assert answer.headers["Content-Type"] == "application/json"
+    assert answer.headers["X-Consul-Default-Acl-Policy"] == "allow"
+    assert "X-Consul-Index" not in answer.headers
+    assert not answer.text.endswith("\n")
+    event = json.loads(answer.text)
+    assert list(event) == ["ID", "Name", "Payload", "NodeFilter", "ServiceFilter", "TagFilter", "Version", "LTime"]
+    assert event["Name"] == "test" and base64.b64decode(event["Payload"]) == b"test"
+    assert (event["NodeFilter"], event["ServiceFilter"], event["TagFilter"]) == ("Node", "foo", "bar")
+    assert (event["Version"], event["LTime"]) == (1, 0) and uuid.UUID(event["ID"])
+    assert fire(anon, "empty").json["Payload"] is None
+    pretty = anon.put("/v1/event/fire/p?pretty").text
+    assert pretty.endswith("\n") and '\n    "ID"' in pretty
+
+
+def test_fire_names_may_hold_slashes_and_escapes(anon):
+    assert fire(anon, "x%20y/z").json["Name"] == "x y/z"
+    assert fire(anon, "caf%C3%A9").json["Name"] == "caf\u00e9"
+    assert fire(anon, "trailing/").json["Name"] == "trailing/"
+
+
+def test_binary_payload_round_trips(anon):
+    blob = bytes(range(256))[:200]
+    fire(anon, "bin", blob)
+    assert base64.b64decode(anon.get("/v1/event/list?name=bin").json[0]["Payload"]) == blob
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE", "PATCH"])
+def test_fire_wrong_method(anon, method):
+    answer = anon.request("/v1/event/fire/x", method=method, status=405)
+    assert answer.text == f"method {method} not allowed" and answer.headers["Allow"] == "OPTIONS,PUT"
+    assert answer.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert answer.headers["X-Consul-Default-Acl-Policy"] == "allow"
+
+
+def test_event_routing_edges(anon):
+    answer = anon.request("/v1/event/fire/x", method="OPTIONS")
+    assert answer.body == b"" and answer.headers["Allow"] == "OPTIONS,PUT"
+    assert anon.request("/v1/event/list", method="OPTIONS").headers["Allow"] == "OPTIONS,GET"
+    answer = anon.put("/v1/event/list", status=405)
+    assert answer.text == "method PUT not allowed" and answer.headers["Allow"] == "OPTIONS,GET"
+    assert anon.put("/v1/event/fire/", status=400).text == "Missing name"
+    assert anon.put("/v1/event/fire", status=301).headers["Location"].endswith("/v1/event/fire/")
+    for path in ("/v1/event/list/", "/v1/event/nope", "/v1/event/fire-x"):
+        answer = anon.get(path, status=404)
+        assert answer.text == "Invalid URL path: not a recognized HTTP API endpoint\n"
+        assert answer.headers["X-Consul-Default-Acl-Policy"] == "allow"
+
+
+@pytest.mark.parametrize("params,text", [
+    ({"tag": "v1"}, "Cannot provide tag filter without service filter"),
+    ({"node": "%5B"}, "Invalid node filter: error parsing regexp: "),
+    ({"service": "a(%3F%3Db)"}, "Invalid service filter: error parsing regexp: invalid or unsupported Perl syntax"),
+    ({"service": "web", "tag": "(a)%5C1"}, "Invalid tag filter: error parsing regexp: invalid escape sequence"),
+    ({"node": "a%2B%2B"}, "Invalid node filter: error parsing regexp: invalid nested repetition operator"),
+    ({"dc": "dc9"}, "No path to datacenter"),
+])
+def test_fire_bad_filters_are_400_not_500(anon, params, text):
+    answer = fire(anon, "x", status=400, **params)
+    assert answer.text.startswith(text) and answer.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert anon.get("/v1/event/list").json == []            # nothing stored
+
+
+def test_fire_size_limit_is_413(app, anon):
+    fire(anon, "n", b"x" * 511)
+    answer = fire(anon, "n", b"x" * 512, status=413)
+    assert answer.text == "error broadcasting event: user event exceeds configured limit of 512 bytes before encoding"
+    small = create_app(event_max_bytes=10, purge_interval=0)
+    fire(webtest.TestApp(small), "abcde", b"x" * 6, status=413)
+    small.close()
+
+
+def test_list_order_filter_and_index(anon):
+    assert anon.get("/v1/event/list").json == []
+    assert anon.get("/v1/event/list").headers["X-Consul-Index"] == "1"
+    ids = [fire(anon, n).json["ID"] for n in ("foo", "bar", "foo", "foo", "bar")]
+    listing = anon.get("/v1/event/list")
+    assert [e["ID"] for e in listing.json] == ids
+    assert [e["LTime"] for e in listing.json] == [1, 2, 3, 4, 5]
+    assert listing.headers["X-Consul-Index"] == str(xor_index(ids[-1]))
+    only_foo = anon.get("/v1/event/list?name=foo")
+    assert [e["ID"] for e in only_foo.json] == [ids[0], ids[2], ids[3]]
+    assert only_foo.headers["X-Consul-Index"] == str(xor_index(ids[3]))
+    assert anon.get("/v1/event/list?name=fo").json == []
+    assert anon.get("/v1/event/list?dc=anything").status_int == 200
+
+
+def test_ring_keeps_the_newest_256(anon):
+    ids = [fire(anon, f"e{n}").json["ID"] for n in range(260)]
+    listing = anon.get("/v1/event/list").json
+    assert len(listing) == 256 and [e["ID"] for e in listing] == ids[4:]
+    assert listing[0]["LTime"] == 5 and listing[-1]["LTime"] == 260
+
+
+def test_rexec_is_never_buffered(anon):
+    assert fire(anon, "_rexec").status_int == 200
+    fire(anon, "_other")
+    assert [e["Name"] for e in anon.get("/v1/event/list").json] == ["_other"]
+
+
+@pytest.mark.parametrize("query,text", [("wait=10", "Invalid wait time"), ("wait=abc", "Invalid wait time"),
+                                        ("index=-1", "Invalid index"), ("index=x", "Invalid index"),
+                                        (f"index={2 ** 64}", "Invalid index"),
+                                        ("wait=bad&index=bad", "Invalid wait time")])
+def test_list_bad_blocking_parameters(anon, query, text):
+    assert anon.get(f"/v1/event/list?{query}", status=400).text == text
+
+
+def test_go_durations():
+    assert agenthub.parse_go_duration("1m30s") == 90 and agenthub.parse_go_duration("500ms") == 0.5
+    assert agenthub.parse_go_duration("0") == 0 and agenthub.parse_go_duration("1.5h") == 5400
+    for bad in ("10", "", "s", "1x", "1h2"):
+        with pytest.raises(ValueError):
+            agenthub.parse_go_duration(bad)
+
+
+def test_list_returns_at_once_when_the_index_differs(anon):
+    fire(anon, "a")
+    # A stale or made-up index never blocks (pure equality test), even with a long wait.
+    assert len(anon.get("/v1/event/list?index=12345&wait=10m").json) == 1
+
+
+def test_hub_views_filter_by_stored_filters(anon):
+    fire(anon, "all")
+    fire(anon, "web-only", service="web")
+    fire(anon, "node-a", node="node-a.*")
+    fire(anon, "web-v2", service="web", tag="v2")
+
+    def names(query=""):
+        return [e["Name"] for e in anon.get("/v1/event/list" + query).json]
+    assert names() == ["all", "web-only", "node-a", "web-v2"]         # without a view: the whole buffer
+    assert names("?node=node-a1") == ["all", "web-only", "node-a", "web-v2"]
+    assert names("?node=node-b") == ["all", "web-only", "web-v2"]
+    assert names("?service=web") == ["all", "web-only", "node-a", "web-v2"]
+    assert names("?service=db") == ["all", "node-a"]
+    assert names("?service=web&tag=v1") == ["all", "web-only", "node-a"]
+    answer = anon.get("/v1/event/list?service=db")
+    assert answer.headers["X-Consul-Index"] == str(xor_index(answer.json[-1]["ID"]))
+
+
+@pytest.fixture
+def acl_app(tmp_path):
+    app = create_app(event_acl_default="deny", purge_interval=0)
+    secrets = {"deployer": app.hub.event_acl.add_token("deployer", read=[""], write=["deploy"]),
+               "reader": app.hub.event_acl.add_token("reader", read=["deploy"], write=[])}
+    yield app, secrets
+    app.close()
+
+
+def test_event_acl_fire(acl_app):
+    app, secrets = acl_app
+    test = webtest.TestApp(app)
+    answer = fire(test, "deploy", status=403)
+    assert answer.text == "Permission denied" and answer.headers["X-Consul-Default-Acl-Policy"] == "deny"
+    fire(test, "deploy-web", token=secrets["deployer"])
+    test.put("/v1/event/fire/deploy", headers={"X-Consul-Token": secrets["deployer"]})
+    test.put("/v1/event/fire/deploy", headers={"Authorization": f"Bearer {secrets['deployer']}"})
+    assert fire(test, "other", token=secrets["deployer"], status=403).text == "Permission denied"
+    assert fire(test, "deploy", token=secrets["reader"], status=403).text == "Permission denied"
+    assert fire(test, "deploy", token="no-such-token", status=403).text == "ACL not found"
+    # ?token= wins over the header.
+    test.put(f"/v1/event/fire/deploy?token={secrets['reader']}", headers={"X-Consul-Token": secrets["deployer"]},
+             status=403)
+
+
+def test_event_acl_list(acl_app):
+    app, secrets = acl_app
+    test = webtest.TestApp(app)
+    fire(test, "deploy", token=secrets["deployer"])
+    app.hub.events.buffer.fire("secret-thing", None)           # fired by someone with rights
+    anonymous = test.get("/v1/event/list")
+    assert anonymous.json == [] and "X-Consul-Results-Filtered-By-ACLs" not in anonymous.headers
+    assert anonymous.headers["X-Consul-Index"] == "1"
+    reader = test.get(f"/v1/event/list?token={secrets['reader']}")
+    assert [e["Name"] for e in reader.json] == ["deploy"]
+    assert reader.headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
+    everything = test.get("/v1/event/list", headers={"X-Consul-Token": secrets["deployer"]})
+    assert len(everything.json) == 2 and "X-Consul-Results-Filtered-By-ACLs" not in everything.headers
+    assert test.get("/v1/event/list?token=bogus", status=403).text == "ACL not found"
+
+
+def test_event_token_secrets_are_stored_hashed(acl_app):
+    app, secrets = acl_app
+    stored = [r["token_hash"] for r in app.hub.store.read("SELECT token_hash FROM event_tokens")]
+    assert secrets["deployer"] not in stored
+    assert hashlib.sha256(secrets["deployer"].encode()).hexdigest() in stored
+
+
+def test_restart_keeps_ids_ltime_and_index(tmp_path):
+    path = str(tmp_path / "events.db")
+    first = create_app(db=path, purge_interval=0)
+    test = webtest.TestApp(first)
+    fired = [fire(test, f"e{n}").json["ID"] for n in range(3)]
+    before = test.get("/v1/event/list")
+    first.close()
+    second = create_app(db=path, purge_interval=0)
+    test = webtest.TestApp(second)
+    after = test.get("/v1/event/list")
+    assert after.json == before.json and [e["ID"] for e in after.json] == fired
+    assert after.headers["X-Consul-Index"] == before.headers["X-Consul-Index"]
+    fire(test, "next")
+    assert test.get("/v1/event/list").json[-1]["LTime"] == 4
+    second.close()
+    small = create_app(db=path, event_buffer_size=2, purge_interval=0)   # a smaller ring keeps the newest
+    assert [e["LTime"] for e in webtest.TestApp(small).get("/v1/event/list").json] == [3, 4]
+    small.close()
+
+
+def test_blocking_list_wakes_on_a_new_event(server):
+    app, base = server
+    first = json.loads(call_http(base, "PUT", "/v1/event/fire/test", b"1")[2])
+    index = xor_index(first["ID"])
+    results = {}
+
+    def watcher(key, query):
+        status, headers, body = call_http(base, "GET", f"/v1/event/list?{query}")
+        results[key] = (status, headers["X-Consul-Index"], json.loads(body))
+    watchers = [threading.Thread(target=watcher, args=("all", f"index={index}&wait=30s")),
+                threading.Thread(target=watcher, args=("named", f"name=test&index={index}&wait=30s"))]
+    for thread in watchers:
+        thread.start()
+    time.sleep(0.2)          # let them block (not a timing assertion: the outcome is checked below)
+    call_http(base, "PUT", "/v1/event/fire/other", b"")       # wakes "named" but its index is unchanged
+    second = json.loads(call_http(base, "PUT", "/v1/event/fire/test", b"2")[2])
+    for thread in watchers:
+        thread.join(timeout=30)
+    status, new_index, events = results["named"]
+    assert status == 200 and [e["ID"] for e in events] == [first["ID"], second["ID"]]
+    assert new_index == str(xor_index(second["ID"]))
+    status, new_index, events = results["all"]
+    assert status == 200 and events[-1]["Name"] in ("other", "test") and new_index != str(index)
+
+
+def test_blocking_list_times_out_with_the_same_index(server):
+    app, base = server
+    event = json.loads(call_http(base, "PUT", "/v1/event/fire/test", b"")[2])
+    index = xor_index(event["ID"])
+    status, headers, body = call_http(base, "GET", f"/v1/event/list?index={index}&wait=200ms")
+    assert status == 200 and headers["X-Consul-Index"] == str(index) and len(json.loads(body)) == 1
+
+
+def test_blocking_on_an_empty_list_waits_for_the_first_event(server):
+    app, base = server
+    results = {}
+    thread = threading.Thread(target=lambda: results.update(
+        answer=call_http(base, "GET", "/v1/event/list?name=first&index=1&wait=30s")))
+    thread.start()
+    time.sleep(0.2)
+    event = json.loads(call_http(base, "PUT", "/v1/event/fire/first", b"")[2])
+    thread.join(timeout=30)
+    status, headers, body = results["answer"]
+    assert [e["ID"] for e in json.loads(body)] == [event["ID"]]
+
+
+def test_concurrent_fires_lose_nothing(server):
+    app, base = server
+
+    def worker(n):
+        for i in range(20):
+            call_http(base, "PUT", f"/v1/event/fire/w{n}", str(i).encode())
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    events = json.loads(call_http(base, "GET", "/v1/event/list")[2])
+    assert len(events) == 160 and [e["LTime"] for e in events] == list(range(1, 161))
+    assert len({e["ID"] for e in events}) == 160
+
+
+def test_add_event_token_command(tmp_path, capsys):
+    db = str(tmp_path / "hub.db")
+    assert agenthub.main(["add-event-token", "ops", "--write", "deploy", "--read", "", "--db", db]) == 0
+    secret = capsys.readouterr().out.split("secret: ")[1].split()[0]
+    app = create_app(db=db, event_acl_default="deny", purge_interval=0)
+    fire(webtest.TestApp(app), "deploy-x", token=secret)
+    app.close()
+    assert agenthub.main(["add-event-token", "ops", "--db", ":memory:"]) == 2
+
+
 # == Application and command line ==================================================================================
 
 def test_many_apps_are_independent():
