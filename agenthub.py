@@ -176,7 +176,6 @@ MIGRATIONS = [
     );
     CREATE INDEX jobs_pop ON jobs (state, job_queue, job_priority DESC, seq);
     CREATE INDEX jobs_queue ON jobs (job_queue, seq);
-    CREATE INDEX jobs_created ON jobs (created_at);
     CREATE TABLE log_fragments (
         id INTEGER PRIMARY KEY,
         job_id TEXT NOT NULL,
@@ -376,9 +375,6 @@ class Store:
             (job["job_id"], job["created_at"], job["job_priority"], job["job_queue"],
              job["attachments_status"], json.dumps(job["exclude_agents"]), job["client_id"],
              json.dumps(job["job_data"])))
-
-    def job_exists(self, db, job_id):
-        return db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone() is not None
 
     def get_job(self, job_id):
         return self.read_one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
@@ -1175,6 +1171,11 @@ def jwt_decode(token, key, leeway, now):
     for claim in ("exp", "iat", "sub"):
         if claim not in claims:
             raise ApiError(403, f"Token missing required claim: {claim}")
+    return jwt_check_times(claims, leeway, now)
+
+
+def jwt_check_times(claims, leeway, now):
+    """The time rules of a signed token's claims (checked on every use)."""
     exp, iat = claims["exp"], claims["iat"]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (exp, iat)):
         raise ApiError(403, "Invalid Token")
@@ -1201,6 +1202,9 @@ class Auth:
     def __init__(self, store, config):
         self.store, self.config = store, config
         self.key = config.secret_key or store.setting("jwt_signing_key", lambda: secrets.token_hex(32))
+        # Tokens whose signature was verified: an agent sends the same token for ten minutes, and
+        # checking the signature once is enough (the times are still checked on every request).
+        self._verified = {}
 
     def add_client(self, client_id, role, secret=None):
         """Create or reset a client; returns its (new) secret."""
@@ -1277,7 +1281,15 @@ class Auth:
             return Identity(role="contributor", anonymous=True)
         if not authorization.startswith("Bearer "):
             return Identity()
-        claims = jwt_decode(authorization[len("Bearer "):], self.key, self.config.jwt_leeway, utcnow())
+        token, now = authorization[len("Bearer "):], utcnow()
+        claims = self._verified.get(token)
+        if claims is None:
+            claims = jwt_decode(token, self.key, self.config.jwt_leeway, now)
+            if len(self._verified) >= 4096:
+                self._verified.clear()
+            self._verified[token] = claims
+        else:
+            jwt_check_times(claims, self.config.jwt_leeway, now)
         permissions = claims.get("permissions")
         # The original crashes (500) on a token without permissions.client_id; it is refused here.
         if not isinstance(permissions, dict) or not isinstance(permissions.get("client_id"), str):
@@ -1341,10 +1353,9 @@ class JobQueue:
                 raise ApiError(422, "There are no agents on the specified queue that are allowed to run this job")
         if "secrets" in data.get("test_data", {}):
             raise ApiError(422, "No secrets store")
-        job_id = data.get("job_id") or str(uuid.uuid4())
-        if parse_job_id(job_id) is None:
+        job_id = parse_job_id(data["job_id"]) if data.get("job_id") else str(uuid.uuid4())
+        if job_id is None:
             raise ApiError(400, "Invalid job_id specified")
-        job_id = parse_job_id(job_id)
         self.check_permissions(identity.permissions if identity.client_id else {}, data)
         has_attachments = any(isinstance(v, dict) and "attachments" in v
                               for k, v in data.items() if k.endswith("_data"))
@@ -1356,11 +1367,12 @@ class JobQueue:
                "job_queue": queue_name, "attachments_status": "waiting" if has_attachments else None,
                "exclude_agents": data.get("exclude_agents", []), "client_id": identity.client_id,
                "job_data": job_data}
-        with self.store.write() as db:
+        try:
+            with self.store.write() as db:
+                self.store.insert_job(db, job)
+        except sqlite3.IntegrityError:
             # The original stores a second document for a re-used id; one id is one job here.
-            if self.store.job_exists(db, job_id):
-                raise ApiError(409, f"Job {job_id} already exists")
-            self.store.insert_job(db, job)
+            raise ApiError(409, f"Job {job_id} already exists")
         return job_id
 
     def check_permissions(self, permissions, data):
@@ -1688,6 +1700,37 @@ class EventAcl:
         return self.default == "allow"
 
 
+class EventView:
+    """One query's answer over one snapshot of the buffer: the events, the index, and
+    whether the ACL removed some.  Its JSON is encoded once, however many watchers
+    asked the same question and are woken by the same fire."""
+
+    def __init__(self, events, filtered):
+        self.events, self.filtered = events, filtered
+        self.index = events[-1].index if events else 1
+        self._json = None
+
+    def json(self):
+        if self._json is None:
+            self._json = json.dumps([e.as_json() for e in self.events], separators=(",", ":"))
+        return self._json
+
+
+class _Snapshot:
+    """The buffer at one version, with the views already computed on it (by query key)."""
+
+    __slots__ = ("events", "version", "views")
+
+    def __init__(self, events, version):
+        self.events, self.version, self.views = events, version, {}
+
+    def view(self, key, select):
+        found = self.views.get(key)
+        if found is None:
+            found = self.views[key] = select(self.events)
+        return found
+
+
 class EventBuffer:
     """The ring of the newest ``size`` events, persisted, with blocking reads."""
 
@@ -1696,9 +1739,8 @@ class EventBuffer:
     def __init__(self, store, size, max_bytes):
         self.store, self.size, self.max_bytes = store, size, max_bytes
         rows, self._ltime = store.newest_events(size)
-        self._events = tuple(Event(r["id"], r["name"], r["payload"], r["node_filter"], r["service_filter"],
-                                   r["tag_filter"], r["ltime"]) for r in rows)
-        self._version = 0
+        self._snapshot = _Snapshot(tuple(Event(r["id"], r["name"], r["payload"], r["node_filter"],
+                                               r["service_filter"], r["tag_filter"], r["ltime"]) for r in rows), 0)
         self._changed = threading.Condition()
 
     def validate(self, node, service, tag):
@@ -1721,48 +1763,47 @@ class EventBuffer:
             if name != "_rexec":                    # Consul never buffers remote-exec events
                 self.store.add_event(event, self.size, utcnow())
                 self._ltime += 1
-                self._events = (self._events + (event,))[-self.size:]
-                self._version += 1
+                old = self._snapshot
+                self._snapshot = _Snapshot((old.events + (event,))[-self.size:], old.version + 1)
                 self._changed.notify_all()
         return event
 
-    def snapshot(self):
-        """(events oldest first, version): an immutable view, consistent with its version."""
-        with self._changed:
-            return self._events, self._version
+    def events(self):
+        """The events, oldest first (an immutable tuple)."""
+        return self._snapshot.events
 
-    def wait_for_change(self, version, timeout):
+    def _wait_for_change(self, version, timeout):
         """Block until the buffer moves past ``version`` or ``timeout`` seconds pass."""
         with self._changed:
-            self._changed.wait_for(lambda: self._version != version, timeout)
-            return self._events, self._version
+            self._changed.wait_for(lambda: self._snapshot.version != version, timeout)
+            return self._snapshot
 
-    def query(self, select, index=0, wait=None):
-        """Consul's blocking query: ``select(events)`` gives the caller's filtered list.
+    def query(self, key, select, index=0, wait=None):
+        """Consul's blocking query: ``select(events)`` makes the caller's EventView.
 
-        Returns at once unless ``index`` > 0 equals the current index; then waits
-        for a change of that index, or until one deadline (``wait``, default and
-        cap 600 s) passes, and answers with whatever is current.
+        ``key`` names the query (same key, same answer), so watchers asking the
+        same question share one computed view per snapshot.  Returns at once
+        unless ``index`` > 0 equals the current index; then waits for that index
+        to change, or until one deadline (``wait``, default and cap 600 s), and
+        answers with whatever is current then.
         """
-        events, version = self.snapshot()
-        result = select(events)
-        current = result[-1].index if result else 1
-        if not index or current != index:
-            return result, current
+        snapshot = self._snapshot
+        view = snapshot.view(key, select)
+        if not index or view.index != index:
+            return view
         wait = self.MAX_WAIT if wait is None or wait <= 0 else min(wait, self.MAX_WAIT)
         deadline = time.monotonic() + wait
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return result, current
-            events, new_version = self.wait_for_change(version, remaining)
-            if new_version == version:
+                return view
+            newer = self._wait_for_change(snapshot.version, remaining)
+            if newer is snapshot:
                 continue
-            version = new_version
-            result = select(events)
-            current = result[-1].index if result else 1
-            if current != index:
-                return result, current
+            snapshot = newer
+            view = snapshot.view(key, select)
+            if view.index != index:
+                return view
 
 
 class UserEvents:
@@ -1781,17 +1822,15 @@ class UserEvents:
         return self.buffer.fire(name, payload, node, service, tag)
 
     def list(self, secret, name=None, index=0, wait=None, node=None, service=None, tag=None):
-        """(events, index, filtered_by_acl) as a possibly blocking query."""
+        """The caller's EventView, as a possibly blocking query."""
         token = self.acl.resolve(secret)
-        filtered = [False]
 
         def select(events):
             view = [e for e in events if (not name or e.name == name) and e.visible_to(node, service, tag)]
             allowed = [e for e in view if self.acl.allows(token, "read", e.name)]
-            filtered[0] = token is not None and len(allowed) < len(view)
-            return allowed
-        events, current = self.buffer.query(select, index, wait)
-        return events, current, filtered[0]
+            return EventView(allowed, token is not None and len(allowed) < len(view))
+        key = (name, node, service, tag, token.name if token else None)
+        return self.buffer.query(key, select, index, wait)
 
 
 ###############################################################################
@@ -2314,14 +2353,15 @@ def install_consul(app, hub):
             index = int(text)
         name, node, service, tag = filters("name", "node", "service", "tag")
         try:
-            found, current, filtered = events.list(token(), name, index, wait, node or None, service or None,
-                                                   tag or None)
+            view = events.list(token(), name, index, wait, node or None, service or None, tag or None)
         except ApiError as exc:
             return error(exc.status, exc.message)
-        extra = {"X-Consul-Index": str(current)}
-        if filtered:
+        extra = {"X-Consul-Index": str(view.index)}
+        if view.filtered:
             extra["X-Consul-Results-Filtered-By-ACLs"] = "true"
-        return answer([e.as_json() for e in found], **extra)
+        if "pretty" in request.query:
+            return answer([e.as_json() for e in view.events], **extra)
+        return HTTPResponse(view.json(), 200, headers(**{"Content-Type": "application/json"}, **extra))
 
     @app.route("/v1/event/<rest:path>", "ANY")
     def unknown(rest):
@@ -2462,15 +2502,19 @@ class _RequestHandler(WSGIRequestHandler):
     # wsgiref writes the status line, the headers and the body separately; with Nagle's algorithm
     # on, a kept-alive connection then waits ~40 ms for the client's delayed ACK on every answer.
     disable_nagle_algorithm = True
+    # ... and each of those is a system call: buffer them and flush once per answer.
+    wbufsize = 64 * 1024
 
     def handle(self):
         self.close_connection = True
         try:
             self.handle_one_request()
+            self.wfile.flush()
             while not self.close_connection:
                 self.handle_one_request()
+                self.wfile.flush()
         except (ConnectionError, TimeoutError, OSError):
-            pass
+            self.close_connection = True
 
     def handle_one_request(self):
         self.raw_requestline = self.rfile.readline(65537)
@@ -2506,7 +2550,7 @@ class _RequestHandler(WSGIRequestHandler):
 class ThreadedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 128
+    request_queue_size = 1024      # a thousand watchers may connect at once
     quiet = False
 
 
@@ -2598,6 +2642,10 @@ def build_parser(environ=None):
     bench.add_argument("--clients", type=int, default=8, help="concurrent clients (default %(default)s)")
     bench.add_argument("--agents", type=int, default=200, help="simulated polling agents (default %(default)s)")
     bench.add_argument("--artifact-mib", type=int, default=256, help="artifact size (default %(default)s)")
+    bench.add_argument("--watchers", type=int, default=1000,
+                       help="blocked event watchers woken by one fire (default %(default)s)")
+    bench.add_argument("--part", choices=("all", "testflinger", "events"), default="all",
+                       help="which figures to measure (default %(default)s)")
 
     parser.epilog = "\n".join(f"\n{'=' * 8} agenthub {name} {'=' * 8}\n{sub.format_help()}"
                               for name, sub in commands.choices.items())
@@ -2735,33 +2783,42 @@ def _request(conn, method, path, body=None, headers=None):
 
 
 def _load(server, clients, total, make):
-    """``clients`` threads, one keep-alive connection each, share ``total`` requests.
+    """``clients`` forked processes, one keep-alive connection each, share ``total`` requests.
 
-    ``make(n, conn)`` performs request ``n``.  Returns (seconds, latencies, results).
+    Processes, not threads: client threads would share one GIL and the load
+    generator, not the server, would set the pace.  ``make(n, conn)`` performs
+    request ``n`` and returns something picklable.  Returns (seconds, latencies, results).
     """
-    counter, lock, latencies, results = iter(range(total)), threading.Lock(), [], []
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    start_gate = context.Event()
 
-    def worker():
+    def worker(first):
         conn = server.connection()
-        while True:
-            with lock:
-                n = next(counter, None)
-            if n is None:
-                break
-            start = time.perf_counter()
-            result = make(n, conn)
-            elapsed = time.perf_counter() - start
-            with lock:
-                latencies.append(elapsed)
-                results.append(result)
+        latencies, results = [], []
+        start_gate.wait()
+        for n in range(first, total, clients):
+            begin = time.perf_counter()
+            results.append(make(n, conn))
+            latencies.append(time.perf_counter() - begin)
         conn.close()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
+        out.put((latencies, results))
+    procs = [context.Process(target=worker, args=(i,)) for i in range(clients)]
+    for proc in procs:
+        proc.start()
+    time.sleep(0.2)
     start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - start, latencies, results
+    start_gate.set()
+    latencies, results = [], []
+    for _ in procs:
+        lat, res = out.get()
+        latencies += lat
+        results += res
+    elapsed = time.perf_counter() - start
+    for proc in procs:
+        proc.join()
+    return elapsed, latencies, results
 
 
 def _pct(values, p):
@@ -2774,10 +2831,70 @@ def bench_command(args):
     with tempfile.TemporaryDirectory(prefix="agenthub-bench-") as workdir:
         server = _BenchServer(workdir)
         try:
-            _bench_testflinger(server, args)
+            if args.part in ("all", "testflinger"):
+                _bench_testflinger(server, args)
+            if args.part in ("all", "events"):
+                _bench_events(server, args)
         finally:
             server.stop()
     return 0
+
+
+def _cpu_seconds(pid):
+    """User + system CPU time a process has used, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _bench_events(server, args):
+    import selectors
+    import socket
+    print(f"agenthub {__version__} bench: user events, server pid {server.proc.pid}")
+    fire_s, fire_lat, codes = _load(server, args.clients, args.jobs,
+                                    lambda n, c: _request(c, "PUT", f"/v1/event/fire/bench-{n % 50}", b"payload")[0])
+    print(f"fire     PUT /v1/event/fire    {args.jobs / fire_s:8.0f} events/s"
+          f"  p50 {_pct(fire_lat, 50) * 1000:.1f} ms p99 {_pct(fire_lat, 99) * 1000:.1f} ms"
+          f"  (non-200: {sum(1 for c in codes if c != 200)})")
+    list_s, list_lat, _ = _load(server, args.clients, 500, lambda n, c: _request(c, "GET", "/v1/event/list")[0])
+    print(f"list     GET /v1/event/list    {500 / list_s:8.0f} req/s  p50 {_pct(list_lat, 50) * 1000:.1f} ms"
+          f" p99 {_pct(list_lat, 99) * 1000:.1f} ms  (full buffer)")
+
+    # Watchers: each blocks on the current index of its own name, from one client thread via selectors.
+    conn = server.connection()
+    _request(conn, "PUT", "/v1/event/fire/watched", b"start")
+    status, body, resp = _request(conn, "GET", "/v1/event/list?name=watched")
+    index = resp.getheader("X-Consul-Index")
+    request_bytes = (f"GET /v1/event/list?name=watched&index={index}&wait=120s HTTP/1.1\r\n"
+                     f"Host: {server.host}\r\n\r\n").encode()
+    sockets = []
+    for _ in range(args.watchers):
+        sock = socket.create_connection((server.host, server.port))
+        sock.sendall(request_bytes)
+        sockets.append(sock)
+    time.sleep(2.0)                                 # let every watcher reach its wait
+    cpu_before, wall_before = _cpu_seconds(server.proc.pid), time.perf_counter()
+    time.sleep(3.0)
+    idle_cpu = (_cpu_seconds(server.proc.pid) - cpu_before) / (time.perf_counter() - wall_before)
+    selector = selectors.DefaultSelector()
+    for sock in sockets:
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+    woke = []
+    start = time.perf_counter()
+    _request(conn, "PUT", "/v1/event/fire/watched", b"go")
+    pending = len(sockets)
+    while pending and time.perf_counter() - start < 60:
+        for key, _ in selector.select(timeout=1):
+            woke.append(time.perf_counter() - start)
+            selector.unregister(key.fileobj)
+            pending -= 1
+    for sock in sockets:
+        sock.close()
+    conn.close()
+    print(f"watchers {args.watchers} blocked   idle server CPU {idle_cpu:.1%} of a core;"
+          f" fire -> response  p50 {_pct(woke, 50) * 1000:.1f} ms  p99 {_pct(woke, 99) * 1000:.1f} ms"
+          f"  max {max(woke, default=float('nan')) * 1000:.1f} ms  (woke {len(woke)}/{args.watchers})")
 
 
 def _bench_testflinger(server, args):
