@@ -32,10 +32,14 @@ import queue
 import re
 import secrets
 import socketserver
+import socket
 import sqlite3
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
@@ -60,7 +64,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8000
     server: str = "threaded"
-    secret_key: str = ""            # signs JWTs; generated and kept in the db if empty
+    secret_key: str = ""            # signs tokens, encrypts secrets; if empty, kept in "<db>.key"
     require_auth: bool = False      # anonymous requests get 401 instead of "contributor"
     jwt_leeway: int = 5             # seconds of clock skew accepted on tokens
     access_token_seconds: int = 600
@@ -73,6 +77,8 @@ class Config:
     event_max_bytes: int = 512      # name + payload limit of one event (Serf's default)
     event_acl_default: str = "allow"   # policy for event requests without a token: allow | deny
     datacenter: str = "dc1"         # the only ?dc= the event API answers for
+    webhook_url: str = ""           # the one base URL job-status webhooks may point at
+    webhook_auth: str = ""          # sent as "Authorization: Bearer …" to that webhook
     bench_route: bool = False       # mount GET /_bench/ping (a trivial JSON route) for `bench`
 
     ENV = {
@@ -86,6 +92,7 @@ class Config:
         "max_json_bytes": "AGENTHUB_MAX_JSON_BYTES", "quiet": "AGENTHUB_QUIET",
         "event_buffer_size": "AGENTHUB_EVENT_BUFFER_SIZE", "event_max_bytes": "AGENTHUB_EVENT_MAX_BYTES",
         "event_acl_default": "AGENTHUB_EVENT_ACL_DEFAULT", "datacenter": "AGENTHUB_DATACENTER",
+        "webhook_url": "AGENTHUB_WEBHOOK_URL", "webhook_auth": "AGENTHUB_WEBHOOK_AUTH",
     }
 
     @classmethod
@@ -157,7 +164,6 @@ def parse_iso(text):
 MIGRATIONS = [
     # 1: the Testflinger job queue, its agents and auth.
     """
-    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE jobs (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,      -- arrival order: the FIFO tie-breaker
         job_id TEXT NOT NULL UNIQUE,
@@ -258,6 +264,18 @@ MIGRATIONS = [
         created_at REAL NOT NULL
     );
     """,
+    # 3: the secrets store (values encrypted with a key that is not in the database).
+    """
+    CREATE TABLE secrets (
+        client_id TEXT NOT NULL,
+        path TEXT NOT NULL,
+        value BLOB NOT NULL,
+        ephemeral INTEGER NOT NULL DEFAULT 0,
+        expires_at REAL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (client_id, path)
+    );
+    """,
 ]
 
 CHUNK_SIZE = 1024 * 1024   # bytes per stored file chunk and per streamed read
@@ -353,18 +371,6 @@ class Store:
                 self._idle.get_nowait().close()
             except queue.Empty:
                 break
-
-    # -- settings ------------------------------------------------------------
-
-    def setting(self, key, make_default):
-        """Read a setting, storing ``make_default()`` the first time."""
-        with self.write() as db:
-            row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
-            if row:
-                return row[0]
-            value = make_default()
-            db.execute("INSERT INTO settings (key, value) VALUES (?, ?)", (key, value))
-            return value
 
     # -- jobs ------------------------------------------------------------------
 
@@ -632,6 +638,89 @@ class Store:
     def get_client(self, client_id):
         return self.read_one("SELECT * FROM clients WHERE client_id = ?", (client_id,))
 
+    CLIENT_JSON = ("max_priority", "allowed_queues", "max_reservation_time")
+
+    def list_clients(self):
+        return self.read("SELECT * FROM clients ORDER BY client_id")
+
+    def save_client(self, client_id, fields, now):
+        """Create a client or merge ``fields`` into it (JSON columns encoded here)."""
+        values = {k: (json.dumps(v) if k in self.CLIENT_JSON else v) for k, v in fields.items()}
+        with self.write() as db:
+            if db.execute("SELECT 1 FROM clients WHERE client_id = ?", (client_id,)).fetchone() is None:
+                db.execute("INSERT INTO clients (client_id, created_at) VALUES (?, ?)", (client_id, now))
+            if values:
+                db.execute(f"UPDATE clients SET {', '.join(f'{k} = ?' for k in values)} WHERE client_id = ?",
+                           (*values.values(), client_id))
+
+    def delete_client(self, client_id):
+        with self.write() as db:
+            return db.execute("DELETE FROM clients WHERE client_id = ?", (client_id,)).rowcount > 0
+
+    def restricted_queues(self):
+        return [r[0] for r in self.read("SELECT name FROM restricted_queues ORDER BY name")]
+
+    def restrict_queue(self, queue_name, client_id):
+        """Mark a queue restricted and let ``client_id`` use it, in one transaction."""
+        with self.write() as db:
+            db.execute("INSERT OR IGNORE INTO restricted_queues (name) VALUES (?)", (queue_name,))
+            row = db.execute("SELECT allowed_queues FROM clients WHERE client_id = ?", (client_id,)).fetchone()
+            allowed = json.loads(row[0] or "[]")
+            if queue_name not in allowed:
+                db.execute("UPDATE clients SET allowed_queues = ? WHERE client_id = ?",
+                           (json.dumps(allowed + [queue_name]), client_id))
+
+    def unrestrict_queue(self, queue_name, client_id):
+        """Lift a queue's restriction for everybody and take it from ``client_id``'s allowed queues."""
+        with self.write() as db:
+            db.execute("DELETE FROM restricted_queues WHERE name = ?", (queue_name,))
+            row = db.execute("SELECT allowed_queues FROM clients WHERE client_id = ?", (client_id,)).fetchone()
+            if row is not None:
+                allowed = [q for q in json.loads(row[0] or "[]") if q != queue_name]
+                db.execute("UPDATE clients SET allowed_queues = ? WHERE client_id = ?",
+                           (json.dumps(allowed), client_id))
+
+    def revoke_refresh_token(self, token_hash):
+        """'revoked', 'already' or None (unknown)."""
+        with self.write() as db:
+            row = db.execute("SELECT revoked FROM refresh_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+            if row is None:
+                return None
+            if row[0]:
+                return "already"
+            db.execute("UPDATE refresh_tokens SET revoked = 1 WHERE token_hash = ?", (token_hash,))
+            return "revoked"
+
+    def put_secret(self, client_id, path, value, ephemeral, expires_at, now):
+        with self.write() as db:
+            db.execute("INSERT INTO secrets (client_id, path, value, ephemeral, expires_at, created_at)"
+                       " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (client_id, path) DO UPDATE SET"
+                       " value = excluded.value, ephemeral = excluded.ephemeral,"
+                       " expires_at = excluded.expires_at, created_at = excluded.created_at",
+                       (client_id, path, value, int(ephemeral), expires_at, now))
+
+    def delete_secret(self, client_id, path):
+        with self.write() as db:
+            db.execute("DELETE FROM secrets WHERE client_id = ? AND path = ?", (client_id, path))
+
+    def live_secret_paths(self, client_id, paths, now):
+        marks = ",".join("?" * len(paths))
+        rows = self.read(f"SELECT path FROM secrets WHERE client_id = ? AND path IN ({marks})"
+                         " AND (expires_at IS NULL OR expires_at > ?)", (client_id, *paths, now))
+        return {r[0] for r in rows}
+
+    def take_secrets(self, client_id, paths, now):
+        """{path: stored value} of the live secrets among ``paths``; single-use ones are deleted
+        in the same transaction, so two pops can never both read one."""
+        marks = ",".join("?" * len(paths))
+        with self.write() as db:
+            rows = db.execute(f"SELECT path, value, ephemeral FROM secrets WHERE client_id = ? AND path IN"
+                              f" ({marks}) AND (expires_at IS NULL OR expires_at > ?)",
+                              (client_id, *paths, now)).fetchall()
+            db.executemany("DELETE FROM secrets WHERE client_id = ? AND path = ?",
+                           [(client_id, r["path"]) for r in rows if r["ephemeral"]])
+            return {r["path"]: r["value"] for r in rows}
+
     def add_refresh_token(self, token_hash, client_id, issued_at, expires_at):
         with self.write() as db:
             db.execute("INSERT INTO refresh_tokens (token_hash, client_id, issued_at, expires_at, last_accessed)"
@@ -690,6 +779,7 @@ class Store:
             db.execute("DELETE FROM queue_images WHERE updated_at < ?", (cutoff,))
             db.execute("DELETE FROM wait_times WHERE popped_at < ?", (cutoff,))
             db.execute("DELETE FROM refresh_tokens WHERE last_accessed < ?", (token_cutoff,))
+            db.execute("DELETE FROM secrets WHERE expires_at < ?", (utcnow(),))
             return len(done)
 
 
@@ -1076,6 +1166,24 @@ AGENT_SCHEMA = Schema({"identifier": String(), "job_id": String(), "location": S
 PROVISION_LOG_SCHEMA = Schema({"job_id": String(required=True), "exit_code": Integer(required=True),
                                "detail": String()})
 REFRESH_SCHEMA = Schema({"refresh_token": String(required=True, validate=length(min=1))})
+CLIENT_PERMISSIONS_SCHEMA = Schema({
+    "client_secret": String(validate=length(min=15)),
+    "max_priority": Dict(keys=String(), values=Integer()),
+    "max_reservation_time": Dict(keys=String(), values=Integer()),
+    "role": String(validate=one_of(*ROLES)),
+    "email": Email(),
+})
+RESTRICTED_QUEUE_SCHEMA = Schema({"client_id": String(required=True)})
+SECRET_SCHEMA = Schema({"value": String(required=True, validate=length(min=1)),
+                        "expire_after": Integer(allow_none=True, validate=at_least(1)),
+                        "ephemeral": Boolean(default=False)},
+                       checks=(lambda d: "Provide either 'ephemeral' or 'expire_after', not both."
+                               if d.get("ephemeral") and d.get("expire_after") else None,))
+STATUS_UPDATE_SCHEMA = Schema({
+    "agent_id": String(), "job_queue": String(), "job_status_webhook": URL(required=True),
+    "events": List(Nested(Schema({"event_name": String(required=True), "timestamp": String(required=True),
+                                  "detail": String()}))),
+})
 
 
 def _queues_check(data):
@@ -1196,12 +1304,41 @@ class Identity:
     anonymous: bool = False
 
 
+def server_key(config):
+    """The server's secret key: configured, or kept in ``<db>.key`` (mode 0600) beside the
+    database — never in the database itself, which must not reveal the secrets it stores."""
+    if config.secret_key:
+        return config.secret_key
+    if config.db in (":memory:", ""):
+        return secrets.token_hex(32)
+    path = config.db + ".key"
+    try:
+        with open(path) as fh:
+            key = fh.read().strip()
+        if key:
+            return key
+    except FileNotFoundError:
+        pass
+    key = secrets.token_hex(32)
+    try:
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+            fh.write(key + "\n")
+    except FileExistsError:            # another process made it first: use theirs
+        with open(path) as fh:
+            return fh.read().strip()
+    return key
+
+
+ROLE_RANK = {"agent": 0, "contributor": 1, "manager": 2, "admin": 3}
+SYSTEM_ADMIN = "testflinger-admin"
+
+
 class Auth:
     """Clients, their secrets and tokens; the role of each request."""
 
-    def __init__(self, store, config):
+    def __init__(self, store, config, key=None):
         self.store, self.config = store, config
-        self.key = config.secret_key or store.setting("jwt_signing_key", lambda: secrets.token_hex(32))
+        self.key = key or server_key(config)
         # Tokens whose signature was verified: an agent sends the same token for ten minutes, and
         # checking the signature once is enough (the times are still checked on every request).
         self._verified = {}
@@ -1273,6 +1410,91 @@ class Auth:
         return {"access_token": self.access_token(permissions), "token_type": "Bearer",
                 "expires_in": self.config.access_token_seconds}
 
+    def revoke(self, token):
+        outcome = self.store.revoke_refresh_token(_sha256(token))
+        if outcome is None:
+            raise ApiError(400, "Refresh token not found")
+        if outcome == "already":
+            raise ApiError(400, "Refresh token has already been revoked")
+
+    # -- client permissions (spec §2.5) --------------------------------------------
+
+    def client_permissions(self, client_id=None):
+        """One client's permissions (None if unknown), or every client's as a list."""
+        rows = self.store.list_clients() if client_id is None else [self.store.get_client(client_id)]
+        out = []
+        for row in rows:
+            if row is None:
+                return None
+            entry = {"client_id": row["client_id"]}
+            for key in Store.CLIENT_JSON:
+                if row[key] is not None:
+                    entry[key] = json.loads(row[key])
+            entry["role"] = row["role"] or "contributor"
+            if row["email"] is not None:
+                entry["email"] = row["email"]
+            out.append(entry)
+        return out if client_id is None else out[0]
+
+    def set_client_permissions(self, caller, client_id, data):
+        """Create or update a client; a caller never acts above its own role."""
+        if client_id == SYSTEM_ADMIN:
+            raise ApiError(422, "Error: System admin client cannot by modified from API.")
+        data = dict(data)
+        secret = data.pop("client_secret", None)
+        current = self.store.get_client(client_id)
+        if current is None and not secret:
+            raise ApiError(400, "Error: Missing client_secret in request body for new client")
+        current_role = current["role"] if current is not None else "contributor"
+        if ROLE_RANK[caller.role] < ROLE_RANK[current_role]:
+            raise ApiError(403, f"{caller.client_id} has insufficient permissions to modify client '{client_id}'")
+        new_role = data.get("role")
+        if new_role and ROLE_RANK[caller.role] < ROLE_RANK[new_role]:
+            raise ApiError(403, f"{caller.client_id} has insufficient permissions to assign role "
+                                f"'{new_role}' to client '{client_id}'")
+        if secret:
+            data["secret_hash"] = hash_secret(secret)
+        if current is None:
+            data.setdefault("role", "contributor")
+        self.store.save_client(client_id, data, utcnow())
+        self._verified.clear()
+        verb = "Created" if current is None else "Updated"
+        return f"{verb} permissions for client '{client_id}'"
+
+    def delete_client(self, client_id):
+        if client_id == SYSTEM_ADMIN:
+            raise ApiError(422, "Error: System admin client cannot by deleted from API.")
+        if not self.store.delete_client(client_id):
+            raise ApiError(404, "Error: Specified client_id does not exist.")
+
+    # -- restricted queues ---------------------------------------------------------------
+
+    def restricted_queues(self, queue_name=None):
+        names = self.store.restricted_queues()
+        if queue_name is not None:
+            if queue_name not in names:
+                raise ApiError(404, "Error: Restricted queue not found.")
+            names = [queue_name]
+        owners = self.store.restricted_owners(names)
+        found = [{"queue": q, "owners": owners.get(q, [])} for q in names]
+        return found if queue_name is None else found[0]
+
+    def restrict_queue(self, queue_name, client_id):
+        if not client_id:
+            raise ApiError(400, "Error: Missing client ID.")
+        if self.store.get_client(client_id) is None:
+            raise ApiError(404, "Error: Specified client_id does not exist.")
+        if not self.store.queue_exists(queue_name):
+            raise ApiError(404, "Error: No agent is associated with the specified queue.")
+        self.store.restrict_queue(queue_name, client_id)
+
+    def unrestrict_queue(self, queue_name, client_id):
+        if not self.store.is_restricted(queue_name):
+            raise ApiError(404, "Error: Restricted queue not found.")
+        if not client_id:
+            raise ApiError(400, "Error: Missing client ID.")
+        self.store.unrestrict_queue(queue_name, client_id)
+
     def identify(self, authorization):
         """The caller's identity from the ``Authorization`` header (JWT errors raise ApiError)."""
         if not authorization:
@@ -1311,6 +1533,153 @@ def _sha256(text):
 
 
 ###############################################################################
+# Secrets #####################################################################
+###############################################################################
+#
+# Job secrets live in the database encrypted with a key derived from the
+# server's secret key (kept outside the database).  Standard library only: an
+# HMAC-SHA256 keystream (a stream cipher in counter mode) with a random nonce
+# per value, and an HMAC-SHA256 tag over nonce, owner, path and ciphertext, so
+# a value can be neither read nor swapped to another path without the key.
+
+SECRET_PATH = re.compile(r"^[a-zA-Z0-9_-]+(?:/[a-zA-Z0-9_-]+)*$")
+DEFAULT_SECRET_SECONDS = 365 * 86400
+
+
+class SecretBox:
+    def __init__(self, server_secret):
+        root = server_secret.encode()
+        self.enc_key = hmac.new(root, b"agenthub secrets: encryption", hashlib.sha256).digest()
+        self.mac_key = hmac.new(root, b"agenthub secrets: authentication", hashlib.sha256).digest()
+
+    def _stream(self, nonce, length):
+        blocks = (hmac.new(self.enc_key, nonce + n.to_bytes(8, "big"), hashlib.sha256).digest()
+                  for n in range((length + 31) // 32))
+        return b"".join(blocks)[:length]
+
+    def _tag(self, nonce, owner, path, ciphertext):
+        label = json.dumps([owner, path]).encode()
+        return hmac.new(self.mac_key, nonce + len(label).to_bytes(4, "big") + label + ciphertext,
+                        hashlib.sha256).digest()
+
+    def seal(self, owner, path, value):
+        data, nonce = value.encode(), secrets.token_bytes(16)
+        ciphertext = bytes(a ^ b for a, b in zip(data, self._stream(nonce, len(data))))
+        return b"v1" + nonce + self._tag(nonce, owner, path, ciphertext) + ciphertext
+
+    def open(self, owner, path, sealed):
+        """The value, or None when the stored bytes fail their tag (tampered, or another key)."""
+        if not sealed.startswith(b"v1") or len(sealed) < 50:
+            return None
+        nonce, tag, ciphertext = sealed[2:18], sealed[18:50], sealed[50:]
+        if not hmac.compare_digest(tag, self._tag(nonce, owner, path, ciphertext)):
+            return None
+        return bytes(a ^ b for a, b in zip(ciphertext, self._stream(nonce, len(ciphertext)))).decode()
+
+
+class Secrets:
+    """The secrets store of spec §2.8, kept in the database."""
+
+    def __init__(self, store, box):
+        self.store, self.box = store, box
+
+    def _check(self, identity, client_id, path):
+        if not identity.client_id:
+            raise ApiError(401, "A login (known client_id) is required to securely store information.")
+        if client_id != identity.client_id:
+            raise ApiError(403, f"'{client_id}' doesn't match authenticated client id")
+        if not SECRET_PATH.match(path):
+            raise ApiError(422, f"Invalid value '{path}', not a valid path. \nPaths must only contain "
+                                "alphanumeric characters, hyphens (-), underscores (_), and forward slashes (/)."
+                                " Additionally, paths must not start or end with a forward slash (/).")
+
+    def write(self, identity, client_id, path, data):
+        """Store a value; returns when it expires (None: never, or single use)."""
+        self._check(identity, client_id, path)
+        now = utcnow()
+        ephemeral = data.get("ephemeral", False)
+        after = data.get("expire_after", DEFAULT_SECRET_SECONDS)
+        expires_at = None if ephemeral or after is None else now + after
+        self.store.put_secret(client_id, path, self.box.seal(client_id, path, data["value"]), ephemeral,
+                              expires_at, now)
+        return expires_at
+
+    def delete(self, identity, client_id, path):
+        self._check(identity, client_id, path)
+        self.store.delete_secret(client_id, path)
+
+    def missing(self, client_id, paths):
+        """The paths among ``paths`` that ``client_id`` has no live secret at."""
+        live = self.store.live_secret_paths(client_id, list(paths), utcnow()) if paths else set()
+        return sorted(set(paths) - live)
+
+    def resolve(self, client_id, mapping):
+        """{ENV: path} → {ENV: value}; whatever cannot be read becomes "" (never an error)."""
+        if not client_id or not mapping:
+            return dict.fromkeys(mapping, "")
+        sealed = self.store.take_secrets(client_id, sorted(set(mapping.values())), utcnow())
+        values = {path: self.box.open(client_id, path, blob) for path, blob in sealed.items()}
+        return {env: values.get(path) or "" for env, path in mapping.items()}
+
+
+###############################################################################
+# Webhooks ####################################################################
+###############################################################################
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is the receiver's answer, passed back as it is, never followed."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_webhook_opener = urllib.request.build_opener(_NoRedirect)
+
+
+def http_send(method, url, body, headers, timeout):
+    """One HTTP request by urllib: (status, text).  Raises TimeoutError or OSError (unreachable)."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with _webhook_opener.open(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:        # 4xx/5xx/3xx answers are answers
+        with exc:
+            return exc.code, exc.read().decode("utf-8", "replace")
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, (TimeoutError, socket.timeout)):
+            raise TimeoutError(str(exc.reason)) from exc
+        raise OSError(str(exc.reason)) from exc
+    except (socket.timeout, TimeoutError) as exc:
+        raise TimeoutError(str(exc)) from exc
+
+
+def forward_job_status(config, job_url, payload):
+    """PUT the agent's job events to the job's webhook (spec §5); (status, text) to answer with."""
+    if not config.webhook_url:
+        # A server without a webhook configured cannot serve this: the original's 500.
+        raise ApiError(500, "Webhook URL not configured")
+    allowed, given = urllib.parse.urlsplit(config.webhook_url), urllib.parse.urlsplit(job_url)
+    if (given.scheme, given.netloc) != (allowed.scheme, allowed.netloc):
+        raise ApiError(403, "Invalid job_status_webhook URL specified")
+    headers = {"Content-Type": "application/json"}
+    if config.webhook_auth:
+        headers["Authorization"] = f"Bearer {config.webhook_auth}"
+    body = json.dumps(payload).encode()
+    for attempt in (1, 2):                       # one retry on a connection failure
+        try:
+            status, text = http_send("PUT", job_url, body, headers, timeout=3)
+            break
+        except TimeoutError:
+            raise ApiError(504, "Webhook Timeout")
+        except OSError:
+            if attempt == 2:
+                raise ApiError(502, "Webhook unreachable")
+    if status in (401, 403):
+        raise ApiError(500, "Webhook authentication failed")
+    return status, text
+
+
+###############################################################################
 # Job queue ###################################################################
 ###############################################################################
 
@@ -1339,8 +1708,8 @@ class JobQueue:
 
     ACTIVE_END = ("cancelled", "complete", "completed")
 
-    def __init__(self, store, config):
-        self.store, self.config = store, config
+    def __init__(self, store, config, secrets_store):
+        self.store, self.config, self.secrets = store, config, secrets_store
 
     # -- jobs ----------------------------------------------------------------------
 
@@ -1351,8 +1720,13 @@ class JobQueue:
             allowed = [a for a in self.store.list_agents(queue_name) if a["name"] not in data["exclude_agents"]]
             if not allowed:
                 raise ApiError(422, "There are no agents on the specified queue that are allowed to run this job")
-        if "secrets" in data.get("test_data", {}):
-            raise ApiError(422, "No secrets store")
+        uses_secrets = "secrets" in data.get("test_data", {})
+        if uses_secrets:
+            if not identity.client_id:
+                raise ApiError(422, "Missing client ID (user not authenticated)")
+            missing = self.secrets.missing(identity.client_id, data["test_data"]["secrets"].values())
+            if missing:
+                raise ApiError(422, "Inaccessible secret paths: " + ", ".join(missing))
         job_id = parse_job_id(data["job_id"]) if data.get("job_id") else str(uuid.uuid4())
         if job_id is None:
             raise ApiError(400, "Invalid job_id specified")
@@ -1409,11 +1783,11 @@ class JobQueue:
         job["started_at"] = iso(row["started_at"])
         if row["attachments_status"]:
             job["attachments_status"] = row["attachments_status"]
-        if row["client_id"]:
-            job["client_id"] = row["client_id"]
         if "secrets" in job.get("test_data", {}):
-            # No secrets store yet: every secret resolves to "" (the original's rule).
-            job["test_data"]["secrets"] = dict.fromkeys(job["test_data"]["secrets"], "")
+            # Resolved only here, for the agent; unreadable ones become "" (the original's rule).
+            if row["client_id"]:
+                job["client_id"] = row["client_id"]
+            job["test_data"]["secrets"] = self.secrets.resolve(row["client_id"], job["test_data"]["secrets"])
         return job
 
     def definition(self, job_id):
@@ -2248,6 +2622,77 @@ def install_testflinger(app, hub):
     def oauth_refresh():
         return json_response(auth.refresh(body(REFRESH_SCHEMA)["refresh_token"]))
 
+    @route("POST", "/v1/oauth2/revoke", ("admin",))
+    def oauth_revoke():
+        auth.revoke(body(REFRESH_SCHEMA)["refresh_token"])
+        return json_response({"status": "OK"})
+
+    # -- job status webhook ------------------------------------------------------------
+
+    @route("POST", "/v1/job/<job_id>/events", AGENT)
+    def job_events(job_id):
+        data = body(STATUS_UPDATE_SCHEMA)
+        job_id = tf_job_id(job_id)
+        if hub.store.get_job(job_id) is None:
+            return tf_abort(404, "Job not found")
+        url = data.pop("job_status_webhook")
+        status, text = forward_job_status(config, url, data)
+        return HTTPResponse(text, status, {"Content-Type": "text/html; charset=utf-8"})
+
+    # -- restricted queues and client permissions ------------------------------------------
+
+    @route("GET", "/v1/restricted-queues", AMC)
+    def restricted_queues():
+        return json_response(auth.restricted_queues())
+
+    @route("GET", "/v1/restricted-queues/<queue_name>", AMC)
+    def restricted_queue(queue_name):
+        return json_response(auth.restricted_queues(queue_name))
+
+    @route("POST", "/v1/restricted-queues/<queue_name>", ("admin", "manager"))
+    def restrict_queue(queue_name):
+        auth.restrict_queue(queue_name, body(RESTRICTED_QUEUE_SCHEMA)["client_id"])
+        return text_response("OK")
+
+    @route("DELETE", "/v1/restricted-queues/<queue_name>", ("admin", "manager"))
+    def unrestrict_queue(queue_name):
+        auth.unrestrict_queue(queue_name, body(RESTRICTED_QUEUE_SCHEMA)["client_id"])
+        return text_response("OK")
+
+    @route("GET", "/v1/client-permissions", ("admin", "manager"))
+    def all_client_permissions():
+        return json_response(auth.client_permissions())
+
+    @route("GET", "/v1/client-permissions/<client_id>", ("admin", "manager"))
+    def client_permissions(client_id):
+        found = auth.client_permissions(client_id)
+        if found is None:
+            return tf_abort(404, "Error: Specified client_id does not exist.")
+        return json_response(found)
+
+    @route("PUT", "/v1/client-permissions/<client_id>", ("admin", "manager"))
+    def set_client_permissions(client_id):
+        data = body(CLIENT_PERMISSIONS_SCHEMA)
+        return text_response(auth.set_client_permissions(request.environ["agenthub.identity"], client_id, data))
+
+    @route("DELETE", "/v1/client-permissions/<client_id>", ("admin",))
+    def delete_client_permissions(client_id):
+        auth.delete_client(client_id)
+        return text_response("OK")
+
+    # -- secrets ---------------------------------------------------------------------------------
+
+    @route("PUT", "/v1/secrets/<client_id>/<path:path>", ("contributor", "manager", "admin"))
+    def put_secret(client_id, path):
+        data = body(SECRET_SCHEMA)
+        expires = hub.secrets.write(request.environ["agenthub.identity"], client_id, path, data)
+        return json_response({"expires_at": iso(expires)})
+
+    @route("DELETE", "/v1/secrets/<client_id>/<path:path>", ("contributor", "manager", "admin"))
+    def delete_secret(client_id, path):
+        hub.secrets.delete(request.environ["agenthub.identity"], client_id, path)
+        return text_response("OK")
+
 
 def tf_http_error(error):
     """Bottle-level errors (unknown route, wrong method, crash) on ``/v1`` in Testflinger's style."""
@@ -2385,8 +2830,10 @@ class Hub:
     def __init__(self, config):
         self.config = config
         self.store = Store(config.db)
-        self.auth = Auth(self.store, config)
-        self.jobs = JobQueue(self.store, config)
+        key = server_key(config)
+        self.auth = Auth(self.store, config, key)
+        self.secrets = Secrets(self.store, SecretBox(key))
+        self.jobs = JobQueue(self.store, config, self.secrets)
         self.event_acl = EventAcl(self.store, config.event_acl_default)
         self.events = UserEvents(EventBuffer(self.store, config.event_buffer_size, config.event_max_bytes),
                                  self.event_acl, config)
@@ -2599,6 +3046,11 @@ def _serve_options(parser, env):
     parser.add_argument("--event-acl-default", choices=("allow", "deny"), default=env.event_acl_default,
                         help="event policy for requests without a token, and for names no token prefix"
                              " covers (default %(default)s; AGENTHUB_EVENT_ACL_DEFAULT)")
+    parser.add_argument("--webhook-url", default=env.webhook_url,
+                        help="base URL (scheme, host, port) that jobs' job_status_webhook must point at;"
+                             " unset: POST /v1/job/<id>/events answers 500 (AGENTHUB_WEBHOOK_URL)")
+    parser.add_argument("--webhook-auth", default=env.webhook_auth,
+                        help="bearer token sent to that webhook (AGENTHUB_WEBHOOK_AUTH)")
     parser.add_argument("--datacenter", default=env.datacenter,
                         help="the datacenter name ?dc= may give (default %(default)s)")
     parser.add_argument("--bench-route", action="store_true",
@@ -2674,7 +3126,8 @@ def serve_command(args):
                     retention_days=args.retention_days, purge_interval=args.purge_interval,
                     max_json_bytes=args.max_json_bytes, quiet=args.quiet, bench_route=args.bench_route,
                     event_buffer_size=args.event_buffer_size, event_max_bytes=args.event_max_bytes,
-                    event_acl_default=args.event_acl_default, datacenter=args.datacenter)
+                    event_acl_default=args.event_acl_default, datacenter=args.datacenter,
+                    webhook_url=args.webhook_url, webhook_auth=args.webhook_auth)
     app = create_app(config)
     try:
         if config.server != "threaded":

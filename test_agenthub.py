@@ -156,14 +156,21 @@ def test_failed_write_transaction_leaves_nothing(app):
     assert store.read("SELECT * FROM restricted_queues") == []
 
 
-def test_secret_key_is_kept_in_a_file_database(tmp_path):
+def test_secret_key_is_kept_beside_the_database_not_in_it(tmp_path):
     path = str(tmp_path / "hub.db")
     first = create_app(db=path, purge_interval=0)
     key = first.hub.auth.key
     first.close()
+    key_file = tmp_path / "hub.db.key"
+    assert key_file.read_text().strip() == key and len(key) == 64
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    assert key.encode() not in (tmp_path / "hub.db").read_bytes()
     second = create_app(db=path, purge_interval=0)
-    assert second.hub.auth.key == key and len(key) == 64
+    assert second.hub.auth.key == key
     second.close()
+    configured = create_app(db=path, secret_key="given", purge_interval=0)
+    assert configured.hub.auth.key == "given"
+    configured.close()
 
 
 # == Validation =====================================================================================
@@ -297,23 +304,44 @@ ROUTES = [
     ("GET", "/v1/agents/data", AMC), ("GET", "/v1/agents/data/a1", ALL), ("POST", "/v1/agents/data/a1", AMA),
     ("POST", "/v1/agents/provision_logs/a1", AGENT), ("GET", "/v1/queues/wait_times", AMC),
     ("GET", "/v1/queues/q1/agents", AMC), ("GET", "/v1/queues/q1/jobs", AMC),
+    ("POST", f"/v1/job/{ANY_UUID}/events", AGENT), ("POST", "/v1/oauth2/revoke", ("admin",)),
+    ("GET", "/v1/restricted-queues", AMC), ("GET", "/v1/restricted-queues/q1", AMC),
+    ("POST", "/v1/restricted-queues/q1", ("admin", "manager")),
+    ("DELETE", "/v1/restricted-queues/q1", ("admin", "manager")),
+    ("GET", "/v1/client-permissions", ("admin", "manager")),
+    ("GET", "/v1/client-permissions/someone", ("admin", "manager")),
+    ("PUT", "/v1/client-permissions/someone", ("admin", "manager")),
+    ("DELETE", "/v1/client-permissions/someone", ("admin",)),
+    ("PUT", "/v1/secrets/someone/a/b", ("contributor", "manager", "admin")),
+    ("DELETE", "/v1/secrets/someone/a/b", ("contributor", "manager", "admin")),
 ]
+PUBLIC = [("GET", "/v1"), ("POST", "/v1/oauth2/token"), ("POST", "/v1/oauth2/refresh")]
 
 
+@pytest.mark.parametrize("require_auth", [False, True], ids=["default", "require-auth"])
 @pytest.mark.parametrize("method,path,roles", ROUTES, ids=[f"{m} {p}" for m, p, _ in ROUTES])
-def test_role_matrix(app, method, path, roles):
+def test_role_matrix(method, path, roles, require_auth):
+    app = create_app(require_auth=require_auth, purge_interval=0)
     callers = {role: token_headers(app, role) for role in ALL}
     callers["anonymous"] = {}
     callers["not-bearer"] = {"Authorization": "Token abc"}
     test = webtest.TestApp(app)
     for who, headers in callers.items():
         answer = test.request(path, method=method, headers=headers, expect_errors=True)
-        allowed = who in roles or (who == "anonymous" and "contributor" in roles)
+        allowed = who in roles or (who == "anonymous" and "contributor" in roles and not require_auth)
         if allowed:
-            assert answer.status_int != 403 or "requires role" not in answer.text, (who, answer.text)
+            assert answer.status_int not in (401, 403) or "requires role" not in answer.text \
+                and "Authentication is required" not in answer.text, (who, answer.text)
+        elif require_auth and who in ("anonymous", "not-bearer"):
+            assert answer.status_int == 401, (who, answer.status)
+            assert answer.json["message"] == "Authentication is required for specified endpoint"
         else:
             assert answer.status_int == 403, (who, answer.status)
             assert answer.json["message"] == "Specified action requires role: " + ", ".join(roles)
+    for method, path in PUBLIC:            # public in both modes: never a role error
+        answer = test.request(path, method=method, expect_errors=True)
+        assert "requires role" not in answer.text and "Authentication is required" not in answer.text
+    app.close()
 
 
 def test_require_auth_mode_refuses_anonymous(tmp_path):
@@ -324,6 +352,309 @@ def test_require_auth_mode_refuses_anonymous(tmp_path):
     test.get("/v1/", status=200)                           # public stays public
     Client(app, token_headers(app, "contributor")).post_json("/v1/job", {"job_queue": "q"}, status=200)
     app.close()
+
+
+# == Access control: client permissions, restricted queues, revoke, secrets, webhooks ===============================
+
+def test_client_permissions_crud(app):
+    admin = Client(app, token_headers(app, "admin", "boss"))
+    answer = admin.put_json("/v1/client-permissions/ci-bot", {
+        "client_secret": "a-long-enough-secret", "max_priority": {"*": 10, "lab": 50},
+        "max_reservation_time": {"lab": 40000}, "role": "contributor", "email": "ci@example.com"})
+    assert answer.text == "Created permissions for client 'ci-bot'" and answer.content_type == "text/html"
+    assert admin.get("/v1/client-permissions/ci-bot").json == {
+        "client_id": "ci-bot", "max_priority": {"*": 10, "lab": 50}, "max_reservation_time": {"lab": 40000},
+        "role": "contributor", "email": "ci@example.com"}
+    assert admin.put_json("/v1/client-permissions/ci-bot", {"max_priority": {"*": 3}}).text == \
+        "Updated permissions for client 'ci-bot'"
+    got = admin.get("/v1/client-permissions/ci-bot").json
+    assert got["max_priority"] == {"*": 3} and got["email"] == "ci@example.com"     # merged
+    listing = admin.get("/v1/client-permissions").json
+    assert {c["client_id"] for c in listing} == {"boss", "ci-bot"}
+    assert all("secret_hash" not in c and "client_secret" not in c for c in listing)
+    # The secret set through the API works for logging in, and a new one replaces it.
+    for secret in ("a-long-enough-secret", "another-long-secret"):
+        if secret != "a-long-enough-secret":
+            admin.put_json("/v1/client-permissions/ci-bot", {"client_secret": secret})
+        basic = base64.b64encode(f"ci-bot:{secret}".encode()).decode()
+        webtest.TestApp(app).post("/v1/oauth2/token", headers={"Authorization": f"Basic {basic}"})
+    basic = base64.b64encode(b"ci-bot:a-long-enough-secret").decode()
+    webtest.TestApp(app).post("/v1/oauth2/token", headers={"Authorization": f"Basic {basic}"}, status=401)
+    assert admin.delete("/v1/client-permissions/ci-bot").text == "OK"
+    assert admin.get("/v1/client-permissions/ci-bot", status=404).json["message"] == \
+        "Error: Specified client_id does not exist."
+    assert admin.delete("/v1/client-permissions/ci-bot", status=404).json["message"] == \
+        "Error: Specified client_id does not exist."
+
+
+@pytest.mark.parametrize("body,errors", [
+    ({"client_secret": "short"}, {"client_secret": ["Shorter than minimum length 15."]}),
+    ({"role": "king"}, {"role": ["Must be one of: admin, manager, contributor, agent."]}),
+    ({"email": "nope"}, {"email": ["Not a valid email address."]}),
+    ({"max_priority": {"*": "high"}}, {"max_priority": {"*": {"value": ["Not a valid integer."]}}}),
+    ({"allowed_queues": ["x"]}, {"allowed_queues": ["Unknown field."]}),
+])
+def test_client_permissions_validation(app, body, errors):
+    admin = Client(app, token_headers(app, "admin"))
+    assert admin.put_json("/v1/client-permissions/x", body, status=422).json["detail"] == {"json": errors}
+
+
+def test_client_permissions_role_hierarchy(app):
+    manager = Client(app, token_headers(app, "manager", "mgr"))
+    admin = Client(app, token_headers(app, "admin", "boss"))
+    assert manager.put_json("/v1/client-permissions/new", {"role": "agent"}, status=400).json["message"] == \
+        "Error: Missing client_secret in request body for new client"
+    manager.put_json("/v1/client-permissions/new", {"client_secret": "x" * 15, "role": "manager"})
+    assert manager.put_json("/v1/client-permissions/new", {"role": "admin"}, status=403).json["message"] == \
+        "mgr has insufficient permissions to assign role 'admin' to client 'new'"
+    admin.put_json("/v1/client-permissions/top", {"client_secret": "x" * 15, "role": "admin"})
+    assert manager.put_json("/v1/client-permissions/top", {"max_priority": {"*": 1}}, status=403).json[
+        "message"] == "mgr has insufficient permissions to modify client 'top'"
+    for call in (admin.put_json("/v1/client-permissions/testflinger-admin", {"role": "agent"}, status=422),
+                 admin.delete("/v1/client-permissions/testflinger-admin", status=422)):
+        assert call.json["message"].startswith("Error: System admin client cannot by")
+    manager.delete("/v1/client-permissions/new", status=403)
+
+
+def test_new_permissions_apply_at_the_next_token(app):
+    admin = Client(app, token_headers(app, "admin"))
+    admin.put_json("/v1/client-permissions/ci", {"client_secret": "s" * 15})
+    basic = {"Authorization": "Basic " + base64.b64encode(b"ci:" + b"s" * 15).decode()}
+    test = webtest.TestApp(app)
+    old = {"Authorization": "Bearer " + test.post("/v1/oauth2/token", headers=basic).json["access_token"]}
+    admin.put_json("/v1/client-permissions/ci", {"max_priority": {"*": 5}})
+    test.post_json("/v1/job", {"job_queue": "q", "job_priority": 5}, headers=old, status=403)
+    # A new token carries the new permissions.
+    new = {"Authorization": "Bearer " + test.post("/v1/oauth2/token", headers=basic).json["access_token"]}
+    test.post_json("/v1/job", {"job_queue": "q", "job_priority": 5}, headers=new, status=200)
+
+
+def test_restricted_queues(app, agent):
+    manager = Client(app, token_headers(app, "manager", "mgr"))
+    anon = webtest.TestApp(app)
+    app.hub.auth.add_client("team", "contributor")
+    assert anon.get("/v1/restricted-queues").json == []
+    assert manager.post_json("/v1/restricted-queues/q1", {"client_id": ""}, status=400).json["message"] == \
+        "Error: Missing client ID."
+    manager.post_json("/v1/restricted-queues/q1", {}, status=422)
+    assert manager.post_json("/v1/restricted-queues/q1", {"client_id": "ghost"}, status=404).json["message"] == \
+        "Error: Specified client_id does not exist."
+    assert manager.post_json("/v1/restricted-queues/nowhere", {"client_id": "team"}, status=404).json[
+        "message"] == "Error: No agent is associated with the specified queue."
+    assert manager.post_json("/v1/restricted-queues/q1", {"client_id": "team"}).text == "OK"
+    assert anon.get("/v1/restricted-queues").json == [{"queue": "q1", "owners": ["team"]}]
+    assert anon.get("/v1/restricted-queues/q1").json == {"queue": "q1", "owners": ["team"]}
+    assert anon.get("/v1/restricted-queues/q2", status=404).json["message"] == "Error: Restricted queue not found."
+    assert anon.get("/v1/agents/data/agent1").json["restricted_to"] == {"q1": ["team"]}
+    assert app.hub.auth.permissions("team")["allowed_queues"] == ["q1"]
+    anon.post_json("/v1/job", {"job_queue": "q1"}, status=401)
+    team = Client(app, token_headers(app, "contributor", "team"))
+    submit(team, job_queue="q1")
+    assert manager.delete_json("/v1/restricted-queues/q2", {"client_id": "team"}, status=404).json[
+        "message"] == "Error: Restricted queue not found."
+    assert manager.delete_json("/v1/restricted-queues/q1", {"client_id": ""}, status=400).status_int == 400
+    assert manager.delete_json("/v1/restricted-queues/q1", {"client_id": "team"}).text == "OK"
+    assert anon.get("/v1/restricted-queues").json == []
+    assert app.hub.auth.permissions("team")["allowed_queues"] == []
+    submit(anon, job_queue="q1")
+
+
+def test_revoke_refresh_tokens(app):
+    admin = Client(app, token_headers(app, "admin"))
+    app.hub.auth.add_client("agent9", "agent")
+    token = app.hub.auth.refresh_token("agent9")
+    anon = webtest.TestApp(app)
+    anon.post_json("/v1/oauth2/refresh", {"refresh_token": token})
+    last = app.hub.store.read_one("SELECT last_accessed FROM refresh_tokens WHERE client_id = 'agent9'")[0]
+    assert last > time.time() - 5
+    assert admin.post_json("/v1/oauth2/revoke", {"refresh_token": token}).json == {"status": "OK"}
+    assert anon.post_json("/v1/oauth2/refresh", {"refresh_token": token}, status=400).json["message"] == \
+        "Refresh token revoked."
+    assert admin.post_json("/v1/oauth2/revoke", {"refresh_token": token}, status=400).json["message"] == \
+        "Refresh token has already been revoked"
+    assert admin.post_json("/v1/oauth2/revoke", {"refresh_token": "zzz"}, status=400).json["message"] == \
+        "Refresh token not found"
+    admin.post_json("/v1/oauth2/revoke", {}, status=422)
+
+
+def test_secrets_lifecycle(app, anon):
+    alice = Client(app, token_headers(app, "contributor", "alice"))
+    bob = Client(app, token_headers(app, "contributor", "bob"))
+    agent = Client(app, token_headers(app, "agent", "agent1"))
+    agent.post_json("/v1/agents/data/agent1", {"queues": ["q1"]})
+    answer = alice.put_json("/v1/secrets/alice/lab/token", {"value": "s3cr3t-value"})
+    expires = agenthub.parse_iso(answer.json["expires_at"])
+    assert abs(expires - (time.time() + 365 * 86400)) < 60
+    assert alice.put_json("/v1/secrets/alice/lab/once", {"value": "one-time", "ephemeral": True}).json == {
+        "expires_at": None}
+    assert alice.put_json("/v1/secrets/alice/lab/forever", {"value": "v", "expire_after": None}).json == {
+        "expires_at": None}
+    # Stored encrypted: neither the value nor its bytes are in the row.
+    stored = app.hub.store.read_one("SELECT value FROM secrets WHERE path = 'lab/token'")[0]
+    assert b"s3cr3t-value" not in stored and stored != b"s3cr3t-value"
+    job_id = submit(alice, test_data={"secrets": {"TOKEN": "lab/token", "ONCE": "lab/once"}})
+    definition = alice.get(f"/v1/job/{job_id}").json
+    assert definition["test_data"]["secrets"] == {"TOKEN": "lab/token", "ONCE": "lab/once"}    # paths only
+    assert "s3cr3t" not in alice.get(f"/v1/result/{job_id}").text
+    submit(alice, test_data={"secrets": {"ONCE": "lab/once"}})
+    popped = agent.get("/v1/job?queue=q1").json
+    assert popped["test_data"]["secrets"] == {"TOKEN": "s3cr3t-value", "ONCE": "one-time"}
+    assert popped["client_id"] == "alice"
+    second = agent.get("/v1/job?queue=q1").json            # the single-use secret is gone
+    assert second["test_data"]["secrets"] == {"ONCE": ""}
+    # Errors.
+    assert bob.put_json("/v1/secrets/alice/lab/token", {"value": "x"}, status=403).json["message"] == \
+        "'alice' doesn't match authenticated client id"
+    assert anon.put_json("/v1/secrets/alice/lab/token", {"value": "x"}, status=401).json["message"].startswith(
+        "A login (known client_id) is required")
+    alice.put_json("/v1/secrets/alice/bad path", {"value": "x"}, status=422)
+    alice.put_json("/v1/secrets/alice/a//b", {"value": "x"}, status=422)
+    alice.put_json("/v1/secrets/alice/a", {"value": ""}, status=422)
+    assert alice.put_json("/v1/secrets/alice/a", {"value": "x", "ephemeral": True, "expire_after": 5},
+                          status=422).json["detail"]["json"]["_schema"] == [
+        "Provide either 'ephemeral' or 'expire_after', not both."]
+    alice.put_json("/v1/secrets/alice/a", {"value": "x", "expire_after": 0}, status=422)
+    # Expiry and delete.
+    alice.put_json("/v1/secrets/alice/short", {"value": "x", "expire_after": 1})
+    with app.hub.store.write() as db:
+        db.execute("UPDATE secrets SET expires_at = ? WHERE path = 'short'", (time.time() - 1,))
+    assert alice.post_json("/v1/job", {"job_queue": "q1", "test_data": {"secrets": {"S": "short"}}},
+                           status=422).json["message"] == "Inaccessible secret paths: short"
+    assert alice.delete("/v1/secrets/alice/lab/token").text == "OK"
+    assert alice.post_json("/v1/job", {"job_queue": "q1", "test_data": {"secrets": {"T": "lab/token"}}},
+                           status=422).status_int == 422
+    bob.delete("/v1/secrets/alice/lab/forever", status=403)
+
+
+def test_secret_box_rejects_tampering():
+    box = agenthub.SecretBox("key")
+    sealed = box.seal("alice", "p", "value \u00e9")
+    assert box.open("alice", "p", sealed) == "value \u00e9"
+    assert box.open("bob", "p", sealed) is None and box.open("alice", "q", sealed) is None
+    assert agenthub.SecretBox("other").open("alice", "p", sealed) is None
+    flipped = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    assert box.open("alice", "p", flipped) is None
+    assert box.seal("alice", "p", "value") != box.seal("alice", "p", "value")          # fresh nonce
+
+
+class Receiver:
+    """A tiny local HTTP server that records requests and answers as told."""
+
+    def __init__(self, status=200, body=b"received", delay=0, location=None):
+        import http.server
+        self.requests, outer = [], self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _any(self):
+                data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.requests.append((self.command, self.path, dict(self.headers), data))
+                time.sleep(delay)
+                self.send_response(status)
+                if location:
+                    self.send_header("Location", location)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            do_PUT = do_POST = do_GET = _any
+
+            def log_message(self, *args):
+                pass
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _events_body(url):
+    return {"agent_id": "agent1", "job_queue": "q1", "job_status_webhook": url,
+            "events": [{"event_name": "job_start", "timestamp": "2026-11-24T03:00:00+00:00",
+                        "detail": "http://hub/jobs/x"}]}
+
+
+@pytest.mark.parametrize("status,body,expect_status,expect_text", [
+    (200, b"thanks", 200, "thanks"), (201, b"made", 201, "made"), (404, b"no such hook", 404, "no such hook"),
+    (401, b"who?", 500, None), (403, b"no", 500, None),
+])
+def test_job_status_webhook_forwarding(status, body, expect_status, expect_text):
+    receiver = Receiver(status, body)
+    app = create_app(webhook_url=receiver.url + "/base", webhook_auth="hook-secret", purge_interval=0)
+    try:
+        anon = webtest.TestApp(app)
+        agent = Client(app, token_headers(app, "agent", "agent1"))
+        job_id = submit(anon, job_status_webhook=receiver.url + "/hooks/job")
+        answer = agent.post_json(f"/v1/job/{job_id}/events", _events_body(receiver.url + "/hooks/job"),
+                                 status=expect_status)
+        if expect_text is None:
+            assert answer.json["message"] == "Webhook authentication failed"
+        else:
+            assert answer.text == expect_text
+        method, path, headers, data = receiver.requests[0]
+        assert (method, path) == ("PUT", "/hooks/job")
+        assert headers["Authorization"] == "Bearer hook-secret"
+        assert json.loads(data) == {k: v for k, v in _events_body("").items() if k != "job_status_webhook"}
+    finally:
+        app.close()
+        receiver.close()
+
+
+def test_job_status_webhook_errors():
+    slow = Receiver(delay=5)
+    redirect = Receiver(status=302, body=b"moved", location="http://example.com/elsewhere")
+    app = create_app(webhook_url=slow.url, purge_interval=0)
+    try:
+        anon = webtest.TestApp(app)
+        agent = Client(app, token_headers(app, "agent", "agent1"))
+        job_id = submit(anon)
+        assert agent.post_json(f"/v1/job/{job_id}/events", _events_body(slow.url + "/x"), status=504).json[
+            "message"] == "Webhook Timeout"
+        assert agent.post_json(f"/v1/job/{job_id}/events", _events_body("http://example.com/x"),
+                               status=403).json["message"] == "Invalid job_status_webhook URL specified"
+        assert agent.post_json(f"/v1/job/{ANY_UUID}/events", _events_body(slow.url), status=404).json[
+            "message"] == "Job not found"
+        agent.post_json("/v1/job/bad/events", _events_body(slow.url), status=400)
+        agent.post_json(f"/v1/job/{job_id}/events", {**_events_body(slow.url), "job_status_webhook": "x"},
+                        status=422)
+        agent.post_json(f"/v1/job/{job_id}/events", {**_events_body(slow.url), "extra": 1}, status=422)
+        # A closed port: unreachable (after one retry).
+        import socket
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        sock.close()
+        app.hub.config.webhook_url = closed
+        assert agent.post_json(f"/v1/job/{job_id}/events", _events_body(closed + "/x"), status=502).json[
+            "message"] == "Webhook unreachable"
+        # A redirect is passed back, not followed.
+        app.hub.config.webhook_url = redirect.url
+        answer = agent.post_json(f"/v1/job/{job_id}/events", _events_body(redirect.url + "/x"), status=302)
+        assert answer.text == "moved" and len(redirect.requests) == 1
+        app.hub.config.webhook_url = ""
+        assert agent.post_json(f"/v1/job/{job_id}/events", _events_body(redirect.url), status=500).json[
+            "message"] == "Webhook URL not configured"
+    finally:
+        app.close()
+        slow.close()
+        redirect.close()
+
+
+def test_a_slow_webhook_does_not_block_other_requests(server):
+    app, base = server
+    slow = Receiver(delay=2)
+    app.hub.config.webhook_url = slow.url
+    headers = token_headers(app, "agent", "agent1")
+    job_id = json.loads(call_http(base, "POST", "/v1/job", {"job_queue": "q"})[2])["job_id"]
+    done = {}
+    thread = threading.Thread(target=lambda: done.update(answer=call_http(
+        base, "POST", f"/v1/job/{job_id}/events", _events_body(slow.url + "/h"), headers)))
+    thread.start()
+    time.sleep(0.3)
+    assert call_http(base, "GET", "/v1/")[0] == 200 and "answer" not in done
+    thread.join()
+    assert done["answer"][0] == 200
+    slow.close()
 
 
 # == Jobs: submit ===================================================================================
@@ -412,9 +743,15 @@ def test_submit_exclude_agents_needs_an_allowed_agent(anon, agent):
     submit(anon, exclude_agents=["someone-else"])
 
 
-def test_submit_with_secrets_without_a_store(anon):
-    assert anon.post_json("/v1/job", {"job_queue": "q", "test_data": {"secrets": {"A": "x/y"}}},
-                          status=422).json["message"] == "No secrets store"
+def test_submit_with_secrets_needs_a_client_and_live_paths(app, anon):
+    job = {"job_queue": "q", "test_data": {"secrets": {"A": "x/y", "B": "a/b", "C": "x/y"}}}
+    assert anon.post_json("/v1/job", job, status=422).json["message"] == "Missing client ID (user not authenticated)"
+    user = Client(app, token_headers(app, "contributor", "alice"))
+    assert user.post_json("/v1/job", job, status=422).json["message"] == "Inaccessible secret paths: a/b, x/y"
+    user.put_json("/v1/secrets/alice/x/y", {"value": "1"})
+    assert user.post_json("/v1/job", job, status=422).json["message"] == "Inaccessible secret paths: a/b"
+    user.put_json("/v1/secrets/alice/a/b", {"value": "2"})
+    submit(user, **job)
 
 
 def test_priority_permissions(app, anon):
@@ -504,7 +841,7 @@ def test_pop_shows_client_id_and_blanks_secrets(app):
     agent = Client(app, token_headers(app, "agent", "agent1"))
     agent.post_json("/v1/agents/data/agent1", {"queues": ["q1"]})
     popped = agent.get("/v1/job?queue=q1").json
-    assert popped["client_id"] == "submitter" and popped["test_data"]["secrets"] == {"TOKEN": ""}
+    assert popped["client_id"] == "submitter" and popped["test_data"]["secrets"] == {"TOKEN": ""}   # unreadable
     assert "client_id" not in user.get(f"/v1/job/{ANY_UUID}").json
 
 
