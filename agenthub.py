@@ -47,6 +47,7 @@ import bottle
 from bottle import HTTPResponse, request
 
 __version__ = "0.1.0"
+PFID_DEFAULT_PARTITION = 123456789     # the partition of the Prefactor documentation's example ids
 
 
 ###############################################################################
@@ -79,6 +80,14 @@ class Config:
     datacenter: str = "dc1"         # the only ?dc= the event API answers for
     webhook_url: str = ""           # the one base URL job-status webhooks may point at
     webhook_auth: str = ""          # sent as "Authorization: Bearer …" to that webhook
+    lost_contact_seconds: float = 300.0   # silence after which an agent is LostContact
+    gocd_webhooks: str = ""         # URLs that receive GoCD agent-status notifications
+    gocd_webhook_auth: str = ""     # sent as "Authorization: Bearer …" with each notification
+    api_tokens: str = ""            # bearer tokens of /api/v1 (comma-separated); empty: no auth
+    rackspace_tokens: str = ""      # X-Auth-Token values of /v2 ("token" or "token:project"); empty: any
+    pfid_partition: int = PFID_DEFAULT_PARTITION
+    default_environment_id: str = ""   # PFID of agents not created through /api/v1; generated if empty
+    activate_ttl: float = 600.0     # seconds an agent_activate mode lasts
     bench_route: bool = False       # mount GET /_bench/ping (a trivial JSON route) for `bench`
 
     ENV = {
@@ -93,6 +102,10 @@ class Config:
         "event_buffer_size": "AGENTHUB_EVENT_BUFFER_SIZE", "event_max_bytes": "AGENTHUB_EVENT_MAX_BYTES",
         "event_acl_default": "AGENTHUB_EVENT_ACL_DEFAULT", "datacenter": "AGENTHUB_DATACENTER",
         "webhook_url": "AGENTHUB_WEBHOOK_URL", "webhook_auth": "AGENTHUB_WEBHOOK_AUTH",
+        "lost_contact_seconds": "AGENTHUB_LOST_CONTACT_SECONDS", "gocd_webhooks": "AGENTHUB_GOCD_WEBHOOKS",
+        "gocd_webhook_auth": "AGENTHUB_GOCD_WEBHOOK_AUTH", "api_tokens": "AGENTHUB_API_TOKENS",
+        "rackspace_tokens": "AGENTHUB_RACKSPACE_TOKENS", "pfid_partition": "AGENTHUB_PFID_PARTITION",
+        "default_environment_id": "AGENTHUB_DEFAULT_ENVIRONMENT_ID", "activate_ttl": "AGENTHUB_ACTIVATE_TTL",
     }
 
     @classmethod
@@ -276,7 +289,116 @@ MIGRATIONS = [
         PRIMARY KEY (client_id, path)
     );
     """,
+    # 4: the one agent registry (Testflinger, Prefactor, Rackspace, GoCD) — see _migrate_registry.
+    lambda db: _migrate_registry(db),
 ]
+
+REGISTRY_SQL = """
+    ALTER TABLE agents ADD COLUMN pfid TEXT;
+    ALTER TABLE agents ADD COLUMN uuid TEXT;
+    ALTER TABLE agents ADD COLUMN origin TEXT NOT NULL DEFAULT 'testflinger';
+    ALTER TABLE agents ADD COLUMN tf INTEGER NOT NULL DEFAULT 1;       -- has a Testflinger record
+    ALTER TABLE agents ADD COLUMN description TEXT;
+    ALTER TABLE agents ADD COLUMN external_identifier TEXT;
+    ALTER TABLE agents ADD COLUMN environment_id TEXT;
+    ALTER TABLE agents ADD COLUMN current_version_id TEXT;
+    ALTER TABLE agents ADD COLUMN current_schema_version_id TEXT;
+    ALTER TABLE agents ADD COLUMN project_id TEXT;
+    ALTER TABLE agents ADD COLUMN retired INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN last_seen_at REAL;
+    ALTER TABLE agents ADD COLUMN shutdown_at REAL;
+    ALTER TABLE agents ADD COLUMN last_ip TEXT;
+    ALTER TABLE agents ADD COLUMN activation_mode TEXT;
+    ALTER TABLE agents ADD COLUMN activation_expires_at REAL;
+    ALTER TABLE agents ADD COLUMN gocd_tuple TEXT;                      -- last announced state
+    ALTER TABLE agents ADD COLUMN inserted_at REAL;
+    ALTER TABLE agents ADD COLUMN record_updated_at REAL;               -- Prefactor's updated_at
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE instances (
+        id INTEGER PRIMARY KEY,
+        pfid TEXT NOT NULL UNIQUE,
+        agent_name TEXT NOT NULL REFERENCES agents (name) ON UPDATE CASCADE ON DELETE CASCADE,
+        source TEXT NOT NULL,                        -- 'testflinger' (a job) | 'prefactor'
+        job_id TEXT,
+        environment_id TEXT NOT NULL,
+        agent_version_id TEXT,
+        status TEXT NOT NULL,                        -- pending active complete failed cancelled
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        inserted_at REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at REAL
+    );
+    CREATE INDEX instances_agent ON instances (agent_name, status);
+    CREATE INDEX instances_job ON instances (job_id);
+    CREATE TABLE agent_versions (
+        pfid TEXT PRIMARY KEY,
+        agent_name TEXT NOT NULL REFERENCES agents (name) ON UPDATE CASCADE ON DELETE CASCADE,
+        digest TEXT NOT NULL,                        -- sha256 of the registered version bodies
+        schema_pfid TEXT NOT NULL,
+        UNIQUE (agent_name, digest)
+    );
+    CREATE TABLE rackspace_events (
+        id INTEGER PRIMARY KEY,
+        agent_name TEXT NOT NULL REFERENCES agents (name) ON UPDATE CASCADE ON DELETE CASCADE,
+        project_id TEXT NOT NULL, event TEXT NOT NULL, mode TEXT, request_id TEXT NOT NULL, time REAL NOT NULL
+    );
+    CREATE INDEX rackspace_events_agent ON rackspace_events (agent_name, id);
+    CREATE INDEX rackspace_events_project ON rackspace_events (project_id, id);
+    CREATE TABLE idempotency (
+        scope TEXT NOT NULL, key TEXT NOT NULL, status INTEGER NOT NULL, body TEXT NOT NULL,
+        created_at REAL NOT NULL, PRIMARY KEY (scope, key)
+    );
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        delivery_uuid TEXT NOT NULL, webhook_url TEXT NOT NULL, agent_name TEXT NOT NULL,
+        body TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+        outcome TEXT NOT NULL,                       -- success failure error expired undelivered
+        http_status INTEGER, response_body TEXT, messages TEXT,
+        created_at REAL NOT NULL, finished_at REAL NOT NULL
+    );
+    CREATE INDEX deliveries_webhook ON deliveries (webhook_url, id);
+    CREATE INDEX deliveries_agent ON deliveries (agent_name, id);
+    CREATE TABLE health (
+        scope TEXT PRIMARY KEY, message TEXT NOT NULL, detail TEXT NOT NULL, level TEXT NOT NULL, time REAL NOT NULL
+    );
+"""
+
+
+def _migrate_registry(db):
+    """Turn the Testflinger agents table into the registry; existing agents get their ids."""
+    for statement in _split_sql(REGISTRY_SQL):
+        db.execute(statement)
+    for row in db.execute("SELECT name, updated_at FROM agents").fetchall():
+        db.execute("UPDATE agents SET pfid = ?, uuid = ?, inserted_at = ?, record_updated_at = ? WHERE name = ?",
+                   (new_pfid(PFID_DEFAULT_PARTITION, int(row[1] * 1000)), str(uuid.uuid4()), row[1], row[1],
+                    row[0]))
+    db.execute("CREATE UNIQUE INDEX agents_pfid ON agents (pfid)")
+    db.execute("CREATE UNIQUE INDEX agents_uuid ON agents (uuid)")
+
+
+# -- PFIDs: 10 chars of milliseconds, 6 of partition, 16 random, Crockford base32 ------------------
+
+CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+PFID_PATTERN = re.compile(r"^[0-7][0-9abcdefghjkmnpqrstvwxyz]{31}$")
+
+
+def _b32(number, width):
+    return "".join(CROCKFORD[(number >> (5 * i)) & 31] for i in reversed(range(width)))
+
+
+def new_pfid(partition, ms=None):
+    """A k-sortable Prefactor id."""
+    ms = int(time.time() * 1000) if ms is None else ms
+    return _b32(ms, 10) + _b32(partition, 6) + _b32(secrets.randbits(80), 16)
+
+
+def pfid_partition(pfid):
+    """The partition of a valid PFID, or None."""
+    if not isinstance(pfid, str) or not PFID_PATTERN.match(pfid):
+        return None
+    value = 0
+    for char in pfid[10:16]:
+        value = value * 32 + CROCKFORD.index(char)
+    return value
+
 
 CHUNK_SIZE = 1024 * 1024   # bytes per stored file chunk and per streamed read
 
@@ -301,9 +423,12 @@ class Store:
         self._closed = False
         with self.write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in _split_sql(script):
-                    db.execute(statement)
+            for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+                if callable(step):
+                    step(db)
+                else:
+                    for statement in _split_sql(step):
+                        db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
 
     # -- connections ---------------------------------------------------------
@@ -385,7 +510,7 @@ class Store:
     def get_job(self, job_id):
         return self.read_one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
 
-    def pop_job(self, queues, agent_name, now):
+    def pop_job(self, queues, agent_name, now, instance_pfid):
         """Atomically take the best waiting job of ``queues`` for ``agent_name``.
 
         Highest priority first; equal priorities strictly first-in first-out
@@ -399,11 +524,17 @@ class Store:
                 f" SELECT seq FROM jobs WHERE state = 'waiting' AND job_queue IN ({marks})"
                 "  AND (attachments_status IS NULL OR attachments_status = 'complete')"
                 "  AND NOT EXISTS (SELECT 1 FROM json_each(jobs.exclude_agents) WHERE value = ?)"
+                "  AND NOT EXISTS (SELECT 1 FROM agents WHERE name = ? AND retired = 1)"
                 "  ORDER BY job_priority DESC, seq ASC LIMIT 1) RETURNING *",
-                (now, agent_name, *queues, agent_name)).fetchone()
+                (now, agent_name, *queues, agent_name, agent_name)).fetchone()
             if row is not None:
                 db.execute("INSERT INTO wait_times (queue, seconds, popped_at) VALUES (?, ?, ?)",
                            (row["job_queue"], now - row["created_at"], now))
+                # The job becomes a running instance of the agent that took it (registry).
+                db.execute("INSERT INTO instances (pfid, agent_name, source, job_id, environment_id, status,"
+                           " inserted_at, updated_at, started_at) SELECT ?, name, 'testflinger', ?, environment_id,"
+                           " 'active', ?, ?, ? FROM agents WHERE name = ?",
+                           (instance_pfid, row["job_id"], now, now, now, agent_name))
             return row
 
     def job_position(self, job_id):
@@ -419,17 +550,25 @@ class Store:
                 (row["job_queue"], row["job_priority"], row["job_priority"], row["seq"])).fetchone()[0]
 
     def cancel_job(self, job_id):
-        """Flip an active job to cancelled; False when unknown or already finished."""
+        """Flip an active job to cancelled (its running instance, if any, is marked); returns
+        (changed, name of the agent holding it or None)."""
         with self.write() as db:
             cur = db.execute("UPDATE jobs SET state = 'cancelled' WHERE job_id = ?"
                              " AND state NOT IN ('cancelled', 'complete', 'completed')", (job_id,))
-            return cur.rowcount > 0
+            held = db.execute("UPDATE instances SET cancel_requested = 1 WHERE job_id = ? AND status = 'active'"
+                              " RETURNING agent_name", (job_id,)).fetchone() if cur.rowcount else None
+            return cur.rowcount > 0, held[0] if held else None
 
     def set_attachments_complete(self, db, job_id):
         db.execute("UPDATE jobs SET attachments_status = 'complete' WHERE job_id = ?", (job_id,))
 
-    def update_result(self, job_id, status=None, device_info=None, job_state=None):
-        """Replace the given parts of a job's result; a cancelled job stays cancelled."""
+    def update_result(self, job_id, status=None, device_info=None, job_state=None, now=None):
+        """Replace the given parts of a job's result; a cancelled job stays cancelled.
+
+        A final state finishes the job's instance: cancelled if a cancel was asked,
+        failed if any phase exited non-zero, else complete.  Returns the name of
+        the agent whose instance finished, or None.
+        """
         with self.write() as db:
             if status is not None:
                 db.execute("UPDATE jobs SET result_status = ? WHERE job_id = ?", (json.dumps(status), job_id))
@@ -438,6 +577,15 @@ class Store:
             if job_state is not None:
                 db.execute("UPDATE jobs SET state = ? WHERE job_id = ? AND state != 'cancelled'",
                            (job_state, job_id))
+            if job_state not in ("complete", "completed"):
+                return None
+            row = db.execute("SELECT result_status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            codes = json.loads(row[0]).values() if row else ()
+            finished = db.execute(
+                "UPDATE instances SET status = CASE WHEN cancel_requested THEN 'cancelled' WHEN ? THEN 'failed'"
+                " ELSE 'complete' END, finished_at = ?, updated_at = ? WHERE job_id = ? AND status = 'active'"
+                " RETURNING agent_name", (any(c != 0 for c in codes), now, now, job_id)).fetchone()
+            return finished[0] if finished else None
 
     def search_jobs(self, tags, match_all, states, limit, offset):
         where, args = [], []
@@ -538,28 +686,35 @@ class Store:
 
     AGENT_FIELDS = ("state", "queues", "location", "job_id", "provision_type", "identifier", "comment")
 
-    def upsert_agent(self, name, fields, log_lines, now):
-        """Set the given fields of an agent (creating it), append log lines, keep the last 100."""
+    def upsert_agent(self, name, fields, log_lines, now, new_ids, ip):
+        """Set the given Testflinger fields of an agent (creating it with ``new_ids``), append log
+        lines (last 100 kept), and record the contact.  An agent that posts ``job_id: ""`` while
+        still holding a running job abandoned it: that instance fails."""
         with self.write() as db:
             row = db.execute("SELECT log FROM agents WHERE name = ?", (name,)).fetchone()
             log = (json.loads(row["log"]) if row else []) + list(log_lines)
             values = {k: (json.dumps(v) if k == "queues" else v) for k, v in fields.items()}
+            values.update(updated_at=now, log=json.dumps(log[-100:]), tf=1, last_seen_at=now, last_ip=ip,
+                          shutdown_at=None)
             if row is None:
-                cols = ["name", "updated_at", "log", *values]
-                db.execute(f"INSERT INTO agents ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
-                           (name, now, json.dumps(log[-100:]), *values.values()))
+                values.update(name=name, origin="testflinger", inserted_at=now, record_updated_at=now, **new_ids)
+                db.execute(f"INSERT INTO agents ({','.join(values)}) VALUES ({','.join('?' * len(values))})",
+                           tuple(values.values()))
             else:
-                sets = ", ".join(f"{k} = ?" for k in ["updated_at", "log", *values])
-                db.execute(f"UPDATE agents SET {sets} WHERE name = ?",
-                           (now, json.dumps(log[-100:]), *values.values(), name))
+                db.execute(f"UPDATE agents SET {', '.join(f'{k} = ?' for k in values)} WHERE name = ?",
+                           (*values.values(), name))
+            if fields.get("job_id") == "":
+                db.execute("UPDATE instances SET status = 'failed', finished_at = ?, updated_at = ?"
+                           " WHERE agent_name = ? AND source = 'testflinger' AND status = 'active'", (now, now, name))
 
     def get_agent(self, name):
         return self.read_one("SELECT * FROM agents WHERE name = ?", (name,))
 
     def list_agents(self, queue_name=None):
+        """Agents with a Testflinger record (all, or those listening on ``queue_name``)."""
         if queue_name is None:
-            return self.read("SELECT * FROM agents ORDER BY name")
-        return self.read("SELECT * FROM agents WHERE EXISTS (SELECT 1 FROM json_each(agents.queues)"
+            return self.read("SELECT * FROM agents WHERE tf = 1 ORDER BY name")
+        return self.read("SELECT * FROM agents WHERE tf = 1 AND EXISTS (SELECT 1 FROM json_each(agents.queues)"
                          " WHERE value = ?) ORDER BY name", (queue_name,))
 
     def add_provision_log(self, agent_name, job_id, exit_code, detail, now):
@@ -583,6 +738,148 @@ class Store:
     def provision_logs(self, agent_name):
         return self.read("SELECT job_id, exit_code, detail, timestamp FROM provision_logs WHERE agent_name = ?"
                          " ORDER BY id", (agent_name,))
+
+    # -- the registry ------------------------------------------------------------
+
+    def setting(self, key, make_default):
+        """Read a setting, storing ``make_default()`` the first time."""
+        with self.write() as db:
+            row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+            if row:
+                return row[0]
+            value = make_default()
+            db.execute("INSERT INTO settings (key, value) VALUES (?, ?)", (key, value))
+            return value
+
+    def all_agents(self):
+        return self.read("SELECT * FROM agents ORDER BY pfid")
+
+    def agent_by(self, column, value):
+        assert column in ("pfid", "uuid", "name", "external_identifier")
+        return self.read_one(f"SELECT * FROM agents WHERE {column} = ?", (value,))
+
+    def create_agent(self, values):
+        with self.write() as db:
+            db.execute(f"INSERT INTO agents ({','.join(values)}) VALUES ({','.join('?' * len(values))})",
+                       tuple(values.values()))
+
+    def update_agent(self, name, values):
+        """Set registry columns of one agent (a rename cascades to its instances)."""
+        with self.write() as db:
+            return db.execute(f"UPDATE agents SET {', '.join(f'{k} = ?' for k in values)} WHERE name = ?",
+                              (*values.values(), name)).rowcount > 0
+
+    def delete_agent(self, name):
+        with self.write() as db:
+            db.execute("DELETE FROM agents WHERE name = ?", (name,))
+
+    def touch_agent(self, name, now, ip=None, shutdown=False):
+        """Record a contact (or a graceful shutdown); False when the agent is unknown."""
+        with self.write() as db:
+            return db.execute("UPDATE agents SET last_seen_at = ?, last_ip = coalesce(?, last_ip),"
+                              " shutdown_at = ? WHERE name = ?",
+                              (now, ip, now if shutdown else None, name)).rowcount > 0
+
+    def announce_state(self, name, old, new):
+        """Store the announced state tuple if it is still ``old`` (so only one thread announces)."""
+        with self.write() as db:
+            return db.execute("UPDATE agents SET gocd_tuple = ? WHERE name = ? AND gocd_tuple IS ?",
+                              (new, name, old)).rowcount > 0
+
+    def instance_summary(self, name):
+        """({status: count}, whether the running instance was asked to cancel)."""
+        rows = self.read("SELECT status, count(*) AS n, max(cancel_requested) AS cancel FROM instances"
+                         " WHERE agent_name = ? GROUP BY status", (name,))
+        return {r["status"]: r["n"] for r in rows}, any(r["cancel"] for r in rows if r["status"] == "active")
+
+    def add_instance(self, values):
+        with self.write() as db:
+            db.execute(f"INSERT INTO instances ({','.join(values)}) VALUES ({','.join('?' * len(values))})",
+                       tuple(values.values()))
+
+    def get_instance(self, pfid):
+        return self.read_one("SELECT i.*, a.pfid AS agent_pfid FROM instances i JOIN agents a"
+                             " ON a.name = i.agent_name WHERE i.pfid = ?", (pfid,))
+
+    def move_instance(self, pfid, from_statuses, values):
+        """Change an instance if its status is one of ``from_statuses``; False otherwise."""
+        marks = ",".join("?" * len(from_statuses))
+        with self.write() as db:
+            return db.execute(f"UPDATE instances SET {', '.join(f'{k} = ?' for k in values)}"
+                              f" WHERE pfid = ? AND status IN ({marks})",
+                              (*values.values(), pfid, *from_statuses)).rowcount > 0
+
+    def list_instances(self, name=None):
+        sql = "SELECT i.*, a.pfid AS agent_pfid FROM instances i JOIN agents a ON a.name = i.agent_name"
+        if name is None:
+            return self.read(sql + " ORDER BY i.pfid DESC")
+        return self.read(sql + " WHERE i.agent_name = ? ORDER BY i.pfid DESC", (name,))
+
+    def agent_version(self, name, digest, make_ids):
+        """The (version, schema version) ids registered for ``digest``, made once per digest."""
+        with self.write() as db:
+            row = db.execute("SELECT pfid, schema_pfid FROM agent_versions WHERE agent_name = ? AND digest = ?",
+                             (name, digest)).fetchone()
+            if row:
+                return row[0], row[1]
+            version, schema = make_ids()
+            db.execute("INSERT INTO agent_versions (pfid, agent_name, digest, schema_pfid) VALUES (?, ?, ?, ?)",
+                       (version, name, digest, schema))
+            return version, schema
+
+    def add_rackspace_event(self, names, project_id, event, mode, now):
+        with self.write() as db:
+            db.executemany("INSERT INTO rackspace_events (agent_name, project_id, event, mode, request_id, time)"
+                           " VALUES (?, ?, ?, ?, ?, ?)",
+                           [(n, project_id, event, mode, str(uuid.uuid4()), now) for n in names])
+
+    def rackspace_events(self, project_id, name, marker, limit, descending):
+        sql = ("SELECT e.*, a.uuid AS agent_uuid FROM rackspace_events e JOIN agents a ON a.name = e.agent_name"
+               " WHERE e.project_id = ?")
+        args = [project_id]
+        if name is not None:
+            sql += " AND e.agent_name = ?"
+            args.append(name)
+        if marker is not None:
+            sql += " AND e.id < ?" if descending else " AND e.id > ?"
+            args.append(marker)
+        sql += f" ORDER BY e.id {'DESC' if descending else 'ASC'} LIMIT ?"
+        return self.read(sql, (*args, limit))
+
+    def idempotent_answer(self, scope, key, since):
+        return self.read_one("SELECT status, body FROM idempotency WHERE scope = ? AND key = ? AND created_at > ?",
+                             (scope, key, since))
+
+    def remember_answer(self, scope, key, status, body, now):
+        with self.write() as db:
+            db.execute("INSERT OR REPLACE INTO idempotency (scope, key, status, body, created_at) VALUES (?, ?, ?, ?, ?)",
+                       (scope, key, status, body, now))
+
+    def record_delivery(self, values, keep=1000):
+        """Record one notification delivery; keep the newest ``keep`` per webhook."""
+        with self.write() as db:
+            db.execute(f"INSERT INTO deliveries ({','.join(values)}) VALUES ({','.join('?' * len(values))})",
+                       tuple(values.values()))
+            db.execute("DELETE FROM deliveries WHERE webhook_url = ? AND id <= (SELECT id FROM deliveries"
+                       " WHERE webhook_url = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                       (values["webhook_url"], values["webhook_url"], keep))
+
+    def deliveries(self, agent_name=None, limit=100):
+        if agent_name is None:
+            return self.read("SELECT * FROM deliveries ORDER BY id DESC LIMIT ?", (limit,))
+        return self.read("SELECT * FROM deliveries WHERE agent_name = ? ORDER BY id DESC LIMIT ?", (agent_name, limit))
+
+    def set_health(self, scope, message=None, detail="", level="ERROR", now=None):
+        """Put (or with ``message`` None, clear) the health message of ``scope``."""
+        with self.write() as db:
+            if message is None:
+                db.execute("DELETE FROM health WHERE scope = ?", (scope,))
+            else:
+                db.execute("INSERT OR REPLACE INTO health (scope, message, detail, level, time) VALUES (?, ?, ?, ?, ?)",
+                           (scope, message, detail, level, now))
+
+    def health(self):
+        return self.read("SELECT * FROM health ORDER BY time DESC")
 
     # -- queues ------------------------------------------------------------------
 
@@ -774,7 +1071,10 @@ class Store:
             # is dropped after an hour.
             db.execute("DELETE FROM files WHERE uploaded_at < ? OR (complete = 0 AND uploaded_at < ?)",
                        (cutoff, stale_upload_cutoff))
-            db.execute("DELETE FROM agents WHERE updated_at < ?", (cutoff,))
+            db.execute("DELETE FROM agents WHERE origin = 'testflinger' AND updated_at < ? AND NOT EXISTS"
+                       " (SELECT 1 FROM instances WHERE agent_name = agents.name AND status IN ('pending', 'active'))",
+                       (cutoff,))
+            db.execute("DELETE FROM idempotency WHERE created_at < ?", (utcnow() - 86400,))
             db.execute("DELETE FROM advertised_queues WHERE updated_at < ?", (cutoff,))
             db.execute("DELETE FROM queue_images WHERE updated_at < ?", (cutoff,))
             db.execute("DELETE FROM wait_times WHERE popped_at < ?", (cutoff,))
@@ -1708,8 +2008,8 @@ class JobQueue:
 
     ACTIVE_END = ("cancelled", "complete", "completed")
 
-    def __init__(self, store, config, secrets_store):
-        self.store, self.config, self.secrets = store, config, secrets_store
+    def __init__(self, store, config, secrets_store, registry):
+        self.store, self.config, self.secrets, self.registry = store, config, secrets_store, registry
 
     # -- jobs ----------------------------------------------------------------------
 
@@ -1775,7 +2075,8 @@ class JobQueue:
                                     f"with reservation timeout {timeout}")
 
     def pop(self, queues, agent_name):
-        row = self.store.pop_job(list(dict.fromkeys(queues)), agent_name, utcnow())
+        row = self.store.pop_job(list(dict.fromkeys(queues)), agent_name, utcnow(), self.registry.new_pfid())
+        self.registry.contact(agent_name)
         if row is None:
             return None
         job = json.loads(row["job_data"])
@@ -1800,7 +2101,10 @@ class JobQueue:
         return self.store.job_position(job_id)
 
     def cancel(self, job_id):
-        return self.store.cancel_job(job_id)
+        changed, holder = self.store.cancel_job(job_id)
+        if holder:
+            self.registry.changed(holder)
+        return changed
 
     def search(self, tags, match, states, limit=None, offset=0):
         rows = self.store.search_jobs(tags, match == "all", states, limit, offset)
@@ -1817,7 +2121,10 @@ class JobQueue:
     # -- results and logs ------------------------------------------------------------
 
     def post_result(self, job_id, data):
-        self.store.update_result(job_id, data.get("status"), data.get("device_info"), data.get("job_state"))
+        finished = self.store.update_result(job_id, data.get("status"), data.get("device_info"),
+                                            data.get("job_state"), utcnow())
+        if finished:
+            self.registry.changed(finished)
 
     def result(self, job_id):
         """The flat result of spec §2.3, or None for an unknown job."""
@@ -1908,13 +2215,14 @@ class JobQueue:
 
     # -- agents, queues, images ------------------------------------------------------
 
-    def post_agent(self, name, data):
+    def post_agent(self, name, data, ip=None):
         fields = {k: v for k, v in data.items() if k in Store.AGENT_FIELDS}
-        self.store.upsert_agent(name, fields, data.get("log", []), utcnow())
+        self.store.upsert_agent(name, fields, data.get("log", []), utcnow(), self.registry.new_ids(), ip)
+        self.registry.changed(name)
 
     def agent(self, name, full=True):
         row = self.store.get_agent(name)
-        return None if row is None else self._agent_out(row, full)
+        return None if row is None or not row["tf"] else self._agent_out(row, full)
 
     def agents(self, queue_name=None, full=True):
         return [self._agent_out(row, full) for row in self.store.list_agents(queue_name)]
@@ -1931,6 +2239,9 @@ class JobQueue:
             if value is None:
                 continue
             out[key] = json.loads(value) if key == "queues" else iso(value) if key == "updated_at" else value
+        if row["retired"]:
+            # Retired through /api/v1: reads say offline, the stored state is kept for reinstating.
+            out["state"], out["comment"] = "offline", "retired"
         if full:
             out["restricted_to"] = self.store.restricted_owners(out.get("queues", []))
         return out
@@ -1939,6 +2250,7 @@ class JobQueue:
         if not self.store.add_provision_log(agent_name, data["job_id"], data["exit_code"],
                                             data.get("detail"), utcnow()):
             raise ApiError(404, "Agent not found\n", text=True)
+        self.registry.contact(agent_name)
 
     def purge(self):
         now = utcnow()
@@ -2126,10 +2438,11 @@ class EventBuffer:
             if error:
                 raise ApiError(400, f"Invalid {label} filter: {error}")
 
-    def fire(self, name, payload, node="", service="", tag=""):
-        """Store a new event and wake the watchers; returns it (with its stored LTime)."""
+    def fire(self, name, payload, node="", service="", tag="", internal=False):
+        """Store a new event and wake the watchers; returns it (with its stored LTime).
+        ``internal`` events (the hub's own agent-status) skip the size limit of HTTP fires."""
         # Serf refuses more than 512 bytes with a 500; this is the client's doing, so 413.
-        if len(name.encode()) + len(payload or b"") > self.max_bytes:
+        if not internal and len(name.encode()) + len(payload or b"") > self.max_bytes:
             raise ApiError(413, "error broadcasting event: user event exceeds configured limit of "
                                 f"{self.max_bytes} bytes before encoding")
         with self._changed:
@@ -2205,6 +2518,295 @@ class UserEvents:
             return EventView(allowed, token is not None and len(allowed) < len(view))
         key = (name, node, service, tag, token.name if token else None)
         return self.buffer.query(key, select, index, wait)
+
+
+###############################################################################
+# Agent registry ##############################################################
+###############################################################################
+#
+# One record per agent, whichever API it came through (Testflinger name,
+# Rackspace uuid, Prefactor PFID).  Every state the APIs show is derived from
+# the same row (spec agents.md §5.3); after every change the GoCD state tuple
+# is recomputed and, when it moved, announced to the webhooks and as a
+# Consul-style "agent-status" user event.
+
+INSTANCE_STATUSES = ("pending", "active", "complete", "failed", "cancelled")
+TF_PHASES = set(PHASES)
+
+
+@dataclasses.dataclass
+class AgentView:
+    """What every API says about one agent at one moment."""
+
+    config: str                  # GoCD agent_config_state
+    runtime: str                 # GoCD runtime status
+    status: str                  # Prefactor lifecycle
+    counts: dict
+
+    @property
+    def agent_state(self):
+        return "Building" if self.runtime == "Cancelled" else self.runtime
+
+    @property
+    def build_state(self):
+        return self.runtime if self.runtime in ("Idle", "Building", "Cancelled") else "Unknown"
+
+    @property
+    def gocd_tuple(self):
+        return [self.config, self.agent_state, self.build_state]
+
+    @property
+    def running(self):
+        return self.counts["pending"] + self.counts["active"] > 0
+
+    @property
+    def actions(self):
+        retired = self.status == "retired"
+        return {"delete": not self.running, "reinstate": retired, "retire": not retired, "update": not retired}
+
+    @property
+    def online(self):
+        return self.runtime in ("Idle", "Building", "Cancelled")
+
+    @property
+    def busy(self):
+        return self.runtime in ("Building", "Cancelled")
+
+
+def derive_agent(row, counts, cancel_requested, now, lost_after):
+    """The derived state of spec §5.3 from a registry row and its instance counts."""
+    full = {status: counts.get(status, 0) for status in INSTANCE_STATUSES}
+    full["finished"] = full["complete"] + full["failed"] + full["cancelled"]
+    full["total"] = full["pending"] + full["active"] + full["finished"]
+    heard = row["last_seen_at"] is not None
+    down = row["shutdown_at"] is not None
+    silent = heard and not down and now - row["last_seen_at"] >= lost_after
+    tf_state = row["state"] if row["tf"] else None
+    config = "Disabled" if row["retired"] or tf_state in ("offline", "maintenance") else "Enabled"
+    if not heard:
+        runtime = "Missing"
+    elif down:
+        runtime = "Unknown"
+    elif silent:
+        runtime = "LostContact"
+    elif full["active"] and cancel_requested:
+        runtime = "Cancelled"
+    elif full["active"] or tf_state in TF_PHASES:
+        runtime = "Building"
+    else:
+        runtime = "Idle"
+    running = full["pending"] + full["active"] > 0
+    if row["retired"]:
+        status = "retired"
+    elif (heard and not down and not silent) or running:
+        status = "active"
+    elif not heard and full["total"] == 0:
+        status = "pending"
+    else:
+        status = "dormant"
+    return AgentView(config, runtime, status, full)
+
+
+def gocd_time(ts):
+    """GoCD's transition_time: UTC, milliseconds, "+0000"."""
+    moment = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03d+0000" % (moment.microsecond // 1000)
+
+
+def gocd_body(row, view, now):
+    """GoCD's agent-status request body: its keys, in its order, compact."""
+    return json.dumps({
+        "uuid": row["uuid"], "host_name": row["name"], "is_elastic": False, "ip_address": row["last_ip"],
+        "operating_system": None, "free_space": "Unknown", "agent_config_state": view.config,
+        "agent_state": view.agent_state, "build_state": view.build_state, "transition_time": gocd_time(now),
+    }, separators=(",", ":"))
+
+
+class Registry:
+    """The agents of every API, their derived state and its announcements."""
+
+    def __init__(self, store, config, notifier, events):
+        self.store, self.config, self.notifier, self.events = store, config, notifier, events
+        self.environment_id = config.default_environment_id or store.setting(
+            "default_environment_id", self.new_pfid)
+        self.account_id = store.setting("account_id", self.new_pfid)
+        self._last_contact = {}
+
+    def derived_pfid(self, *parts):
+        """A PFID that is always the same for the same ``parts`` (deployments, job versions)."""
+        digest = int.from_bytes(hashlib.sha256("\0".join(parts).encode()).digest(), "big")
+        return _b32(digest >> 209, 10) + _b32(self.config.pfid_partition, 6) + _b32(digest & (2 ** 80 - 1), 16)
+
+    def new_pfid(self):
+        return new_pfid(self.config.pfid_partition)
+
+    def new_ids(self):
+        return {"pfid": self.new_pfid(), "uuid": str(uuid.uuid4()), "environment_id": self.environment_id}
+
+    def find(self, column, value):
+        return self.store.agent_by(column, value)
+
+    def view(self, row, now=None):
+        counts, cancel = self.store.instance_summary(row["name"])
+        return derive_agent(row, counts, cancel, utcnow() if now is None else now,
+                            self.config.lost_contact_seconds)
+
+    def changed(self, name, now=None):
+        """Recompute one agent's state; announce it when its GoCD tuple moved."""
+        row = self.store.get_agent(name)
+        if row is None:
+            return None
+        now = utcnow() if now is None else now
+        view = self.view(row, now)
+        new = json.dumps(view.gocd_tuple)
+        if new != row["gocd_tuple"] and self.store.announce_state(name, row["gocd_tuple"], new):
+            body = gocd_body(row, view, now)
+            self.events.buffer.fire("agent-status", body.encode(), node=f"^{re.escape(name)}$", internal=True)
+            self.notifier.announce(name, body)
+        return view
+
+    def contact(self, name, ip=None, shutdown=False, throttle=0.0):
+        """The agent was heard from (or said goodbye); a no-op for unknown names.
+
+        With ``throttle``, a contact less than that many seconds after the last
+        recorded one is not written again (agents call many times a second)."""
+        now = utcnow()
+        if throttle and now - self._last_contact.get(name, 0) < throttle:
+            return
+        self._last_contact[name] = now
+        if self.store.touch_agent(name, now, ip, shutdown):
+            self.changed(name)
+
+    def sweep(self):
+        """The lost-contact sweep: announce every agent whose state moved while nobody asked."""
+        now = utcnow()
+        for row in self.store.all_agents():
+            self.changed(row["name"], now)
+
+    def create(self, name, origin, **values):
+        ids = self.new_ids()
+        now = utcnow()
+        ids.update({k: v for k, v in values.items() if v is not None and k in ("pfid", "uuid", "environment_id")})
+        record = {"name": name, "origin": origin, "tf": 0, "updated_at": now, "inserted_at": now,
+                  "record_updated_at": now, **ids,
+                  **{k: v for k, v in values.items() if k not in ("pfid", "uuid", "environment_id")}}
+        self.store.create_agent(record)
+        self.changed(name)
+        return self.store.get_agent(name)
+
+    def set_retired(self, name, retired):
+        self.store.update_agent(name, {"retired": int(retired), "record_updated_at": utcnow()})
+        return self.changed(name)
+
+
+class Notifier:
+    """GoCD agent-status deliveries: one worker thread and FIFO queue per webhook (spec §4.2).
+
+    A dead or slow receiver only delays its own queue, never an API request.
+    Every delivery is recorded; failures become server health messages.
+    """
+
+    TIMEOUT, TTL, DELAYS = 5.0, 120.0, (1.0, 4.0)
+
+    def __init__(self, store, config):
+        self.store, self.config = store, config
+        self.urls = [u for u in re.split(r"[\s,]+", config.gocd_webhooks) if u]
+        self.queues = {url: queue.Queue() for url in self.urls}
+        self._closing = threading.Event()
+        self._drain_until = None
+
+    def workers(self):
+        return [(self._work, f"agenthub-gocd-{n}", url) for n, url in enumerate(self.urls)]
+
+    def announce(self, agent_name, body):
+        delivery = {"uuid": str(uuid.uuid4()), "agent": agent_name, "body": body,
+                    "created": time.monotonic(), "created_at": utcnow()}
+        for url in self.urls:
+            self.queues[url].put(delivery)
+
+    def close(self, drain_seconds=5.0):
+        """Stop the workers: queued deliveries get ``drain_seconds`` to go out, then the rest are
+        recorded as undelivered — none vanish silently."""
+        self._drain_until = time.monotonic() + drain_seconds
+        self._closing.set()
+        for q in self.queues.values():
+            q.put(None)
+
+    def _work(self, url):
+        q = self.queues[url]
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if self._drain_until is not None and time.monotonic() > self._drain_until:
+                self._record(url, item, 0, "undelivered", None, None, [], "agenthub stopped before delivery")
+                continue
+            self._deliver(url, item)
+
+    def _deliver(self, url, item):
+        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "agenthub",
+                   "X-Agenthub-Notification": "agent-status", "X-Agenthub-Api-Version": "4.0",
+                   "X-Agenthub-Delivery": item["uuid"]}
+        if self.config.gocd_webhook_auth:
+            headers["Authorization"] = f"Bearer {self.config.gocd_webhook_auth}"
+        attempts, status, text, error = 0, None, None, None
+        for delay in (0.0,) + self.DELAYS:
+            if delay and (self._closing.wait(delay) and self._drain_until and time.monotonic() > self._drain_until):
+                break
+            if time.monotonic() - item["created"] > self.TTL:
+                self._record(url, item, attempts, "expired", status, text, [], "Notification expired after 120 s")
+                return
+            attempts += 1
+            try:
+                status, text = http_send("POST", url, item["body"].encode(), headers, self.TIMEOUT)
+                error = None
+            except (TimeoutError, OSError) as exc:
+                status, text, error = None, None, str(exc) or exc.__class__.__name__
+                continue
+            if status != 429 and status < 500:
+                break
+        self._record(url, item, attempts, *self._judge(status, text, error))
+
+    @staticmethod
+    def _judge(status, text, error):
+        """(outcome, status, text, messages, error text) of an answer, by GoCD's rules."""
+        if error is not None:
+            return "error", None, None, [], error
+        if not 200 <= status < 300:
+            return ("error", status, text, [], "The webhook sent a response that could not be understood. It "
+                    f"returned code '{status}' and the following response: '{(text or '')[:1000]}'")
+        if not (text or "").strip():
+            return "success", status, text, [], None           # leniency: a bodyless 2xx is success
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            return "error", status, text, [], "Unable to de-serialize json response. Empty response body" \
+                if not text else "Unable to de-serialize json response. Invalid JSON"
+        if not isinstance(answer, dict) or not isinstance(answer.get("status"), str) or not answer["status"]:
+            return ("error", status, text, [],
+                    "Unable to de-serialize json response. Notify result 'status' is a required field")
+        messages = answer.get("messages", [])
+        if not isinstance(messages, list) or not all(isinstance(m, str) for m in messages):
+            return ("error", status, text, [], "Unable to de-serialize json response. "
+                    "Notify result 'messages' should be of type list of string")
+        if answer["status"].lower() == "success":
+            return "success", status, text, messages, None
+        return "failure", status, text, messages, None
+
+    def _record(self, url, item, attempts, outcome, status, text, messages, error):
+        now = utcnow()
+        self.store.record_delivery({
+            "delivery_uuid": item["uuid"], "webhook_url": url, "agent_name": item["agent"], "body": item["body"],
+            "attempts": attempts, "outcome": outcome, "http_status": status,
+            "response_body": (text or "")[:4096] if text is not None else None,
+            "messages": json.dumps(messages if outcome != "error" else [error]),
+            "created_at": item["created_at"], "finished_at": now})
+        scope = f"gocd:{url}"
+        if outcome == "success":
+            self.store.set_health(scope)
+        else:
+            detail = ", ".join(messages) if outcome == "failure" else (error or outcome)
+            self.store.set_health(scope, f"Notification update failed for webhook: {url}", detail, "ERROR", now)
 
 
 ###############################################################################
@@ -2425,6 +3027,10 @@ def install_testflinger(app, hub):
                         identity = auth.identify(request.get_header("Authorization"))
                         auth.require(identity, roles)
                         request.environ["agenthub.identity"] = identity
+                        cookie = request.get_cookie("agent_name")
+                        if cookie and identity.role == "agent":
+                            # Whatever an agent asks is a sign of life (spec agents.md §5.2).
+                            hub.registry.contact(cookie, request.remote_addr, throttle=1.0)
                     return func(**kw)
                 except ApiError as error:
                     return tf_error(error)
@@ -2585,7 +3191,7 @@ def install_testflinger(app, hub):
 
     @route("POST", "/v1/agents/data/<agent_name>", AMA)
     def post_agent(agent_name):
-        jobs.post_agent(agent_name, body(AGENT_SCHEMA))
+        jobs.post_agent(agent_name, body(AGENT_SCHEMA), request.remote_addr)
         answer = json_response({"status": "OK"})
         answer.set_cookie("agent_name", agent_name, httponly=True, samesite="strict", path="/")
         return answer
@@ -2814,6 +3420,586 @@ def install_consul(app, hub):
 
 
 ###############################################################################
+# HTTP: Agents (Prefactor /api/v1) ############################################
+###############################################################################
+#
+# Agent resources and their instances over the registry (spec agents.md §2).
+# Envelopes {status, details} / {status, summaries, pagination, sorting};
+# errors {status: "error", code, message[, errors]}.
+
+PF_SORT_FIELDS = ("id", "name", "status", "last_seen")
+
+
+def pf_error(status, code, message, errors=None):
+    body = {"status": "error", "code": code, "message": message}
+    if errors is not None:
+        body["errors"] = errors
+    return json_response(body, status)
+
+
+class PfInvalid(Exception):
+    """Field errors of a Prefactor request: {field: [messages]} → 422 validation_errors."""
+
+    def __init__(self, errors):
+        super().__init__(errors)
+        self.errors = errors
+
+
+def pf_page(query, total):
+    """(offset, page size) from pagination[offset] / pagination[page_size], or PfInvalid."""
+    errors, values = {}, {}
+    for key, default, low, high in (("pagination[offset]", 0, 0, None), ("pagination[page_size]", 100, 1, 100)):
+        text = query.get(key)
+        if text is None or text == "":
+            values[key] = default
+            continue
+        if not re.fullmatch(r"\d+", text) or int(text) < low or (high and int(text) > high):
+            errors[key] = ["is invalid"]
+        else:
+            values[key] = int(text)
+    if errors:
+        raise PfInvalid(errors)
+    return values["pagination[offset]"], values["pagination[page_size]"]
+
+
+def pf_pagination(total, offset, size, shown):
+    return {"item_count": total, "item_start": offset + 1 if shown else 0, "item_end": offset + shown,
+            "page_index": offset // size + 1, "page_count": -(-total // size),
+            "page_offset": offset, "page_size": size,
+            "next_page_offset": offset + size if offset + size < total else None,
+            "previous_page_offset": max(offset - size, 0) if offset > 0 else None}
+
+
+def install_prefactor(app, hub):
+    """Mount ``/api/v1`` on ``app``."""
+    registry, store, config = hub.registry, hub.store, hub.config
+    tokens = {t.strip() for t in config.api_tokens.split(",") if t.strip()}
+
+    def route(method, path):
+        def decorate(func):
+            def handler(**kw):
+                try:
+                    token = None
+                    if tokens:
+                        header = request.get_header("Authorization", "")
+                        if not header.startswith("Bearer "):
+                            return pf_error(401, "unauthorized", "Missing or invalid Authorization header")
+                        token = header[7:].strip()
+                        if token not in tokens:
+                            return pf_error(401, "bad_authtoken", "Invalid API token")
+                    body = pf_body() if method != "GET" else {}
+                    key = (body.get("idempotency_key") if isinstance(body, dict) else None) \
+                        or request.get_header("Idempotency-Key")
+                    if key is not None and (not isinstance(key, str) or len(key) > 64):
+                        raise PfInvalid({"idempotency_key": ["should be at most 64 character(s)"]})
+                    scope = f"{method} {request.path} {token or ''}"
+                    if key:
+                        seen = store.idempotent_answer(scope, key, utcnow() - 86400)
+                        if seen:
+                            return HTTPResponse(seen["body"], seen["status"], {"Content-Type": "application/json"})
+                    answer = func(body, **kw) if method != "GET" else func(**kw)
+                    if key:
+                        store.remember_answer(scope, key, answer.status_code, answer.body, utcnow())
+                    return answer
+                except PfInvalid as exc:
+                    return pf_error(422, "validation_errors", "Validation failed", exc.errors)
+                except ApiError as exc:
+                    code = {400: "bad_request", 404: "not_found", 409: "conflict"}.get(exc.status, "bad_request")
+                    return pf_error(exc.status, code, exc.message)
+            app.route(path, method, handler, name=f"pf:{method}:{path}")
+            return func
+        return decorate
+
+    def pf_body():
+        """The JSON body: none → {}; not JSON, or not an object → 400."""
+        data = request.body.read(config.max_json_bytes + 1)
+        if len(data) > config.max_json_bytes:
+            raise ApiError(413, "Payload too large")
+        if not data.strip():
+            return {}
+        try:
+            body = json.loads(data)
+        except ValueError:
+            raise ApiError(400, "Request body is not valid JSON")
+        if not isinstance(body, dict):
+            raise ApiError(400, "Request body must be a JSON object")
+        return body
+
+    def agent_or_404(pfid):
+        if not PFID_PATTERN.match(pfid or ""):
+            raise ApiError(400, "Invalid agent_id")
+        row = registry.find("pfid", pfid)
+        if row is None:
+            raise ApiError(404, "Agent not found")
+        return row
+
+    def agent_json(row, view, counts=True, environment_id=None):
+        out = {"available_actions": view.actions, "current_schema_version_id": row["current_schema_version_id"],
+               "current_version_id": row["current_version_id"], "description": row["description"],
+               "environment_id": row["environment_id"], "external_identifier": row["external_identifier"],
+               "id": row["pfid"], "inserted_at": iso(row["inserted_at"]), "name": row["name"],
+               "status": view.status, "type": "agent", "updated_at": iso(row["record_updated_at"])}
+        if counts:
+            out["instance_counts"] = dict(sorted(view.counts.items())) if environment_id in (
+                None, "", row["environment_id"]) else {k: 0 for k in sorted(view.counts)}
+        return dict(sorted(out.items()))
+
+    def details(row, **kw):
+        return json_response({"status": "success", "details": agent_json(row, registry.view(row), **kw)})
+
+    def check_name(value, errors, current=None):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            errors["details.name"] = ["can't be blank"]
+        elif not isinstance(value, str):
+            errors["details.name"] = ["is invalid"]
+        elif len(value.strip()) > 255:
+            errors["details.name"] = ["should be at most 255 character(s)"]
+        elif value.strip() != current and registry.find("name", value.strip()) is not None:
+            errors["details.name"] = ["has already been taken"]
+
+    def check_optional_pfid(value, key, errors, partition=None):
+        if value is not None and (pfid_partition(value) is None or
+                                  (partition is not None and pfid_partition(value) != partition)):
+            errors[key] = ["is invalid"]
+
+    def conflict(verb, view):
+        raise ApiError(409, f"Agent cannot be {verb} in its current state ({view.status})")
+
+    @route("GET", "/api/v1/ping")
+    def ping():
+        return json_response({"status": "success", "details": {"token_type": "api"}})
+
+    @route("POST", "/api/v1/agent")
+    def create_agent(body):
+        data = body.get("details")
+        if not isinstance(data, dict):
+            raise PfInvalid({"details": ["can't be blank"]})
+        errors = {}
+        check_name(data.get("name"), errors)
+        check_optional_pfid(data.get("environment_id"), "details.environment_id", errors)
+        check_optional_pfid(data.get("id"), "details.id", errors, config.pfid_partition)
+        if data.get("id") and "details.id" not in errors and registry.find("pfid", data["id"]) is not None:
+            errors["details.id"] = ["has already been taken"]
+        for key in ("description", "external_identifier"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                errors[f"details.{key}"] = ["is invalid"]
+        if errors:
+            raise PfInvalid(errors)
+        row = registry.create(data["name"].strip(), "prefactor", pfid=data.get("id"),
+                              environment_id=data.get("environment_id"), description=data.get("description"),
+                              external_identifier=data.get("external_identifier"))
+        return details(row)
+
+    @route("GET", "/api/v1/agent")
+    def list_agents():
+        query = request.query
+        env = query.get("environment_id")
+        if env and pfid_partition(env) is None:
+            raise PfInvalid({"environment_id": ["is invalid"]})
+        sorting = query.get("sorting") or "-id"
+        field = sorting.lstrip("-")
+        if field not in PF_SORT_FIELDS or sorting.count("-") > 1:
+            raise PfInvalid({"sorting": ["is invalid"]})
+        rows = store.all_agents()
+        if env:
+            rows = [r for r in rows if r["environment_id"] == env]
+        if any(query.get(k) for k in ("risk_profile_id", "team_id", "owner_person_id")):
+            rows = []                       # agenthub keeps none of these, so nothing matches
+        now = utcnow()
+        views = [(row, registry.view(row, now)) for row in rows]
+        descending = sorting.startswith("-")
+        keyed = {"id": lambda rv: rv[0]["pfid"], "name": lambda rv: rv[0]["name"],
+                 "status": lambda rv: rv[1].status, "last_seen": lambda rv: rv[0]["last_seen_at"] or 0}[field]
+        views.sort(key=lambda rv: rv[0]["pfid"], reverse=descending)       # ties: by id, same direction
+        views.sort(key=keyed, reverse=descending)
+        offset, size = pf_page(query, len(views))
+        page = views[offset:offset + size]
+        return json_response({"status": "success",
+                              "summaries": [agent_json(r, v, counts=False) for r, v in page],
+                              "pagination": pf_pagination(len(views), offset, size, len(page)),
+                              "sorting": {"field": field, "direction": "desc" if descending else "asc"}})
+
+    @route("GET", "/api/v1/agent/show")
+    def show_agent():
+        by_id, by_ext = request.query.get("agent_id"), request.query.get("external_identifier")
+        if bool(by_id) == bool(by_ext):
+            raise PfInvalid({"agent_id": ["exactly one of agent_id or external_identifier is required"]})
+        row = agent_or_404(by_id) if by_id else registry.find("external_identifier", by_ext)
+        if row is None:
+            raise ApiError(404, "Agent not found")
+        return details(row, environment_id=request.query.get("environment_id"))
+
+    @route("GET", "/api/v1/agent/<agent_id>")
+    def get_agent(agent_id):
+        return details(agent_or_404(agent_id), environment_id=request.query.get("environment_id"))
+
+    @route("PUT", "/api/v1/agent/<agent_id>")
+    def update_agent(body, agent_id):
+        row = agent_or_404(agent_id)
+        data = body.get("details")
+        if not isinstance(data, dict):
+            raise PfInvalid({"details": ["can't be blank"]})
+        view = registry.view(row)
+        if not view.actions["update"]:
+            conflict("updated", view)
+        errors, values = {}, {}
+        if "name" in data:
+            check_name(data["name"], errors, current=row["name"])
+            if not errors and data["name"].strip() != row["name"]:
+                if row["tf"]:
+                    raise ApiError(409, "Agent name is managed by Testflinger")
+                values["name"] = data["name"].strip()
+        if "description" in data:
+            if data["description"] is not None and not isinstance(data["description"], str):
+                errors["details.description"] = ["is invalid"]
+            values["description"] = data["description"]
+        if "current_version_id" in data:
+            check_optional_pfid(data["current_version_id"], "details.current_version_id", errors)
+            values["current_version_id"] = data["current_version_id"]
+        if errors:
+            raise PfInvalid(errors)
+        changed = {k: v for k, v in values.items() if row[k] != v}
+        if changed:
+            store.update_agent(row["name"], {**changed, "record_updated_at": utcnow()})
+        return details(registry.find("pfid", agent_id))
+
+    @route("POST", "/api/v1/agent/<agent_id>/retire")
+    def retire_agent(body, agent_id):
+        row = agent_or_404(agent_id)
+        view = registry.view(row)
+        if not view.actions["retire"]:
+            conflict("retired", view)
+        registry.set_retired(row["name"], True)
+        return details(registry.find("pfid", agent_id))
+
+    @route("POST", "/api/v1/agent/<agent_id>/reinstate")
+    def reinstate_agent(body, agent_id):
+        row = agent_or_404(agent_id)
+        view = registry.view(row)
+        if not view.actions["reinstate"]:
+            conflict("reinstated", view)
+        registry.set_retired(row["name"], False)
+        return details(registry.find("pfid", agent_id))
+
+    @route("DELETE", "/api/v1/agent/<agent_id>")
+    def delete_agent(body, agent_id):
+        row = agent_or_404(agent_id)
+        view = registry.view(row)
+        if not view.actions["delete"]:
+            conflict("deleted", view)
+        answer = details(row)
+        store.delete_agent(row["name"])
+        return answer
+
+    # -- instances --------------------------------------------------------------------------
+
+    def instance_json(inst):
+        version = inst["agent_version_id"] or registry.derived_pfid("job-version", inst["agent_pfid"])
+        out = {"type": "agent_instance", "id": inst["pfid"], "account_id": registry.account_id,
+               "agent_id": inst["agent_pfid"], "agent_version_id": version,
+               "agent_deployment_id": registry.derived_pfid("deployment", inst["agent_pfid"], inst["environment_id"]),
+               "environment_id": inst["environment_id"], "status": inst["status"],
+               "inserted_at": iso(inst["inserted_at"]), "updated_at": iso(inst["updated_at"]),
+               "started_at": iso(inst["started_at"]), "finished_at": iso(inst["finished_at"])}
+        if inst["job_id"]:
+            out["job_id"] = inst["job_id"]
+        return out
+
+    def instance_or_404(pfid):
+        inst = store.get_instance(pfid) if PFID_PATTERN.match(pfid or "") else None
+        if inst is None:
+            raise ApiError(404, "Agent instance not found")
+        return inst
+
+    def timestamp(body):
+        value = body.get("timestamp")
+        if value is None:
+            return utcnow()
+        try:
+            return parse_iso(value)
+        except ValueError:
+            raise PfInvalid({"timestamp": ["is invalid"]})
+
+    @route("POST", "/api/v1/agent_instance/register")
+    def register_instance(body):
+        errors = {}
+        if not body.get("agent_id"):
+            errors["agent_id"] = ["can't be blank"]
+        check_optional_pfid(body.get("environment_id"), "environment_id", errors)
+        check_optional_pfid(body.get("id"), "id", errors, config.pfid_partition)
+        for key in ("agent_version", "agent_schema_version"):
+            if body.get(key) is not None and not isinstance(body[key], dict):
+                errors[key] = ["is invalid"]
+        if errors:
+            raise PfInvalid(errors)
+        row = agent_or_404(body["agent_id"])
+        if row["retired"]:
+            raise ApiError(409, "Agent cannot register instances in its current state (retired)")
+        if body.get("id") and store.get_instance(body["id"]) is not None:
+            raise PfInvalid({"id": ["has already been taken"]})
+        digest = hashlib.sha256(json.dumps([body.get("agent_version"), body.get("agent_schema_version")],
+                                           sort_keys=True).encode()).hexdigest()
+        version, schema = store.agent_version(row["name"], digest, lambda: (registry.new_pfid(), registry.new_pfid()))
+        if body.get("update_current_version"):
+            store.update_agent(row["name"], {"current_version_id": version, "current_schema_version_id": schema,
+                                             "record_updated_at": utcnow()})
+        now = utcnow()
+        pfid = body.get("id") or registry.new_pfid()
+        store.add_instance({"pfid": pfid, "agent_name": row["name"], "source": "prefactor",
+                            "environment_id": body.get("environment_id") or row["environment_id"],
+                            "agent_version_id": version, "status": "pending", "inserted_at": now, "updated_at": now})
+        registry.contact(row["name"])
+        return json_response({"status": "success", "details": instance_json(store.get_instance(pfid))})
+
+    @route("POST", "/api/v1/agent_instance/<instance_id>/start")
+    def start_instance(body, instance_id):
+        inst = instance_or_404(instance_id)
+        when = timestamp(body)
+        if not store.move_instance(inst["pfid"], ("pending",), {"status": "active", "started_at": when,
+                                                                 "updated_at": utcnow()}):
+            raise ApiError(409, f"Agent instance cannot be started in its current state ({inst['status']})")
+        registry.contact(inst["agent_name"])
+        return json_response({"status": "success", "details": instance_json(store.get_instance(inst["pfid"]))})
+
+    @route("POST", "/api/v1/agent_instance/<instance_id>/finish")
+    def finish_instance(body, instance_id):
+        inst = instance_or_404(instance_id)
+        status = body.get("status") or "complete"
+        if status not in ("complete", "failed", "cancelled"):
+            raise PfInvalid({"status": ["is invalid"]})
+        when = timestamp(body)
+        if not store.move_instance(inst["pfid"], ("pending", "active"), {"status": status, "finished_at": when,
+                                                                          "updated_at": utcnow()}):
+            raise ApiError(409, f"Agent instance is already in a terminal state ({inst['status']})")
+        registry.contact(inst["agent_name"])
+        return json_response({"status": "success", "details": instance_json(store.get_instance(inst["pfid"]))})
+
+    @route("GET", "/api/v1/agent_instance/<instance_id>")
+    def get_instance(instance_id):
+        return json_response({"status": "success", "details": instance_json(instance_or_404(instance_id))})
+
+    @route("GET", "/api/v1/agent_instance")
+    def list_instances():
+        agent_id = request.query.get("agent_id")
+        rows = store.list_instances(agent_or_404(agent_id)["name"] if agent_id else None)
+        offset, size = pf_page(request.query, len(rows))
+        page = rows[offset:offset + size]
+        return json_response({"status": "success", "summaries": [instance_json(r) for r in page],
+                              "pagination": pf_pagination(len(rows), offset, size, len(page)),
+                              "sorting": {"field": "id", "direction": "desc"}})
+
+
+###############################################################################
+# HTTP: Rackspace agent events ################################################
+###############################################################################
+#
+# Cloud Backup v2 agent events over the registry (spec agents.md §3): 202 with
+# an empty body on success, {"message"[, "errors"]} on failure.
+
+RS_EVENTS = ("startup", "shutdown", "agent_activate")
+RS_MODES = ("idle", "active", "real_time")
+UUID_TEXT = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+
+
+def rs_error(status, message, errors=None):
+    body = {"message": message}
+    if errors is not None:
+        body["errors"] = errors
+    return json_response(body, status)
+
+
+def install_rackspace(app, hub):
+    """Mount ``/v2/<project_id>/…`` (and the seed's literal ``/v2/events``) on ``app``."""
+    registry, store, config = hub.registry, hub.store, hub.config
+    tokens = {}
+    for entry in config.rackspace_tokens.split(","):
+        token, _, project = entry.strip().partition(":")
+        if token:
+            tokens[token] = project or None
+
+    def route(method, path):
+        def decorate(func):
+            def handler(**kw):
+                token = request.get_header("X-Auth-Token", "").strip()
+                if not token or (tokens and token not in tokens):
+                    return rs_error(401, "Unauthorized.")
+                request.environ["agenthub.rs_project"] = tokens.get(token)
+                try:
+                    return func(**kw)
+                except ApiError as exc:
+                    if exc.text:                 # a validation message: Rackspace lists them
+                        return rs_error(exc.status, "Validation failed.", [exc.message])
+                    return rs_error(exc.status, exc.message)
+            app.route(path, method, handler, name=f"rs:{method}:{path}")
+            return func
+        return decorate
+
+    def invalid(message):
+        return ApiError(400, message, text=True)        # text=True: report as a validation error list
+
+    def body_json():
+        data = request.body.read(config.max_json_bytes + 1)
+        try:
+            body = json.loads(data) if data.strip() else None
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise invalid("Request body must be a JSON object.")
+        return body
+
+    def resolve(agent_id):
+        """By uuid (any case), then by name."""
+        row = registry.find("uuid", agent_id.lower()) if UUID_TEXT.match(agent_id) else None
+        return row or registry.find("name", agent_id)
+
+    def agent_of_project(project_id, agent_id):
+        row = resolve(agent_id)
+        if row is None or row["project_id"] != project_id:
+            raise ApiError(404, "Agent not found.")
+        return row
+
+    def accepted():
+        return HTTPResponse("", 202, {"Content-Type": "application/json"})
+
+    def activate(names, project_id, mode):
+        expires = utcnow() + config.activate_ttl
+        for name in names:
+            store.update_agent(name, {"activation_mode": mode, "activation_expires_at": expires})
+        store.add_rackspace_event(names, project_id, "agent_activate", mode, utcnow())
+
+    def check_mode(body):
+        if body.get("mode") not in RS_MODES:
+            raise invalid("mode must be one of: idle, active, real_time.")
+        return body["mode"]
+
+    @route("POST", "/v2/<project_id>/agents/<agent_id>/events")
+    def agent_events(project_id, agent_id):
+        caller = request.get_header("X-Agent-Id", "").strip()
+        if not caller:
+            raise invalid("X-Agent-Id header is required.")
+        same = caller.lower() == agent_id.lower() if UUID_TEXT.match(caller) and UUID_TEXT.match(agent_id) \
+            else caller == agent_id
+        if not same:
+            known_caller, known_target = resolve(caller), resolve(agent_id)
+            if known_caller is None or known_target is None or known_caller["name"] != known_target["name"]:
+                raise ApiError(403, "X-Agent-Id does not match the agent in the request URI.")
+        body = body_json()
+        event = body.get("event")
+        if not event:
+            raise invalid("event is required.")
+        if event not in RS_EVENTS:
+            raise invalid("event must be one of: startup, shutdown, agent_activate.")
+        mode = check_mode(body) if event == "agent_activate" else None
+        row = resolve(agent_id)
+        if row is None:
+            if event != "startup":
+                raise ApiError(404, "Agent not found.")
+            row = registry.create(agent_id, "rackspace", project_id=project_id,
+                                  uuid=agent_id.lower() if UUID_TEXT.match(agent_id) else None)
+        elif row["project_id"] not in (None, project_id):
+            raise ApiError(404, "Agent not found.")
+        if event == "startup" and row["retired"]:
+            raise ApiError(409, "Agent is retired.")
+        if row["project_id"] is None:
+            store.update_agent(row["name"], {"project_id": project_id})
+        if event == "agent_activate":
+            activate([row["name"]], project_id, mode)
+        else:
+            store.add_rackspace_event([row["name"]], project_id, f"agent_{event}", None, utcnow())
+        registry.contact(row["name"], request.remote_addr, shutdown=event == "shutdown")
+        return accepted()
+
+    def project_events(project_id):
+        body = body_json()
+        if body.get("event") != "agent_activate":
+            raise invalid("event must be agent_activate.")
+        mode = check_mode(body)
+        rows = [r for r in store.all_agents() if r["project_id"] is not None
+                and (project_id is None or r["project_id"] == project_id)]
+        for pid in sorted({r["project_id"] for r in rows}):
+            activate([r["name"] for r in rows if r["project_id"] == pid], pid, mode)
+        return accepted()
+
+    @route("POST", "/v2/<project_id>/events")
+    def post_project_events(project_id):
+        return project_events(project_id)
+
+    @route("POST", "/v2/events")
+    def post_events_for_token():
+        # The seed's literal path: the project bound to the token, or every project's agents.
+        return project_events(request.environ["agenthub.rs_project"])
+
+    @route("GET", "/v2/<project_id>/agents/<agent_id>/status")
+    def agent_status(project_id, agent_id):
+        view = registry.view(agent_of_project(project_id, agent_id))
+        return json_response({"busy": view.busy, "online": view.online})
+
+    def feed(project_id, name, default_dir):
+        query = request.query
+        limit_text, direction = query.get("limit", "100"), query.get("sort_dir", default_dir)
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+            raise invalid("limit must be an integer between 1 and 1000.")
+        if direction not in ("asc", "desc"):
+            raise invalid("sort_dir must be asc or desc.")
+        marker = query.get("marker")
+        rows = store.rackspace_events(project_id, name, int(marker) if marker and marker.isdigit() else None,
+                                      int(limit_text), direction == "desc")
+        events = []
+        for r in rows:
+            item = {"id": str(r["id"]), "time": datetime.datetime.fromtimestamp(
+                r["time"], datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "event": r["event"],
+                "agent": {"id": r["agent_uuid"], "name": r["agent_name"]}, "request_id": r["request_id"]}
+            if r["mode"]:
+                item["mode"] = r["mode"]
+            events.append(item)
+        out = {"events": events}
+        if events:
+            params = {k: query.get(k) for k in query.keys() if k != "marker"}
+            params["marker"] = events[-1]["id"]
+            out["links"] = [{"href": request.url.split("?")[0] + "?" + urllib.parse.urlencode(params),
+                             "rel": "next"}]
+        return json_response(out)
+
+    @route("GET", "/v2/<project_id>/agents/<agent_id>/events")
+    def agent_feed(project_id, agent_id):
+        return feed(project_id, agent_of_project(project_id, agent_id)["name"], "asc")
+
+    @route("GET", "/v2/<project_id>/events")
+    def project_feed(project_id):
+        return feed(project_id, None, "desc")
+
+    def rs_agent(row, view):
+        base = request.url.split("/v2/")[0] + f"/v2/{row['project_id']}/agents/{row['uuid']}"
+        return {"project_id": row["project_id"], "id": row["uuid"], "name": row["name"], "version": None,
+                "enabled": view.config == "Enabled",
+                "registered_time": datetime.datetime.fromtimestamp(row["inserted_at"], datetime.timezone.utc)
+                .isoformat(timespec="seconds"),
+                "links": [{"href": base, "rel": "self"}, {"href": base + "/events", "rel": "events"},
+                          {"href": base + "/status", "rel": "status"}]}
+
+    @route("GET", "/v2/<project_id>/agents/<agent_id>")
+    def get_rs_agent(project_id, agent_id):
+        row = agent_of_project(project_id, agent_id)
+        return json_response(rs_agent(row, registry.view(row)))
+
+    @route("GET", "/v2/<project_id>/agents")
+    def list_rs_agents(project_id):
+        if request.query.get("host_machine_id"):
+            return json_response({"agents": []})       # agenthub keeps no host data
+        rows = [r for r in store.all_agents() if r["project_id"] == project_id]
+        return json_response({"agents": [rs_agent(r, registry.view(r)) for r in rows]})
+
+
+def install_gocd(app, hub):
+    """GoCD's server health messages: the failing webhooks (spec agents.md §4.2)."""
+
+    @app.route("/api/server_health_messages", "GET")
+    def health_messages():
+        return json_response([{"message": r["message"], "detail": r["detail"], "level": r["level"],
+                               "time": iso(r["time"])} for r in hub.store.health()])
+
+
+###############################################################################
 # Application #################################################################
 ###############################################################################
 
@@ -2833,21 +4019,36 @@ class Hub:
         key = server_key(config)
         self.auth = Auth(self.store, config, key)
         self.secrets = Secrets(self.store, SecretBox(key))
-        self.jobs = JobQueue(self.store, config, self.secrets)
         self.event_acl = EventAcl(self.store, config.event_acl_default)
         self.events = UserEvents(EventBuffer(self.store, config.event_buffer_size, config.event_max_bytes),
                                  self.event_acl, config)
+        self.notifier = Notifier(self.store, config)
+        self.registry = Registry(self.store, config, self.notifier, self.events)
+        self.jobs = JobQueue(self.store, config, self.secrets, self.registry)
         self._stop = threading.Event()
         self._threads = []
 
     def start(self):
         if self.config.purge_interval > 0:
             self._spawn(self._purge_loop, "agenthub-purge")
+        if self.config.lost_contact_seconds > 0:
+            self._spawn(self._sweep_loop, "agenthub-sweep")
+        for target, name, *args in self.notifier.workers():
+            self._spawn(target, name, *args)
 
-    def _spawn(self, target, name):
-        thread = threading.Thread(target=target, name=name, daemon=True)
+    def _spawn(self, target, name, *args):
+        thread = threading.Thread(target=target, name=name, args=args, daemon=True)
         thread.start()
         self._threads.append(thread)
+
+    def _sweep_loop(self):
+        """Lost-contact detection (spec §5.6): a sweep every N/10 s, between 1 and 30 s."""
+        interval = max(1.0, min(30.0, self.config.lost_contact_seconds / 10))
+        while not self._stop.wait(interval):
+            try:
+                self.registry.sweep()
+            except sqlite3.Error as exc:
+                print(f"agenthub: sweep failed: {exc}", file=sys.stderr)
 
     def _purge_loop(self):
         """Emulates the original's TTL indexes (spec §4.5), waiting jobs excepted."""
@@ -2863,8 +4064,9 @@ class Hub:
 
     def close(self):
         self._stop.set()
+        self.notifier.close()
         for thread in self._threads:
-            thread.join(timeout=5)
+            thread.join(timeout=10)
         self.store.close()
 
 
@@ -2890,6 +4092,15 @@ def create_app(config=None, **overrides):
             request.environ["PATH_INFO"] = path.rstrip("/") or "/"
 
     def errors(error):
+        if request.path.startswith("/api/"):
+            bottle.response.content_type = "application/json"
+            code = {404: ("not_found", "Not found"), 405: ("method_not_allowed", "Method not allowed")}.get(
+                error.status_code, ("internal_error", "Internal error"))
+            return json.dumps({"status": "error", "code": code[0], "message": code[1]})
+        if request.path.startswith("/v2/"):
+            bottle.response.content_type = "application/json"
+            return json.dumps({"message": {404: "Not found.", 405: "Method not allowed."}.get(
+                error.status_code, "Internal error.")})
         if request.path.startswith("/v1/event/"):
             bottle.response.content_type = "text/plain; charset=utf-8"
             bottle.response.set_header("X-Consul-Default-Acl-Policy", config.event_acl_default)
@@ -2902,6 +4113,9 @@ def create_app(config=None, **overrides):
 
     install_testflinger(app, hub)
     install_consul(app, hub)
+    install_gocd(app, hub)
+    install_prefactor(app, hub)
+    install_rackspace(app, hub)
     if config.bench_route:
         app.route("/_bench/ping", "GET", lambda: {"ok": True})
     hub.start()
@@ -3051,6 +4265,26 @@ def _serve_options(parser, env):
                              " unset: POST /v1/job/<id>/events answers 500 (AGENTHUB_WEBHOOK_URL)")
     parser.add_argument("--webhook-auth", default=env.webhook_auth,
                         help="bearer token sent to that webhook (AGENTHUB_WEBHOOK_AUTH)")
+    parser.add_argument("--lost-contact-seconds", type=float, default=env.lost_contact_seconds,
+                        help="silence after which an agent is LostContact (default %(default)s;"
+                             " AGENTHUB_LOST_CONTACT_SECONDS)")
+    parser.add_argument("--gocd-webhook", action="append", metavar="URL",
+                        help="receives GoCD agent-status notifications; repeatable (AGENTHUB_GOCD_WEBHOOKS,"
+                             " comma-separated)")
+    parser.add_argument("--gocd-webhook-auth", default=env.gocd_webhook_auth,
+                        help="bearer token sent with each notification (AGENTHUB_GOCD_WEBHOOK_AUTH)")
+    parser.add_argument("--api-token", action="append", metavar="TOKEN",
+                        help="a bearer token accepted by /api/v1; repeatable; none: no auth there"
+                             " (AGENTHUB_API_TOKENS, comma-separated)")
+    parser.add_argument("--rackspace-token", action="append", metavar="TOKEN[:PROJECT]",
+                        help="an X-Auth-Token accepted by /v2, optionally bound to a project; repeatable;"
+                             " none: any token (AGENTHUB_RACKSPACE_TOKENS)")
+    parser.add_argument("--pfid-partition", type=int, default=env.pfid_partition,
+                        help="partition of the PFIDs agenthub makes (default %(default)s)")
+    parser.add_argument("--default-environment-id", default=env.default_environment_id,
+                        help="PFID environment of agents not created through /api/v1 (default: generated once)")
+    parser.add_argument("--activate-ttl", type=float, default=env.activate_ttl,
+                        help="seconds a Rackspace agent_activate mode lasts (default %(default)s)")
     parser.add_argument("--datacenter", default=env.datacenter,
                         help="the datacenter name ?dc= may give (default %(default)s)")
     parser.add_argument("--bench-route", action="store_true",
@@ -3120,6 +4354,7 @@ def main(argv=None):
 
 
 def serve_command(args):
+    env_default = Config.from_env()
     config = Config(db=args.db, host=args.host, port=args.port, server=args.server, secret_key=args.secret_key,
                     require_auth=args.require_auth, jwt_leeway=args.jwt_leeway,
                     access_token_seconds=args.access_token_seconds, refresh_token_days=args.refresh_token_days,
@@ -3127,7 +4362,15 @@ def serve_command(args):
                     max_json_bytes=args.max_json_bytes, quiet=args.quiet, bench_route=args.bench_route,
                     event_buffer_size=args.event_buffer_size, event_max_bytes=args.event_max_bytes,
                     event_acl_default=args.event_acl_default, datacenter=args.datacenter,
-                    webhook_url=args.webhook_url, webhook_auth=args.webhook_auth)
+                    webhook_url=args.webhook_url, webhook_auth=args.webhook_auth,
+                    lost_contact_seconds=args.lost_contact_seconds,
+                    gocd_webhooks=",".join(args.gocd_webhook) if args.gocd_webhook else env_default.gocd_webhooks,
+                    gocd_webhook_auth=args.gocd_webhook_auth,
+                    api_tokens=",".join(args.api_token) if args.api_token else env_default.api_tokens,
+                    rackspace_tokens=(",".join(args.rackspace_token) if args.rackspace_token
+                                      else env_default.rackspace_tokens),
+                    pfid_partition=args.pfid_partition, default_environment_id=args.default_environment_id,
+                    activate_ttl=args.activate_ttl)
     app = create_app(config)
     try:
         if config.server != "threaded":

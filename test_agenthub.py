@@ -1147,6 +1147,7 @@ def test_purge_keeps_waiting_jobs(app, anon, agent):
     old_done, old_waiting = old_waiting, old_done
     agent.post_json(f"/v1/result/{old_done}/log/output", {"fragment_number": 0, "phase": "test",
                                                           "timestamp": "2026-01-01T00:00:00", "log_data": "x"})
+    agent.post_json(f"/v1/result/{old_done}", {"job_state": "complete"})   # an agent running a job is kept
     long_ago = time.time() - 8 * 86400
     with app.hub.store.write() as db:
         db.execute("UPDATE jobs SET created_at = ? WHERE job_id IN (?, ?)", (long_ago, old_waiting, old_done))
