@@ -384,10 +384,22 @@ def _b32(number, width):
     return "".join(CROCKFORD[(number >> (5 * i)) & 31] for i in reversed(range(width)))
 
 
+_pfid_lock = threading.Lock()
+_pfid_last = [0, 0]          # (milliseconds, random part) of the newest PFID made by this process
+
+
 def new_pfid(partition, ms=None):
-    """A k-sortable Prefactor id."""
-    ms = int(time.time() * 1000) if ms is None else ms
-    return _b32(ms, 10) + _b32(partition, 6) + _b32(secrets.randbits(80), 16)
+    """A k-sortable Prefactor id.  Ids made in the same millisecond (or with a clock that
+    stepped back) continue from the previous random part plus one, so the ids this process
+    makes always sort in the order they were made."""
+    if ms is not None:
+        return _b32(ms, 10) + _b32(partition, 6) + _b32(secrets.randbits(80), 16)
+    with _pfid_lock:
+        ms, rand = int(time.time() * 1000), secrets.randbits(79)
+        if ms <= _pfid_last[0]:
+            ms, rand = _pfid_last[0], _pfid_last[1] + 1
+        _pfid_last[:] = [ms, rand]
+    return _b32(ms, 10) + _b32(partition, 6) + _b32(rand, 16)
 
 
 def pfid_partition(pfid):
@@ -2580,7 +2592,7 @@ def derive_agent(row, counts, cancel_requested, now, lost_after):
     full["total"] = full["pending"] + full["active"] + full["finished"]
     heard = row["last_seen_at"] is not None
     down = row["shutdown_at"] is not None
-    silent = heard and not down and now - row["last_seen_at"] >= lost_after
+    silent = heard and not down and lost_after > 0 and now - row["last_seen_at"] >= lost_after
     tf_state = row["state"] if row["tf"] else None
     config = "Disabled" if row["retired"] or tf_state in ("offline", "maintenance") else "Enabled"
     if not heard:
@@ -2727,10 +2739,13 @@ class Notifier:
     def close(self, drain_seconds=5.0):
         """Stop the workers: queued deliveries get ``drain_seconds`` to go out, then the rest are
         recorded as undelivered — none vanish silently."""
-        self._drain_until = time.monotonic() + drain_seconds
-        self._closing.set()
-        for q in self.queues.values():
-            q.put(None)
+        deadline = time.monotonic() + drain_seconds
+        if self._drain_until is None or deadline < self._drain_until:     # a second close never extends it
+            self._drain_until = deadline
+        if not self._closing.is_set():
+            self._closing.set()
+            for q in self.queues.values():
+                q.put(None)
 
     def _work(self, url):
         q = self.queues[url]
@@ -3463,7 +3478,7 @@ def pf_page(query, total):
 
 
 def pf_pagination(total, offset, size, shown):
-    return {"item_count": total, "item_start": offset + 1 if shown else 0, "item_end": offset + shown,
+    return {"item_count": total, "item_start": offset + 1 if shown else 0, "item_end": offset + shown if shown else 0,
             "page_index": offset // size + 1, "page_count": -(-total // size),
             "page_offset": offset, "page_size": size,
             "next_page_offset": offset + size if offset + size < total else None,
@@ -4266,8 +4281,8 @@ def _serve_options(parser, env):
     parser.add_argument("--webhook-auth", default=env.webhook_auth,
                         help="bearer token sent to that webhook (AGENTHUB_WEBHOOK_AUTH)")
     parser.add_argument("--lost-contact-seconds", type=float, default=env.lost_contact_seconds,
-                        help="silence after which an agent is LostContact (default %(default)s;"
-                             " AGENTHUB_LOST_CONTACT_SECONDS)")
+                        help="silence after which an agent is LostContact; 0 turns detection off"
+                             " (default %(default)s; AGENTHUB_LOST_CONTACT_SECONDS)")
     parser.add_argument("--gocd-webhook", action="append", metavar="URL",
                         help="receives GoCD agent-status notifications; repeatable (AGENTHUB_GOCD_WEBHOOKS,"
                              " comma-separated)")

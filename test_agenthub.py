@@ -560,6 +560,7 @@ class Receiver:
             def log_message(self, *args):
                 pass
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.handle_error = lambda request, address: None     # clients that time out are expected
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
@@ -1643,6 +1644,544 @@ def test_add_event_token_command(tmp_path, capsys):
     fire(webtest.TestApp(app), "deploy-x", token=secret)
     app.close()
     assert agenthub.main(["add-event-token", "ops", "--db", ":memory:"]) == 2
+
+
+# == Agent registry: Prefactor /api/v1 ===============================================================================
+
+def pf_create(test, name, **details):
+    return test.post_json("/api/v1/agent", {"details": {"name": name, **details}}).json["details"]
+
+
+def test_pfid_format():
+    assert agenthub._b32(1234567890000, 10) + agenthub._b32(123456789, 6) == "013xrzp12g3nqk8n"
+    pfid = agenthub.new_pfid(123456789)
+    assert agenthub.PFID_PATTERN.match(pfid) and agenthub.pfid_partition(pfid) == 123456789
+    assert agenthub.pfid_partition("013xrzp12g3nqk8nx0y2vfkg4s3jp2qr") == 123456789
+    assert agenthub.pfid_partition("not-a-pfid") is None
+
+
+def test_prefactor_create_and_fetch(anon):
+    answer = anon.post_json("/api/v1/agent", {"details": {"name": "My Agent", "description": "d"}})
+    assert answer.content_type == "application/json" and answer.json["status"] == "success"
+    agent = answer.json["details"]
+    assert list(agent) == sorted(agent)
+    assert agent["type"] == "agent" and agent["status"] == "pending" and agent["name"] == "My Agent"
+    assert agent["current_version_id"] is None and agent["inserted_at"] == agent["updated_at"]
+    assert agent["instance_counts"] == {"active": 0, "cancelled": 0, "complete": 0, "failed": 0, "finished": 0,
+                                        "pending": 0, "total": 0}
+    assert agent["available_actions"] == {"delete": True, "reinstate": False, "retire": True, "update": True}
+    assert agenthub.pfid_partition(agent["id"]) == 123456789
+    assert anon.get(f"/api/v1/agent/{agent['id']}").json["details"] == agent
+    assert anon.get(f"/api/v1/agent/show?agent_id={agent['id']}").json["details"] == agent
+    other_env = agenthub.new_pfid(5)
+    assert anon.get(f"/api/v1/agent/{agent['id']}?environment_id={other_env}").json["details"][
+        "instance_counts"]["total"] == 0
+    given = "013xrzp12g3nqk8nx0y2vfkg4s3jp2qr"
+    assert pf_create(anon, "Given", id=given, external_identifier="ext-1")["id"] == given
+    assert anon.get("/api/v1/agent/show?external_identifier=ext-1").json["details"]["id"] == given
+    assert anon.get("/api/v1/ping").json == {"status": "success", "details": {"token_type": "api"}}
+
+
+@pytest.mark.parametrize("body,errors", [
+    ({}, {"details": ["can't be blank"]}),
+    ({"details": "x"}, {"details": ["can't be blank"]}),
+    ({"details": {}}, {"details.name": ["can't be blank"]}),
+    ({"details": {"name": "  "}}, {"details.name": ["can't be blank"]}),
+    ({"details": {"name": 5}}, {"details.name": ["is invalid"]}),
+    ({"details": {"name": "x" * 256}}, {"details.name": ["should be at most 255 character(s)"]}),
+    ({"details": {"name": "taken"}}, {"details.name": ["has already been taken"]}),
+    ({"details": {"name": "n", "environment_id": "nope"}}, {"details.environment_id": ["is invalid"]}),
+    ({"details": {"name": "n", "id": "01m85wfsa4000000000000000000000a"}}, {"details.id": ["is invalid"]}),
+    ({"details": {"name": "n", "description": 3}}, {"details.description": ["is invalid"]}),
+    ({"details": {"name": "n"}, "idempotency_key": "k" * 65}, {"idempotency_key": [
+        "should be at most 64 character(s)"]}),
+])
+def test_prefactor_create_validation(anon, body, errors):
+    pf_create(anon, "taken")
+    answer = anon.post_json("/api/v1/agent", body, status=422)
+    assert answer.json == {"status": "error", "code": "validation_errors", "message": "Validation failed",
+                           "errors": errors}
+
+
+def test_prefactor_errors(anon):
+    assert anon.post("/api/v1/agent", "{nope", content_type="application/json", status=400).json["code"] == \
+        "bad_request"
+    anon.post_json("/api/v1/agent", [1], status=400)
+    assert anon.get("/api/v1/agent/not-a-pfid", status=400).json["message"] == "Invalid agent_id"
+    assert anon.get(f"/api/v1/agent/{agenthub.new_pfid(123456789)}", status=404).json == {
+        "status": "error", "code": "not_found", "message": "Agent not found"}
+    assert anon.get("/api/v1/nothing", status=404).json["code"] == "not_found"
+    assert anon.patch("/api/v1/agent", status=405).json["code"] == "method_not_allowed"
+    anon.get("/api/v1/agent/show", status=422)
+    anon.get("/api/v1/agent/show?agent_id=a&external_identifier=b", status=422)
+
+
+def test_prefactor_bearer_tokens():
+    app = create_app(api_tokens="tok-1,tok-2", purge_interval=0)
+    test = webtest.TestApp(app)
+    assert test.get("/api/v1/ping", status=401).json["code"] == "unauthorized"
+    assert test.get("/api/v1/ping", headers={"Authorization": "Basic x"}, status=401).json["code"] == "unauthorized"
+    assert test.get("/api/v1/ping", headers={"Authorization": "Bearer nope"}, status=401).json["code"] == \
+        "bad_authtoken"
+    test.get("/api/v1/ping", headers={"Authorization": "Bearer tok-2"}, status=200)
+    app.close()
+
+
+def test_prefactor_list_pagination_and_sorting(anon):
+    made = [pf_create(anon, name) for name in ("delta", "alpha", "charlie", "bravo", "echo")]
+
+    def listing(query=""):
+        return anon.get("/api/v1/agent" + query).json
+    whole = listing()
+    assert set(whole) == {"status", "summaries", "pagination", "sorting"}
+    assert [a["id"] for a in whole["summaries"]] == [a["id"] for a in reversed(made)]        # -id: newest first
+    assert whole["sorting"] == {"field": "id", "direction": "desc"}
+    assert all("instance_counts" not in a and "available_actions" in a for a in whole["summaries"])
+    page = listing("?sorting=name&pagination[offset]=2&pagination[page_size]=2")
+    assert [a["name"] for a in page["summaries"]] == ["charlie", "delta"]
+    assert page["pagination"] == {"item_count": 5, "item_start": 3, "item_end": 4, "page_index": 2, "page_count": 3,
+                                  "page_offset": 2, "page_size": 2, "next_page_offset": 4, "previous_page_offset": 0}
+    last = listing("?sorting=-name&pagination[offset]=4&pagination[page_size]=2")
+    assert [a["name"] for a in last["summaries"]] == ["alpha"]
+    assert last["pagination"]["next_page_offset"] is None and last["pagination"]["previous_page_offset"] == 2
+    past = listing("?pagination[offset]=10&pagination[page_size]=3")
+    assert past["summaries"] == [] and past["pagination"]["item_start"] == 0 and past["pagination"]["item_end"] == 0
+    assert past["pagination"]["page_index"] == 4 and past["pagination"]["page_count"] == 2
+    assert listing("?pagination[offset]=1")["pagination"]["previous_page_offset"] == 0
+    assert listing("?team_id=t1")["summaries"] == []
+    env = made[0]["environment_id"]
+    assert len(listing(f"?environment_id={env}")["summaries"]) == 5
+    assert listing(f"?environment_id={agenthub.new_pfid(9)}")["summaries"] == []
+    empty = webtest.TestApp(create_app(purge_interval=0)).get("/api/v1/agent").json
+    assert empty["summaries"] == [] and empty["pagination"]["page_count"] == 0
+    for bad in ("sorting=title", "sorting=--id", "pagination[page_size]=0", "pagination[page_size]=101",
+                "pagination[offset]=-1", "pagination[offset]=x", "environment_id=zzz"):
+        answer = anon.get(f"/api/v1/agent?{bad}", status=422)
+        assert answer.json["code"] == "validation_errors" and list(answer.json["errors"])[0] == bad.split("=")[0]
+
+
+def test_prefactor_update_retire_reinstate_delete(app, anon):
+    agent = pf_create(anon, "worker")
+    path = f"/api/v1/agent/{agent['id']}"
+    assert anon.put_json(path, {"details": {}}).json["details"]["updated_at"] == agent["updated_at"]
+    version = agenthub.new_pfid(1)
+    updated = anon.put_json(path, {"details": {"name": "worker-2", "description": None,
+                                               "current_version_id": version, "status": "active"}}).json["details"]
+    assert (updated["name"], updated["current_version_id"], updated["status"]) == ("worker-2", version, "pending")
+    anon.put_json(path, {"details": {"current_version_id": "bad"}}, status=422)
+    anon.put_json(path, {}, status=422)
+    pf_create(anon, "other")
+    anon.put_json(path, {"details": {"name": "other"}}, status=422)
+    retired = anon.post(f"{path}/retire").json["details"]
+    assert retired["status"] == "retired"
+    assert retired["available_actions"] == {"delete": True, "reinstate": True, "retire": False, "update": False}
+    assert anon.post_json(f"{path}/retire", {}, status=409).json == {
+        "status": "error", "code": "conflict", "message": "Agent cannot be retired in its current state (retired)"}
+    anon.put_json(path, {"details": {"name": "x"}}, status=409)
+    assert anon.post(f"{path}/reinstate").json["details"]["status"] == "pending"
+    anon.post(f"{path}/reinstate", status=409)
+    anon.post(f"{path}/retire", "[1]", content_type="application/json", status=400)
+    deleted = anon.delete(path).json["details"]
+    assert deleted["name"] == "worker-2"
+    anon.get(path, status=404)
+
+
+AVAILABLE_ACTIONS = [
+    # status, running → update, retire, reinstate, delete
+    ("pending", False, (True, True, False, True)),
+    ("active", False, (True, True, False, True)),
+    ("active", True, (True, True, False, False)),
+    ("dormant", False, (True, True, False, True)),
+    ("dormant", True, (True, True, False, False)),
+    ("retired", False, (False, False, True, True)),
+    ("retired", True, (False, False, True, False)),
+]
+
+
+@pytest.mark.parametrize("status,running,flags", AVAILABLE_ACTIONS)
+def test_available_actions_table(status, running, flags):
+    now = 1_000_000.0
+    row = {"last_seen_at": None, "shutdown_at": None, "state": None, "tf": 0, "retired": int(status == "retired")}
+    counts = {}
+    if status == "active":
+        row["last_seen_at"] = now
+    if status == "dormant":
+        row["last_seen_at"] = now - 1000
+        counts["complete"] = 1
+    if running:
+        counts["pending"] = 1
+    view = agenthub.derive_agent(row, counts, False, now, 300)
+    if not (status == "dormant" and running):               # a pending instance makes a dormant agent active
+        assert view.status == status
+    assert (view.actions["update"], view.actions["retire"], view.actions["reinstate"], view.actions["delete"]) == flags
+
+
+def test_prefactor_instances(anon):
+    agent = pf_create(anon, "runner")
+    body = {"agent_id": agent["id"], "agent_version": {"name": "v1"}, "agent_schema_version": {"s": 1},
+            "update_current_version": True}
+    inst = anon.post_json("/api/v1/agent_instance/register", body).json["details"]
+    assert inst["type"] == "agent_instance" and inst["status"] == "pending" and inst["agent_id"] == agent["id"]
+    assert all(agenthub.PFID_PATTERN.match(inst[k]) for k in ("id", "account_id", "agent_version_id",
+                                                               "agent_deployment_id", "environment_id"))
+    again = anon.post_json("/api/v1/agent_instance/register", body).json["details"]
+    assert again["agent_version_id"] == inst["agent_version_id"]
+    assert again["agent_deployment_id"] == inst["agent_deployment_id"]
+    fetched = anon.get(f"/api/v1/agent/{agent['id']}").json["details"]
+    assert fetched["current_version_id"] == inst["agent_version_id"] and fetched["status"] == "active"
+    assert fetched["instance_counts"]["pending"] == 2 and fetched["available_actions"]["delete"] is False
+    started = anon.post_json(f"/api/v1/agent_instance/{inst['id']}/start",
+                             {"timestamp": "2026-11-24T03:12:45.123456+00:00"}).json["details"]
+    assert started["status"] == "active" and started["started_at"] == "2026-11-24T03:12:45Z"
+    anon.post_json(f"/api/v1/agent_instance/{inst['id']}/start", {}, status=409)
+    done = anon.post_json(f"/api/v1/agent_instance/{inst['id']}/finish", {"status": "failed"}).json["details"]
+    assert done["status"] == "failed" and done["finished_at"]
+    assert anon.post(f"/api/v1/agent_instance/{inst['id']}/finish", status=409).json["code"] == "conflict"
+    anon.post_json(f"/api/v1/agent_instance/{again['id']}/finish", {"status": "bogus"}, status=422)
+    assert anon.post(f"/api/v1/agent_instance/{again['id']}/finish").json["details"]["status"] == "complete"
+    counts = anon.get(f"/api/v1/agent/{agent['id']}").json["details"]["instance_counts"]
+    assert counts == {"active": 0, "cancelled": 0, "complete": 1, "failed": 1, "finished": 2, "pending": 0,
+                      "total": 2}
+    listing = anon.get(f"/api/v1/agent_instance?agent_id={agent['id']}").json
+    assert len(listing["summaries"]) == 2 and listing["pagination"]["item_count"] == 2
+    assert anon.get(f"/api/v1/agent_instance/{inst['id']}").json["details"]["status"] == "failed"
+    anon.get(f"/api/v1/agent_instance/{agenthub.new_pfid(123456789)}", status=404)
+    anon.post_json("/api/v1/agent_instance/register", {}, status=422)
+    anon.post_json("/api/v1/agent_instance/register", {"agent_id": agenthub.new_pfid(123456789)}, status=404)
+    anon.post(f"/api/v1/agent/{agent['id']}/retire")
+    anon.post_json("/api/v1/agent_instance/register", body, status=409)
+
+
+def test_idempotency_keys_replay_the_first_answer(anon):
+    first = anon.post_json("/api/v1/agent", {"details": {"name": "once"}, "idempotency_key": "k1"}).json
+    again = anon.post_json("/api/v1/agent", {"details": {"name": "once"}, "idempotency_key": "k1"}).json
+    assert again == first
+    header = anon.post_json("/api/v1/agent", {"details": {"name": "twice"}}, headers={"Idempotency-Key": "k2"}).json
+    assert anon.post_json("/api/v1/agent", {"details": {"name": "twice"}},
+                          headers={"Idempotency-Key": "k2"}).json == header
+    anon.post_json("/api/v1/agent", {"details": {"name": "once"}}, status=422)      # without a key: taken
+
+
+# == Agent registry: Rackspace v2 ======================================================================================
+
+RS = {"X-Auth-Token": "0f6e9f63600142f0a970911583522217"}
+AGENT_UUID = "8f135b4f-7a69-4b8a-947f-5e80d772fd97"
+
+
+def rs_event(test, agent_id, body, caller=None, project="110011", status=202, **headers):
+    return test.post_json(f"/v2/{project}/agents/{agent_id}/events", body,
+                          headers={**RS, "X-Agent-Id": caller or agent_id, **headers}, status=status)
+
+
+def test_rackspace_startup_creates_and_reports(anon):
+    answer = rs_event(anon, AGENT_UUID, {"event": "startup"})
+    assert answer.body == b"" and answer.status_int == 202
+    assert anon.get(f"/v2/110011/agents/{AGENT_UUID.upper()}/status", headers=RS).json == {"busy": False,
+                                                                                            "online": True}
+    agent = anon.get(f"/v2/110011/agents/{AGENT_UUID}", headers=RS).json
+    assert agent["id"] == AGENT_UUID and agent["enabled"] is True and agent["project_id"] == "110011"
+    assert [link["rel"] for link in agent["links"]] == ["self", "events", "status"]
+    assert [a["id"] for a in anon.get("/v2/110011/agents", headers=RS).json["agents"]] == [AGENT_UUID]
+    assert anon.get("/v2/110011/agents?host_machine_id=5", headers=RS).json == {"agents": []}
+    rs_event(anon, AGENT_UUID, {"event": "shutdown"})
+    assert anon.get(f"/v2/110011/agents/{AGENT_UUID}/status", headers=RS).json == {"busy": False, "online": False}
+    feed = anon.get(f"/v2/110011/agents/{AGENT_UUID}/events", headers=RS).json
+    assert [e["event"] for e in feed["events"]] == ["agent_startup", "agent_shutdown"]
+    assert feed["events"][0]["time"].endswith("Z") and feed["events"][0]["agent"]["id"] == AGENT_UUID
+    assert "marker=" in feed["links"][0]["href"] and feed["links"][0]["rel"] == "next"
+    newer = anon.get(f"/v2/110011/agents/{AGENT_UUID}/events?marker={feed['events'][0]['id']}", headers=RS).json
+    assert [e["event"] for e in newer["events"]] == ["agent_shutdown"]
+    assert anon.get(f"/v2/110011/agents/{AGENT_UUID}/events?marker=999", headers=RS).json == {"events": []}
+    project = anon.get("/v2/110011/events", headers=RS).json["events"]
+    assert [e["event"] for e in project] == ["agent_shutdown", "agent_startup"]        # newest first
+
+
+def test_rackspace_event_errors(anon):
+    assert anon.post_json(f"/v2/1/agents/{AGENT_UUID}/events", {"event": "startup"}, status=401).json == {
+        "message": "Unauthorized."}
+    answer = anon.post_json(f"/v2/1/agents/{AGENT_UUID}/events", {"event": "startup"}, headers=RS, status=400)
+    assert answer.json == {"message": "Validation failed.", "errors": ["X-Agent-Id header is required."]}
+    assert rs_event(anon, AGENT_UUID, {"event": "startup"}, caller="someone-else", status=403).json["message"] == \
+        "X-Agent-Id does not match the agent in the request URI."
+    assert rs_event(anon, AGENT_UUID, {}, status=400).json["errors"] == ["event is required."]
+    assert rs_event(anon, AGENT_UUID, {"event": "Startup"}, status=400).json["errors"] == [
+        "event must be one of: startup, shutdown, agent_activate."]
+    anon.post(f"/v2/1/agents/{AGENT_UUID}/events", "[]", headers={**RS, "X-Agent-Id": AGENT_UUID},
+              content_type="application/json", status=400)
+    assert rs_event(anon, AGENT_UUID, {"event": "shutdown"}, status=404).json == {"message": "Agent not found."}
+    rs_event(anon, AGENT_UUID, {"event": "startup"})
+    assert rs_event(anon, AGENT_UUID, {"event": "startup"}, project="other", status=404).json["message"] == \
+        "Agent not found."
+    assert anon.get(f"/v2/other/agents/{AGENT_UUID}/status", headers=RS, status=404).status_int == 404
+    assert rs_event(anon, AGENT_UUID, {"event": "agent_activate", "mode": "fast"}, status=400).json["errors"] == [
+        "mode must be one of: idle, active, real_time."]
+    anon.get("/v2/110011/events?limit=0", headers=RS, status=400)
+    anon.get("/v2/110011/events?sort_dir=up", headers=RS, status=400)
+
+
+def test_rackspace_project_events_and_tokens():
+    app = create_app(rackspace_tokens="tok-a:110011,tok-b", purge_interval=0)
+    test = webtest.TestApp(app)
+    for project, agent in (("110011", "a1"), ("220022", "b1")):
+        test.post_json(f"/v2/{project}/agents/{agent}/events", {"event": "startup"},
+                       headers={"X-Auth-Token": "tok-b", "X-Agent-Id": agent})
+    test.post_json("/v2/110011/events", {}, headers={"X-Auth-Token": "nope"}, status=401)
+    assert test.post_json("/v2/110011/events", {"event": "other"}, headers={"X-Auth-Token": "tok-a"},
+                          status=400).json["errors"] == ["event must be agent_activate."]
+    test.post_json("/v2/110011/events", {"event": "agent_activate", "mode": "real_time"},
+                   headers={"X-Auth-Token": "tok-a"}, status=202)
+    assert app.hub.store.get_agent("a1")["activation_mode"] == "real_time"
+    assert app.hub.store.get_agent("b1")["activation_mode"] is None
+    test.post_json("/v2/events", {"event": "agent_activate", "mode": "active"}, headers={"X-Auth-Token": "tok-a"},
+                   status=202)                               # the seed's path: the token's project
+    assert app.hub.store.get_agent("b1")["activation_mode"] is None
+    test.post_json("/v2/events", {"event": "agent_activate", "mode": "idle"}, headers={"X-Auth-Token": "tok-b"},
+                   status=202)                               # an unbound token: every project
+    assert {app.hub.store.get_agent(n)["activation_mode"] for n in ("a1", "b1")} == {"idle"}
+    feed = test.get("/v2/110011/events", headers={"X-Auth-Token": "tok-a"}).json["events"]
+    assert feed[0]["event"] == "agent_activate" and feed[0]["mode"] == "idle"
+    app.close()
+
+
+# == Agent registry: one record across every API ==================================================================
+
+def test_one_agent_through_every_api(app, anon):
+    tf_agent = Client(app, token_headers(app, "agent", "agent-00"))
+    tf_agent.post_json("/v1/agents/data/agent-00", {"state": "waiting", "queues": ["lab"]})
+    rs_event(anon, "agent-00", {"event": "startup"})
+    assert anon.post_json("/api/v1/agent", {"details": {"name": "agent-00"}}, status=422).json["errors"] == {
+        "details.name": ["has already been taken"]}
+    summaries = anon.get("/api/v1/agent").json["summaries"]
+    assert [s["name"] for s in summaries] == ["agent-00"] and summaries[0]["status"] == "active"
+    pfid = summaries[0]["id"]
+    rs = anon.get("/v2/110011/agents/agent-00", headers=RS).json
+    assert rs["name"] == "agent-00" and anon.get("/v1/agents/data/agent-00").json["state"] == "waiting"
+    # A job taken and finished moves the counts.
+    job_id = submit(anon, job_queue="lab")
+    tf_agent.get("/v1/job?queue=lab")
+    counts = anon.get(f"/api/v1/agent/{pfid}").json["details"]["instance_counts"]
+    assert counts["active"] == 1 and counts["total"] == 1
+    assert anon.get("/v2/110011/agents/agent-00/status", headers=RS).json == {"busy": True, "online": True}
+    instances = anon.get(f"/api/v1/agent_instance?agent_id={pfid}").json["summaries"]
+    assert instances[0]["job_id"] == job_id and instances[0]["status"] == "active"
+    tf_agent.post_json(f"/v1/result/{job_id}", {"status": {"test": 0}, "job_state": "complete"})
+    counts = anon.get(f"/api/v1/agent/{pfid}").json["details"]["instance_counts"]
+    assert counts["complete"] == 1 and counts["active"] == 0 and counts["finished"] == 1
+    # A failing phase makes a failed instance; a cancelled one a cancelled instance.
+    for outcome, (status, cancel) in {"failed": ({"test": 1}, False), "cancelled": ({"test": 0}, True)}.items():
+        job_id = submit(anon, job_queue="lab")
+        tf_agent.get("/v1/job?queue=lab")
+        if cancel:
+            anon.post_json(f"/v1/job/{job_id}/action", {"action": "cancel"})
+        tf_agent.post_json(f"/v1/result/{job_id}", {"status": status, "job_state": "complete"})
+        assert anon.get(f"/api/v1/agent/{pfid}").json["details"]["instance_counts"][outcome] == 1
+    # Retire blocks jobs and Rackspace startup; reads say offline; reinstate undoes it.
+    anon.post(f"/api/v1/agent/{pfid}/retire")
+    submit(anon, job_queue="lab")
+    tf_agent.get("/v1/job?queue=lab", status=204)
+    assert rs_event(anon, "agent-00", {"event": "startup"}, status=409).json == {"message": "Agent is retired."}
+    data = anon.get("/v1/agents/data/agent-00").json
+    assert (data["state"], data["comment"]) == ("offline", "retired")
+    assert anon.get("/v2/110011/agents/agent-00", headers=RS).json["enabled"] is False
+    assert anon.put_json(f"/api/v1/agent/{pfid}", {"details": {"name": "x"}}, status=409).json["code"] == "conflict"
+    anon.post(f"/api/v1/agent/{pfid}/reinstate")
+    assert anon.get("/v1/agents/data/agent-00").json["state"] == "waiting"
+    assert tf_agent.get("/v1/job?queue=lab").status_int == 200
+    assert anon.put_json(f"/api/v1/agent/{pfid}", {"details": {"name": "renamed"}}, status=409).json["message"] == \
+        "Agent name is managed by Testflinger"
+    # Delete removes it everywhere (a running instance blocks it first).
+    assert anon.delete(f"/api/v1/agent/{pfid}", status=409).json["code"] == "conflict"
+    tf_agent.post_json("/v1/agents/data/agent-00", {"job_id": ""})        # abandons the run: failed
+    anon.delete(f"/api/v1/agent/{pfid}")
+    anon.get("/v1/agents/data/agent-00", status=404)
+    anon.get("/v2/110011/agents/agent-00", headers=RS, status=404)
+
+
+def test_prefactor_only_agents_stay_out_of_testflinger_lists(anon):
+    pf_create(anon, "pf-only")
+    assert anon.get("/v1/agents/data").json == []
+    anon.get("/v1/agents/data/pf-only", status=404)
+
+
+def test_gocd_state_derivation():
+    now = 1_000_000.0
+    base = {"last_seen_at": now, "shutdown_at": None, "state": "waiting", "tf": 1, "retired": 0}
+    cases = [
+        ({}, {}, False, ["Enabled", "Idle", "Idle"], "active"),
+        ({"state": "test"}, {}, False, ["Enabled", "Building", "Building"], "active"),
+        ({}, {"active": 1}, False, ["Enabled", "Building", "Building"], "active"),
+        ({}, {"active": 1}, True, ["Enabled", "Building", "Cancelled"], "active"),
+        ({"state": "maintenance"}, {}, False, ["Disabled", "Idle", "Idle"], "active"),
+        ({"retired": 1}, {}, False, ["Disabled", "Idle", "Idle"], "retired"),
+        ({"shutdown_at": now}, {}, False, ["Enabled", "Unknown", "Unknown"], "dormant"),
+        ({"last_seen_at": now - 300}, {}, False, ["Enabled", "LostContact", "Unknown"], "dormant"),
+        ({"last_seen_at": now - 300}, {"active": 1}, False, ["Enabled", "LostContact", "Unknown"], "active"),
+        ({"last_seen_at": None, "tf": 0}, {}, False, ["Enabled", "Missing", "Unknown"], "pending"),
+    ]
+    for change, counts, cancel, expected, status in cases:
+        view = agenthub.derive_agent({**base, **change}, counts, cancel, now, 300)
+        assert (view.gocd_tuple, view.status) == (expected, status), change
+
+
+def test_gocd_time_and_body():
+    assert agenthub.gocd_time(1518676288.998) == "2018-02-15T06:31:28.998+0000"
+    row = {"uuid": "u", "name": "h", "last_ip": None}
+    view = agenthub.AgentView("Enabled", "Cancelled", "active", {})
+    body = agenthub.gocd_body(row, view, 1518676288.998)
+    assert body == ('{"uuid":"u","host_name":"h","is_elastic":false,"ip_address":null,"operating_system":null,'
+                    '"free_space":"Unknown","agent_config_state":"Enabled","agent_state":"Building",'
+                    '"build_state":"Cancelled","transition_time":"2018-02-15T06:31:28.998+0000"}')
+
+
+def _wait_for(predicate, seconds=15):
+    """Poll a condition on a real server (bounded; the outcome, not the time, is what is asserted)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_gocd_notifications_idle_building_idle_then_lost_contact():
+    receiver = Receiver(200, b'{"status": "success", "messages": []}')
+    app = create_app(gocd_webhooks=receiver.url + "/gocd", gocd_webhook_auth="g-token", lost_contact_seconds=1,
+                     purge_interval=0)
+    try:
+        anon = webtest.TestApp(app)
+        agent = Client(app, token_headers(app, "agent", "agent7"))
+        agent.post_json("/v1/agents/data/agent7", {"state": "waiting", "queues": ["lab"]})
+        job_id = submit(anon, job_queue="lab")
+        agent.get("/v1/job?queue=lab")
+        agent.post_json(f"/v1/result/{job_id}", {"status": {"test": 0}, "job_state": "complete"})
+        agent.post_json("/v1/agents/data/agent7", {"job_id": "", "state": "waiting"})
+
+        def states():
+            return [json.loads(r[3])["agent_state"] for r in receiver.requests]
+        assert _wait_for(lambda: states()[:3] == ["Idle", "Building", "Idle"])
+        assert _wait_for(lambda: "LostContact" in states())          # the sweep, after 1 s of silence
+        method, path, headers, data = receiver.requests[0]
+        assert (method, path) == ("POST", "/gocd") and headers["Authorization"] == "Bearer g-token"
+        assert headers["Content-Type"] == "application/json" and headers["X-Agenthub-Notification"] == "agent-status"
+        body = json.loads(data)
+        assert list(body) == ["uuid", "host_name", "is_elastic", "ip_address", "operating_system", "free_space",
+                              "agent_config_state", "agent_state", "build_state", "transition_time"]
+        assert body["host_name"] == "agent7" and body["uuid"] == app.hub.store.get_agent("agent7")["uuid"]
+        assert (body["agent_config_state"], body["agent_state"], body["build_state"]) == ("Enabled", "Idle", "Idle")
+        assert json.dumps(body, separators=(",", ":")).encode() == data          # compact, in this key order
+        events = anon.get("/v1/event/list?name=agent-status&node=agent7").json
+        assert [json.loads(base64.b64decode(e["Payload"]))["agent_state"] for e in events][:3] == [
+            "Idle", "Building", "Idle"]
+        assert events[0]["NodeFilter"] == "^agent7$"
+        assert _wait_for(lambda: len(app.hub.store.deliveries()) >= 4)
+        assert {d["outcome"] for d in app.hub.store.deliveries()} == {"success"}
+        assert anon.get("/api/server_health_messages").json == []
+        # Contact again: back from LostContact.
+        agent.get("/v1/agents/data/agent7", headers={"Cookie": "agent_name=agent7"})
+        assert _wait_for(lambda: states()[-1] == "Idle")
+    finally:
+        app.close()
+        receiver.close()
+
+
+@pytest.mark.parametrize("status,body,outcome,detail", [
+    (200, b'{"status": "failure", "messages": ["disk full", "try later"]}', "failure", "disk full, try later"),
+    (200, b"", "success", None),
+    (200, b"not json", "error", "Unable to de-serialize json response."),
+    (200, b'{"messages": []}', "error", "Notify result 'status' is a required field"),
+    (404, b"no such plugin", "error", "It returned code '404' and the following response: 'no such plugin'"),
+    (302, b"moved", "error", "It returned code '302'"),
+])
+def test_gocd_delivery_outcomes(status, body, outcome, detail):
+    receiver = Receiver(status, body, location="http://127.0.0.1:1/elsewhere")
+    app = create_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0)
+    try:
+        Client(app, token_headers(app, "agent", "a1")).post_json("/v1/agents/data/a1", {"state": "waiting"})
+        assert _wait_for(lambda: app.hub.store.deliveries())
+        delivery = app.hub.store.deliveries()[0]
+        assert delivery["outcome"] == outcome and len(receiver.requests) == 1     # a redirect is not followed
+        health = webtest.TestApp(app).get("/api/server_health_messages").json
+        if detail is None:
+            assert health == []
+        else:
+            assert health[0]["message"] == f"Notification update failed for webhook: {receiver.url}"
+            assert detail in health[0]["detail"] and health[0]["level"] == "ERROR"
+            assert health[0]["time"].endswith("Z")
+    finally:
+        app.close()
+        receiver.close()
+
+
+class FlakyReceiver(Receiver):
+    """Answers 500 the first time, then success."""
+
+    def __init__(self):
+        super().__init__(200, b'{"status": "success"}')
+        outer = self
+        handler = self.httpd.RequestHandlerClass
+        original = handler._any
+
+        def flaky(handler_self):
+            if not outer.requests:
+                handler_self.rfile.read(int(handler_self.headers.get("Content-Length") or 0))
+                outer.requests.append(("failed",))
+                handler_self.send_response(500)
+                handler_self.send_header("Content-Length", "0")
+                handler_self.end_headers()
+                return
+            original(handler_self)
+        handler.do_POST = flaky
+
+
+def test_gocd_retries_a_500_then_succeeds_and_clears_health():
+    receiver = FlakyReceiver()
+    app = create_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0)
+    try:
+        app.hub.notifier.DELAYS = (0.1, 0.1)
+        Client(app, token_headers(app, "agent", "a1")).post_json("/v1/agents/data/a1", {"state": "waiting"})
+        assert _wait_for(lambda: app.hub.store.deliveries())
+        delivery = app.hub.store.deliveries()[0]
+        assert (delivery["outcome"], delivery["attempts"]) == ("success", 2) and len(receiver.requests) == 2
+        assert receiver.requests[1][2]["X-Agenthub-Delivery"] == delivery["delivery_uuid"]
+        assert webtest.TestApp(app).get("/api/server_health_messages").json == []
+    finally:
+        app.close()
+        receiver.close()
+
+
+def test_gocd_timeout_is_recorded_and_never_slows_the_api():
+    receiver = Receiver(delay=2)
+    app = create_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0)
+    try:
+        app.hub.notifier.TIMEOUT, app.hub.notifier.DELAYS = 0.3, (0.05, 0.05)
+        agent = Client(app, token_headers(app, "agent", "a1"))
+        for state in ("waiting", "test", "waiting", "test"):
+            agent.post_json("/v1/agents/data/a1", {"state": state})       # answered while the receiver hangs
+        assert _wait_for(lambda: len(app.hub.store.deliveries()) >= 1)
+        delivery = app.hub.store.deliveries()[-1]
+        assert delivery["outcome"] == "error" and delivery["attempts"] == 3
+        assert "timed out" in json.loads(delivery["messages"])[0]
+        assert webtest.TestApp(app).get("/api/server_health_messages").json[0]["level"] == "ERROR"
+    finally:
+        app.close()
+        receiver.close()
+
+
+def test_gocd_queued_deliveries_are_recorded_on_close(tmp_path):
+    receiver = Receiver(delay=1)
+    db = str(tmp_path / "hub.db")
+    app = create_app(db=db, gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0)
+    app.hub.notifier.TIMEOUT, app.hub.notifier.DELAYS = 0.5, ()
+    agent = Client(app, token_headers(app, "agent", "a1"))
+    for state in ("waiting", "test", "waiting", "test", "waiting"):
+        agent.post_json("/v1/agents/data/a1", {"state": state})
+    app.hub.notifier.close(drain_seconds=0)
+    app.close()
+    reopened = agenthub.Store(db)
+    outcomes = [r["outcome"] for r in reopened.read("SELECT outcome FROM deliveries")]
+    reopened.close()
+    receiver.close()
+    assert len(outcomes) == 5 and "undelivered" in outcomes
 
 
 # == Application and command line ==================================================================================
