@@ -2088,9 +2088,10 @@ class JobQueue:
 
     def pop(self, queues, agent_name):
         row = self.store.pop_job(list(dict.fromkeys(queues)), agent_name, utcnow(), self.registry.new_pfid())
-        self.registry.contact(agent_name)
+        self.registry.contact(agent_name, throttle=1.0)
         if row is None:
             return None
+        self.registry.changed(agent_name)            # it now holds a running instance
         job = json.loads(row["job_data"])
         job["job_id"] = row["job_id"]
         job["started_at"] = iso(row["started_at"])
