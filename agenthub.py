@@ -751,6 +751,41 @@ class Store:
         return self.read("SELECT job_id, exit_code, detail, timestamp FROM provision_logs WHERE agent_name = ?"
                          " ORDER BY id", (agent_name,))
 
+    # -- web pages ---------------------------------------------------------------
+
+    def job_state_counts(self):
+        return {r[0]: r[1] for r in self.read("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")}
+
+    def queue_activity(self):
+        """{queue: {"waiting": n, "running": n}} over unfinished jobs."""
+        out = {}
+        for row in self.read("SELECT job_queue, state = 'waiting' AS waiting, count(*) FROM jobs"
+                             " WHERE state NOT IN ('cancelled', 'complete', 'completed') GROUP BY 1, 2"):
+            out.setdefault(row[0], {"waiting": 0, "running": 0})["waiting" if row[1] else "running"] = row[2]
+        return out
+
+    def jobs_page(self, state=None, queue_name=None, tag=None, agent_name=None, limit=50, offset=0):
+        """(rows, total) of jobs newest first, filtered."""
+        where, args = [], []
+        for column, value in (("state", state), ("job_queue", queue_name), ("agent_name", agent_name)):
+            if value:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if tag:
+            where.append("EXISTS (SELECT 1 FROM json_each(job_data, '$.tags') WHERE value = ?)")
+            args.append(tag)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        with self.connection() as db:
+            total = db.execute(f"SELECT count(*) FROM jobs{clause}", args).fetchone()[0]
+            rows = db.execute(f"SELECT job_id, created_at, started_at, state, job_queue, job_priority, agent_name,"
+                              f" json_extract(job_data, '$.name') AS name, json_extract(job_data, '$.tags') AS tags"
+                              f" FROM jobs{clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
+                              (*args, limit, offset)).fetchall()
+        return rows, total
+
+    def job_instance(self, job_id):
+        return self.read_one("SELECT * FROM instances WHERE job_id = ?", (job_id,))
+
     # -- the registry ------------------------------------------------------------
 
     def setting(self, key, make_default):
@@ -1700,6 +1735,10 @@ class Auth:
                 raise ValueError("incomplete")
         except (ValueError, binascii.Error, UnicodeDecodeError):
             raise ApiError(401, "Client id and key must be specified in authorization header", text=True)
+        return self.login_with(client_id, secret)
+
+    def login_with(self, client_id, secret):
+        """Client credentials → token pair (a 401 ApiError when they do not match)."""
         row = self.store.get_client(client_id)
         if row is None or not row["secret_hash"] or not check_secret(secret, row["secret_hash"]):
             raise ApiError(401, "Invalid client id or client key", text=True)
@@ -1806,6 +1845,16 @@ class Auth:
         if not client_id:
             raise ApiError(400, "Error: Missing client ID.")
         self.store.unrestrict_queue(queue_name, client_id)
+
+    def session_identity(self, token):
+        """The identity behind a web session (a refresh token kept in a cookie), or None."""
+        row = self.store.use_refresh_token(_sha256(token), utcnow()) if token else None
+        if row is None or row["revoked"] or row["expires_at"] < utcnow():
+            return None
+        permissions = self.permissions(row["client_id"])
+        if permissions is None:
+            return None
+        return Identity(role=permissions["role"], client_id=row["client_id"], permissions=permissions)
 
     def identify(self, authorization):
         """The caller's identity from the ``Authorization`` header (JWT errors raise ApiError)."""
@@ -4016,6 +4065,505 @@ def install_gocd(app, hub):
 
 
 ###############################################################################
+# Web UI ######################################################################
+###############################################################################
+#
+# Server-rendered pages for people (Bottle SimpleTemplate strings; {{…}} is
+# HTML-escaped, {{!…}} only ever receives HTML rendered here).  No build step,
+# no CDN: a little inline CSS, and a little plain JavaScript on the job page to
+# follow its logs.  Every page works without JavaScript.
+
+WEB_SESSION = "agenthub_session"
+WEB_PAGE_SIZE = 50
+
+WEB_LAYOUT = bottle.SimpleTemplate("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{title}} · agenthub</title>
+<style>
+body{font:15px/1.45 system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+header{background:#1d2330;color:#fff;padding:.6em 1.2em;display:flex;gap:1.2em;align-items:center}
+header a{color:#fff;text-decoration:none}header .brand{font-weight:700}header .who{margin-left:auto;opacity:.8}
+main{max-width:72em;margin:1.2em auto;padding:0 1.2em}h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em}
+table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid #e3e6ea;vertical-align:top}
+th{background:#eef0f3;font-weight:600}a{color:#1f5fbf}code,pre{font:13px/1.4 ui-monospace,monospace}
+pre{background:#10141c;color:#e6e6e6;padding:.8em;overflow:auto;max-height:32em;white-space:pre-wrap}
+.cards{display:flex;flex-wrap:wrap;gap:.8em}.card{background:#fff;border:1px solid #e3e6ea;padding:.7em 1em;min-width:9em}
+.card b{display:block;font-size:1.4em}.muted{color:#68707d}.empty{display:none}
+.state{display:inline-block;padding:0 .5em;border-radius:.8em;background:#e3e6ea;font-size:.9em}
+.state-complete,.state-Idle,.state-active{background:#d5f0dc}.state-cancelled,.state-LostContact,.state-failed{background:#f7d7d7}
+.state-waiting,.state-Missing,.state-pending{background:#fdf0c9}.state-running,.state-Building,.state-test{background:#d6e6fb}
+form.inline{display:inline}button{font:inherit;padding:.3em .9em}.error{color:#a11}
+.filters input,.filters select{font:inherit;margin-right:.5em}.pager{margin:.8em 0}td code{word-break:break-all}
+</style></head><body>
+<header><a class="brand" href="/">agenthub</a><a href="/jobs">Jobs</a><a href="/agents">Agents</a>
+<a href="/queues">Queues</a><a href="/events">Events</a>
+% if who:
+<span class="who">{{who}} <form class="inline" method="post" action="/logout"><button>Log out</button></form></span>
+% end
+</header><main>{{!body}}</main></body></html>""")
+
+WEB_PAGES = {name: bottle.SimpleTemplate(source) for name, source in {
+    "overview": """<h1>Overview</h1>
+<h2>Agents</h2><div class="cards">
+% for state, count in agent_states:
+<div class="card"><b>{{count}}</b><span class="state state-{{state}}">{{state}}</span></div>
+% end
+% if not agent_states:
+<p class="muted">No agents yet.</p>
+% end
+</div>
+<h2>Jobs</h2><div class="cards">
+% for state, count in job_states.items():
+<a class="card" href="/jobs?state={{state}}"><b>{{count}}</b><span class="state state-{{state}}">{{state}}</span></a>
+% end
+% if not job_states:
+<p class="muted">No jobs yet.</p>
+% end
+</div>
+<h2>Queues with work</h2>
+<table><tr><th>Queue</th><th>Waiting</th><th>Running</th></tr>
+% for name, counts in queues.items():
+<tr><td><a href="/queues/{{quote(name)}}">{{name}}</a></td><td>{{counts["waiting"]}}</td><td>{{counts["running"]}}</td></tr>
+% end
+</table>
+<h2>Newest events</h2>
+<table><tr><th>Name</th><th>Payload</th><th>LTime</th></tr>
+% for event in events:
+<tr><td>{{event.name}}</td><td><code>{{payload_text(event.payload)[:160]}}</code></td><td>{{event.ltime}}</td></tr>
+% end
+</table>
+<h2>Server health</h2>
+% if not health:
+<p class="muted">All webhooks are delivering.</p>
+% end
+% for item in health:
+<p class="error"><b>{{item["message"]}}</b>: {{item["detail"]}} <span class="muted">({{iso(item["time"])}})</span></p>
+% end
+""",
+    "jobs": """<h1>Jobs</h1>
+<form class="filters" method="get" action="/jobs">
+<select name="state"><option value="">any state</option>
+% for choice in states:
+<option value="{{choice}}" {{"selected" if choice == state else ""}}>{{choice}}</option>
+% end
+</select><input name="queue" placeholder="queue" value="{{queue or ""}}"><input name="tag" placeholder="tag" value="{{tag or ""}}">
+<button>Filter</button></form>
+<p class="muted">{{total}} jobs</p>
+<table><tr><th>Job</th><th>Name</th><th>Queue</th><th>State</th><th>Priority</th><th>Agent</th><th>Created</th></tr>
+% for job in jobs:
+<tr><td><a href="/jobs/{{job["job_id"]}}"><code>{{job["job_id"]}}</code></a></td><td>{{job["name"] or ""}}</td>
+<td><a href="/queues/{{quote(job["job_queue"])}}">{{job["job_queue"]}}</a></td>
+<td><span class="state state-{{job["state"]}}">{{job["state"]}}</span></td><td>{{job["job_priority"]}}</td>
+<td>
+% if job["agent_name"]:
+<a href="/agents/{{quote(job["agent_name"])}}">{{job["agent_name"]}}</a>
+% end
+</td><td>{{iso(job["created_at"])}}</td></tr>
+% end
+</table>
+<p class="pager">
+% if page > 1:
+<a href="{{page_url(page - 1)}}">← newer</a>
+% end
+page {{page}} of {{pages}}
+% if page < pages:
+<a href="{{page_url(page + 1)}}">older →</a>
+% end
+</p>""",
+    "job": """<h1>Job <code>{{job_id}}</code></h1>
+<p>State: <span class="state state-{{result["job_state"]}}" id="job-state">{{result["job_state"]}}</span>
+% if position is not None:
+· position {{position}} in queue
+% end
+% if agent:
+· run by <a href="/agents/{{quote(agent)}}">{{agent}}</a>
+% end
+% if has_artifact:
+· <a href="/jobs/{{job_id}}/artifact">download artifact</a>
+% end
+% if cancellable:
+· <a href="/jobs/{{job_id}}/cancel">Cancel job…</a>
+% end
+</p>
+% if notice:
+<p class="error">{{notice}}</p>
+% end
+<h2>Phases</h2>
+<table><tr><th>Phase</th><th>Exit status</th></tr>
+% for phase in phases:
+<tr><td>{{phase}}</td><td id="status-{{phase}}">{{result.get(phase + "_status", "—")}}</td></tr>
+% end
+</table>
+% for kind in ("output", "serial"):
+<h2>{{kind.title()}} log</h2>
+% for phase in phases:
+<section class="{{"" if logs[kind][phase]["log_data"] else "empty"}}" id="{{kind}}-{{phase}}-section"><h3>{{phase}}</h3>
+<pre id="{{kind}}-{{phase}}" data-last="{{logs[kind][phase]["last_fragment_number"]}}">{{logs[kind][phase]["log_data"]}}</pre></section>
+% end
+% end
+<h2>Definition</h2><pre>{{definition}}</pre>
+<script>
+(function () {
+  var done = ["complete", "completed", "cancelled"];
+  var url = "/jobs/{{job_id}}/logs.json";
+  function next(kind) {
+    var last = -1;
+    document.querySelectorAll("pre[id^='" + kind + "-']").forEach(function (pre) {
+      last = Math.max(last, parseInt(pre.dataset.last, 10));
+    });
+    return last + 1;
+  }
+  function poll() {
+    fetch(url + "?output=" + next("output") + "&serial=" + next("serial"), {credentials: "same-origin"})
+      .then(function (r) { return r.json(); })
+      .then(function (data) {
+        ["output", "serial"].forEach(function (kind) {
+          Object.keys(data[kind]).forEach(function (phase) {
+            var part = data[kind][phase];
+            if (!part.log_data) { return; }
+            var pre = document.getElementById(kind + "-" + phase);
+            pre.textContent += part.log_data;
+            pre.dataset.last = part.last_fragment_number;
+            document.getElementById(kind + "-" + phase + "-section").className = "";
+          });
+        });
+        Object.keys(data.status).forEach(function (phase) {
+          document.getElementById("status-" + phase).textContent = data.status[phase];
+        });
+        var state = document.getElementById("job-state");
+        state.textContent = data.job_state;
+        state.className = "state state-" + data.job_state;
+        if (done.indexOf(data.job_state) < 0) { setTimeout(poll, 2000); }
+      })
+      .catch(function () { setTimeout(poll, 5000); });
+  }
+  if (done.indexOf(document.getElementById("job-state").textContent) < 0) { setTimeout(poll, 2000); }
+})();
+</script>""",
+    "cancel": """<h1>Cancel job <code>{{job_id}}</code>?</h1>
+<p>The job is <span class="state state-{{state}}">{{state}}</span>. A running job is stopped by its agent at its next check.</p>
+<form method="post" action="/jobs/{{job_id}}/cancel"><button>Yes, cancel the job</button> <a href="/jobs/{{job_id}}">No, keep it</a></form>""",
+    "agents": """<h1>Agents</h1>
+<table><tr><th>Agent</th><th>Testflinger state</th><th>GoCD state</th><th>Lifecycle</th><th>Last contact</th><th>Current job</th><th>Queues</th></tr>
+% for row, view in agents:
+<tr><td><a href="/agents/{{quote(row["name"])}}">{{row["name"]}}</a></td><td>{{row["state"] or "—"}}</td>
+<td><span class="state state-{{view.agent_state}}">{{view.config}} / {{view.agent_state}} / {{view.build_state}}</span></td>
+<td><span class="state state-{{view.status}}">{{view.status}}</span></td><td>{{iso(row["last_seen_at"]) or "never"}}</td>
+<td>
+% if row["job_id"]:
+<a href="/jobs/{{row["job_id"]}}"><code>{{row["job_id"]}}</code></a>
+% end
+</td><td>{{", ".join(loads(row["queues"] or "[]"))}}</td></tr>
+% end
+</table>
+% if not agents:
+<p class="muted">No agents yet.</p>
+% end""",
+    "agent": """<h1>Agent {{row["name"]}}</h1>
+<table>
+<tr><th>Testflinger state</th><td>{{row["state"] or "—"}} {{row["comment"] or ""}}</td></tr>
+<tr><th>GoCD state</th><td>{{view.config}} / {{view.agent_state}} / {{view.build_state}}</td></tr>
+<tr><th>Lifecycle</th><td>{{view.status}}</td></tr>
+<tr><th>Last contact</th><td>{{iso(row["last_seen_at"]) or "never"}} {{row["last_ip"] or ""}}</td></tr>
+<tr><th>Queues</th><td>
+% for q in loads(row["queues"] or "[]"):
+<a href="/queues/{{quote(q)}}">{{q}}</a>
+% end
+</td></tr>
+<tr><th>Ids</th><td>PFID <code>{{row["pfid"]}}</code> · uuid <code>{{row["uuid"]}}</code>
+% if row["project_id"]:
+· project {{row["project_id"]}}
+% end
+</td></tr>
+<tr><th>Location</th><td>{{row["location"] or ""}}</td></tr>
+<tr><th>Provision streak</th><td>{{row["provision_streak_count"] or 0}} × {{row["provision_streak_type"] or "—"}}</td></tr>
+<tr><th>Instances</th><td>{{", ".join(f"{k} {v}" for k, v in view.counts.items())}}</td></tr>
+</table>
+<h2>Recent jobs</h2>
+<table><tr><th>Job</th><th>Queue</th><th>State</th><th>Created</th></tr>
+% for job in jobs:
+<tr><td><a href="/jobs/{{job["job_id"]}}"><code>{{job["job_id"]}}</code></a></td><td>{{job["job_queue"]}}</td><td>{{job["state"]}}</td><td>{{iso(job["created_at"])}}</td></tr>
+% end
+</table>
+<h2>Provision history</h2>
+<table><tr><th>Time</th><th>Job</th><th>Exit code</th><th>Detail</th></tr>
+% for entry in provisions:
+<tr><td>{{iso(entry["timestamp"])}}</td><td><code>{{entry["job_id"]}}</code></td><td>{{entry["exit_code"]}}</td><td>{{entry["detail"] or ""}}</td></tr>
+% end
+</table>
+<h2>Notification deliveries</h2>
+<table><tr><th>Time</th><th>Webhook</th><th>Outcome</th><th>Attempts</th><th>State sent</th></tr>
+% for d in deliveries:
+<tr><td>{{iso(d["finished_at"])}}</td><td>{{d["webhook_url"]}}</td><td>{{d["outcome"]}}</td><td>{{d["attempts"]}}</td><td>{{loads(d["body"])["agent_state"]}}</td></tr>
+% end
+</table>""",
+    "queues": """<h1>Queues</h1>
+<table><tr><th>Queue</th><th>Description</th><th>Agents</th><th>Waiting</th><th>Running</th><th>Wait p50</th><th>Wait p90</th></tr>
+% for q in queues:
+<tr><td><a href="/queues/{{quote(q["name"])}}">{{q["name"]}}</a></td><td>{{q["description"]}}</td><td>{{len(q["agents"])}}</td>
+<td>{{q["waiting"]}}</td><td>{{q["running"]}}</td><td>{{seconds(q["wait"].get("50"))}}</td><td>{{seconds(q["wait"].get("90"))}}</td></tr>
+% end
+</table>
+% if not queues:
+<p class="muted">No queues yet.</p>
+% end""",
+    "queue": """<h1>Queue {{name}}</h1>
+<p>{{description}}</p>
+<h2>Agents</h2>
+<table><tr><th>Agent</th><th>State</th></tr>
+% for agent in agents:
+<tr><td><a href="/agents/{{quote(agent["name"])}}">{{agent["name"]}}</a></td><td>{{agent.get("state", "")}}</td></tr>
+% end
+</table>
+<h2>Jobs</h2>
+<p class="muted">{{total}} jobs · <a href="/jobs?queue={{quote(name)}}">all of them</a></p>
+<table><tr><th>Job</th><th>State</th><th>Created</th></tr>
+% for job in jobs:
+<tr><td><a href="/jobs/{{job["job_id"]}}"><code>{{job["job_id"]}}</code></a></td><td>{{job["state"]}}</td><td>{{iso(job["created_at"])}}</td></tr>
+% end
+</table>""",
+    "events": """<h1>Events</h1>
+<form class="filters" method="get" action="/events"><input name="name" placeholder="event name" value="{{name or ""}}"><button>Filter</button></form>
+<table><tr><th>LTime</th><th>Name</th><th>Payload</th><th>Filters</th><th>ID</th></tr>
+% for event in events:
+<tr><td>{{event.ltime}}</td><td>{{event.name}}</td><td><code>{{payload_text(event.payload)}}</code></td>
+<td>{{" ".join(f for f in (event.node_filter, event.service_filter, event.tag_filter) if f)}}</td><td><code>{{event.id}}</code></td></tr>
+% end
+</table>
+% if not events:
+<p class="muted">No events.</p>
+% end""",
+    "login": """<h1>Log in</h1>
+% if error:
+<p class="error">{{error}}</p>
+% end
+<form method="post" action="/login"><input type="hidden" name="next" value="{{next}}">
+<p><label>Client id <input name="client_id" autocomplete="username" required></label></p>
+<p><label>Secret <input name="secret" type="password" autocomplete="current-password" required></label></p>
+<p><button>Log in</button></p></form>""",
+    "message": """<h1>{{heading}}</h1><p>{{text}}</p><p><a href="/">Back to the overview</a></p>""",
+}.items()}
+
+
+def payload_text(payload):
+    """An event payload for people: the text when it is UTF-8, base64 otherwise."""
+    if payload is None:
+        return ""
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(payload).decode()
+
+
+def _seconds(value):
+    return "—" if value is None else f"{value:.0f} s"
+
+
+def web_page(title, template, identity=None, status=200, **values):
+    helpers = {"iso": iso, "quote": urllib.parse.quote, "loads": json.loads, "payload_text": payload_text,
+               "seconds": _seconds}
+    body = WEB_PAGES[template].render(**helpers, **values)
+    who = identity.client_id if identity is not None and identity.client_id else ""
+    return HTTPResponse(WEB_LAYOUT.render(title=title, body=body, who=who), status,
+                        {"Content-Type": "text/html; charset=utf-8"})
+
+
+def web_not_found(what="That page"):
+    return web_page("Not found", "message", status=404, heading="Not found",
+                    text=f"{what} does not exist (any more). Jobs and their logs are kept for a week.")
+
+
+def install_web(app, hub):
+    """Mount the pages on ``app``."""
+    jobs, store, registry, auth, config = hub.jobs, hub.store, hub.registry, hub.auth, hub.config
+
+    def identity():
+        session = auth.session_identity(request.get_cookie(WEB_SESSION))
+        return session or auth.identify(None)
+
+    def page(path, roles=AMC, method="GET"):
+        """A page for ``roles``: anonymous callers in --require-auth mode go to the login form."""
+        def decorate(func):
+            def handler(**kw):
+                who = identity()
+                if who.role not in roles:
+                    if who.client_id is None and config.require_auth:
+                        return bottle.redirect("/login?next=" + urllib.parse.quote(request.fullpath), 303)
+                    return web_page("Not allowed", "message", who, 403, heading="Not allowed",
+                                    text=f"This page needs one of the roles {', '.join(roles)}.")
+                try:
+                    return func(who, **kw)
+                except ApiError as exc:
+                    return web_page("Refused", "message", who, exc.status, heading="Refused", text=exc.message)
+            app.route(path, method, handler, name=f"web:{method}:{path}")
+            return func
+        return decorate
+
+    @page("/")
+    def overview(who):
+        states = {}
+        for row in store.all_agents():
+            view = registry.view(row)
+            states[view.agent_state] = states.get(view.agent_state, 0) + 1
+        return web_page("Overview", "overview", who, agent_states=sorted(states.items()),
+                        job_states=store.job_state_counts(), queues=store.queue_activity(),
+                        events=list(reversed(hub.events.buffer.events()))[:10], health=store.health())
+
+    @page("/jobs")
+    def jobs_list(who):
+        query = request.query
+        state, queue_name, tag = query.getunicode("state"), query.getunicode("queue"), query.getunicode("tag")
+        number = int(query.page) if query.page.isdigit() and int(query.page) > 0 else 1
+        rows, total = store.jobs_page(state, queue_name, tag, limit=WEB_PAGE_SIZE,
+                                      offset=(number - 1) * WEB_PAGE_SIZE)
+
+        def page_url(n):
+            params = {k: v for k, v in (("state", state), ("queue", queue_name), ("tag", tag)) if v}
+            return "/jobs?" + urllib.parse.urlencode({**params, "page": n})
+        return web_page("Jobs", "jobs", who, jobs=rows, total=total, page=number,
+                        pages=max(1, -(-total // WEB_PAGE_SIZE)), page_url=page_url, state=state or "",
+                        queue=queue_name, tag=tag, states=("waiting", "running") + PHASES + (
+                            "allocated", "complete", "cancelled"))
+
+    def job_or_none(job_id):
+        canonical = parse_job_id(job_id)
+        return (canonical, store.get_job(canonical)) if canonical else (None, None)
+
+    @page("/jobs/<job_id>")
+    def job_page(who, job_id):
+        job_id, row = job_or_none(job_id)
+        if row is None:
+            return web_not_found("That job")
+        definition = jobs.definition(job_id)
+        result = jobs.result(job_id)
+        logs = {kind: jobs.logs(job_id, kind)[kind] for kind in ("output", "serial")}
+        notice = "Cancel requested." if request.query.get("cancelled") else ""
+        return web_page(f"Job {job_id}", "job", who, job_id=job_id, result=result, logs=logs, phases=PHASES,
+                        position=jobs.position(job_id), agent=row["agent_name"],
+                        has_artifact=store.newest_file(job_id, "artifact") is not None,
+                        cancellable=row["state"] not in JobQueue.ACTIVE_END, notice=notice,
+                        definition=json.dumps(definition, indent=2, sort_keys=True))
+
+    @page("/jobs/<job_id>/logs.json")
+    def job_logs(who, job_id):
+        job_id, row = job_or_none(job_id)
+        if row is None:
+            return json_response({"message": "Job not found"}, 404)
+        def start(kind):
+            text = request.query.get(kind, "0")
+            return int(text) if text.isdigit() else 0
+        result = jobs.result(job_id)
+        return json_response({"job_state": result["job_state"],
+                              "status": {p: result[f"{p}_status"] for p in PHASES if f"{p}_status" in result},
+                              **{kind: jobs.logs(job_id, kind, start(kind))[kind] for kind in ("output", "serial")}})
+
+    @page("/jobs/<job_id>/artifact")
+    def job_artifact(who, job_id):
+        job_id, row = job_or_none(job_id)
+        found = jobs.open_file(job_id, "artifact") if row is not None else None
+        if found is None:
+            return web_not_found("That artifact")
+        size, chunks = found
+        return HTTPResponse(chunks, 200, {"Content-Type": "application/x-tar", "Content-Length": str(size),
+                                          "Content-Disposition": f"attachment; filename={job_id}-artifact.tar.gz"})
+
+    @page("/jobs/<job_id>/cancel")
+    def cancel_form(who, job_id):
+        job_id, row = job_or_none(job_id)
+        if row is None:
+            return web_not_found("That job")
+        return web_page("Cancel job", "cancel", who, job_id=job_id, state=row["state"])
+
+    @page("/jobs/<job_id>/cancel", method="POST")
+    def cancel_job(who, job_id):
+        job_id, row = job_or_none(job_id)
+        if row is None:
+            return web_not_found("That job")
+        if not jobs.cancel(job_id):
+            return web_page("Cancel job", "message", who, 400, heading="Not cancelled",
+                            text="The job is already completed or cancelled.")
+        return bottle.redirect(f"/jobs/{job_id}?cancelled=1", 303)
+
+    @page("/agents")
+    def agents_list(who):
+        rows = store.all_agents()
+        rows.sort(key=lambda r: r["name"])
+        now = utcnow()
+        return web_page("Agents", "agents", who, agents=[(r, registry.view(r, now)) for r in rows])
+
+    @page("/agents/<name>")
+    def agent_page(who, name):
+        row = registry.find("name", name)
+        if row is None:
+            return web_not_found("That agent")
+        recent, _ = store.jobs_page(agent_name=name, limit=20)
+        return web_page(f"Agent {name}", "agent", who, row=row, view=registry.view(row), jobs=recent,
+                        provisions=list(reversed(store.provision_logs(name))), deliveries=store.deliveries(name, 50))
+
+    def queue_summaries():
+        advertised = {r["name"]: r["description"] for r in store.advertised_queues()}
+        served = {}
+        for agent in store.list_agents():
+            for q in json.loads(agent["queues"] or "[]"):
+                served.setdefault(q, []).append(agent["name"])
+        activity = store.queue_activity()
+        waits = jobs.wait_times([])
+        names = sorted(set(advertised) | set(served) | set(activity))
+        return [{"name": n, "description": advertised.get(n, ""), "agents": served.get(n, []),
+                 "waiting": activity.get(n, {}).get("waiting", 0), "running": activity.get(n, {}).get("running", 0),
+                 "wait": waits.get(n, {})} for n in names]
+
+    @page("/queues")
+    def queues_list(who):
+        return web_page("Queues", "queues", who, queues=queue_summaries())
+
+    @page("/queues/<name>")
+    def queue_page(who, name):
+        summary = next((q for q in queue_summaries() if q["name"] == name), None)
+        rows, total = store.jobs_page(queue_name=name, limit=100)
+        if summary is None and not total:
+            return web_not_found("That queue")
+        return web_page(f"Queue {name}", "queue", who, name=name,
+                        description=(summary or {}).get("description", ""), agents=jobs.agents(name, full=False),
+                        jobs=rows, total=total)
+
+    @page("/events")
+    def events_page(who):
+        name = request.query.getunicode("name")
+        events = [e for e in reversed(hub.events.buffer.events()) if not name or e.name == name]
+        return web_page("Events", "events", who, events=events, name=name)
+
+    @app.route("/login", "GET")
+    def login_form():
+        return web_page("Log in", "login", error="", next=request.query.getunicode("next") or "/")
+
+    @app.route("/login", "POST")
+    def login():
+        target = request.forms.getunicode("next") or "/"
+        if not target.startswith("/") or target.startswith("//"):
+            target = "/"                                     # only ever back into agenthub
+        try:
+            tokens = auth.login_with(request.forms.getunicode("client_id") or "",
+                                     request.forms.getunicode("secret") or "")
+        except ApiError:
+            return web_page("Log in", "login", status=401, error="Unknown client id or wrong secret.", next=target)
+        answer = HTTPResponse(status=303, headers={"Location": target})
+        answer.set_cookie(WEB_SESSION, tokens["refresh_token"], httponly=True, samesite="strict", path="/",
+                          max_age=int(config.refresh_token_days * 86400))
+        return answer
+
+    @app.route("/logout", "POST")
+    def logout():
+        token = request.get_cookie(WEB_SESSION)
+        if token:
+            with contextlib.suppress(ApiError):
+                auth.revoke(token)
+        answer = HTTPResponse(status=303, headers={"Location": "/"})
+        answer.delete_cookie(WEB_SESSION, path="/")
+        return answer
+
+
+###############################################################################
 # Application #################################################################
 ###############################################################################
 
@@ -4123,6 +4671,10 @@ def create_app(config=None, **overrides):
             return CONSUL_NOT_FOUND if error.status_code == 404 else str(error.body)
         if request.path.startswith("/v1"):
             return tf_http_error(error)
+        if error.status_code == 404:
+            page = web_not_found()
+            bottle.response.content_type = page.content_type
+            return page.body
         bottle.response.content_type = "text/plain; charset=utf-8"
         return f"{error.status_line}\n"
     app.default_error_handler = errors
@@ -4132,6 +4684,7 @@ def create_app(config=None, **overrides):
     install_gocd(app, hub)
     install_prefactor(app, hub)
     install_rackspace(app, hub)
+    install_web(app, hub)
     if config.bench_route:
         app.route("/_bench/ping", "GET", lambda: {"ok": True})
     hub.start()
@@ -4346,7 +4899,7 @@ def build_parser(environ=None):
     bench.add_argument("--artifact-mib", type=int, default=256, help="artifact size (default %(default)s)")
     bench.add_argument("--watchers", type=int, default=1000,
                        help="blocked event watchers woken by one fire (default %(default)s)")
-    bench.add_argument("--part", choices=("all", "testflinger", "events"), default="all",
+    bench.add_argument("--part", choices=("all", "testflinger", "events", "web"), default="all",
                        help="which figures to measure (default %(default)s)")
 
     parser.epilog = "\n".join(f"\n{'=' * 8} agenthub {name} {'=' * 8}\n{sub.format_help()}"
@@ -4547,6 +5100,8 @@ def bench_command(args):
                 _bench_testflinger(server, args)
             if args.part in ("all", "events"):
                 _bench_events(server, args)
+            if args.part in ("all", "web"):
+                _bench_web(server, args)
         finally:
             server.stop()
     return 0
@@ -4607,6 +5162,28 @@ def _bench_events(server, args):
     print(f"watchers {args.watchers} blocked   idle server CPU {idle_cpu:.1%} of a core;"
           f" fire -> response  p50 {_pct(woke, 50) * 1000:.1f} ms  p99 {_pct(woke, 99) * 1000:.1f} ms"
           f"  max {max(woke, default=float('nan')) * 1000:.1f} ms  (woke {len(woke)}/{args.watchers})")
+
+
+def _bench_web(server, args):
+    """The pages people open, with at least 10 000 jobs in the database."""
+    conn = server.connection()
+    existing = json.loads(_request(conn, "GET", "/v1/job/search?limit=1000000")[1])
+    missing = max(0, 10000 - len(existing))
+    body = json.dumps({"job_queue": "web", "tags": ["bench-web"], "name": "a job for the web bench"})
+    _load(server, args.clients, missing, lambda n, c: _request(c, "POST", "/v1/job", body,
+                                                               {"Content-Type": "application/json"})[0])
+    total = len(json.loads(_request(conn, "GET", "/v1/job/search?limit=1000000")[1]))
+    print(f"agenthub {__version__} bench: web pages with {total} jobs in the database")
+    for path in ("/jobs", "/jobs?page=150", "/jobs?tag=bench-web&page=20", "/jobs?state=waiting&queue=web",
+                 "/", "/queues", "/agents"):
+        times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            status = _request(conn, "GET", path)[0]
+            times.append(time.perf_counter() - start)
+        print(f"page     GET {path:28s} status {status}  p50 {_pct(times, 50) * 1000:6.1f} ms"
+              f"  max {max(times) * 1000:6.1f} ms")
+    conn.close()
 
 
 def _bench_testflinger(server, args):

@@ -2184,6 +2184,224 @@ def test_gocd_queued_deliveries_are_recorded_on_close(tmp_path):
     assert len(outcomes) == 5 and "undelivered" in outcomes
 
 
+# == Web UI ===========================================================================================================
+
+def _running_job(app):
+    """A job taken by agent1 with one log fragment, and the agent client."""
+    agent = Client(app, token_headers(app, "agent", "agent1"))
+    agent.post_json("/v1/agents/data/agent1", {"state": "waiting", "queues": ["lab"], "location": "rack <3>"})
+    job_id = submit(webtest.TestApp(app), job_queue="lab", name="<script>alert(1)</script>", tags=["nightly"])
+    agent.get("/v1/job?queue=lab")
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "test", "status": {"setup": 0}})
+    agent.post_json(f"/v1/result/{job_id}/log/output", {"fragment_number": 0, "timestamp": "2026-11-24T04:00:00",
+                                                        "phase": "setup", "log_data": "setting up <b>\n"})
+    return agent, job_id
+
+
+def test_web_pages_render_and_link(app, anon):
+    agent, job_id = _running_job(app)
+    fire(anon, "deploy", b"v1.2.3")
+    fire(anon, "blob", b"\x00\xff")
+    overview = anon.get("/")
+    assert overview.content_type == "text/html" and "Overview" in overview.text
+    assert "Building" in overview.text and "deploy" in overview.text and "base64:AP8=" in overview.text
+    jobs = overview.click(href="/jobs\\?state=test")
+    assert job_id in jobs.text
+    job = jobs.click(href=f"/jobs/{job_id}$")
+    assert "setting up &lt;b&gt;" in job.text and "run by" in job.text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in job.text and "<script>alert(1)" not in job.text
+    agent_page = job.click(href="/agents/agent1")
+    assert "rack &lt;3&gt;" in agent_page.text and "Enabled / Building / Building" in agent_page.text
+    assert job_id in agent_page.text
+    queue_page = agent_page.click(href="/queues/lab", index=0)
+    assert "agent1" in queue_page.text and job_id in queue_page.text
+    assert "lab" in anon.get("/queues").text
+    assert "agent1" in anon.get("/agents").text
+    events = anon.get("/events")
+    assert events.text.index("blob") < events.text.index("deploy")              # newest first
+    assert "deploy" not in anon.get("/events?name=blob").text
+
+
+def test_web_jobs_filters_and_pagination(app, anon):
+    ids = [submit(anon, job_queue="q-a" if n % 2 else "q-b", tags=["odd" if n % 2 else "even"]) for n in range(120)]
+    first = anon.get("/jobs")
+    assert "120 jobs" in first.text and "page 1 of 3" in first.text and ids[-1] in first.text
+    assert ids[0] not in first.text
+    last = first.click(href="page=2").click(href="page=3")
+    assert "page 3 of 3" in last.text and ids[0] in last.text and ids[-1] not in last.text
+    only_a = anon.get("/jobs?queue=q-a")
+    assert "60 jobs" in only_a.text and ids[-1] in only_a.text and ids[-2] not in only_a.text   # n=119 is q-a
+    assert "60 jobs" in anon.get("/jobs?tag=even").text
+    assert "0 jobs" in anon.get("/jobs?state=complete").text
+    assert "page 1 of 3" in anon.get("/jobs?page=0").text and "page 1 of 3" in anon.get("/jobs?page=x").text
+
+
+def test_web_not_found_pages(anon):
+    for path in ("/jobs/nope", f"/jobs/{ANY_UUID}", "/agents/ghost", "/queues/none", "/nothing/here",
+                 f"/jobs/{ANY_UUID}/artifact", f"/jobs/{ANY_UUID}/cancel"):
+        answer = anon.get(path, status=404)
+        assert "Not found" in answer.text and answer.content_type == "text/html" and 'href="/"' in answer.text
+
+
+def test_web_cancel_form(app, anon):
+    agent, job_id = _running_job(app)
+    confirm = anon.get(f"/jobs/{job_id}").click(href="/cancel")
+    assert "Yes, cancel the job" in confirm.text
+    done = confirm.form.submit().follow()
+    assert "Cancel requested." in done.text and "cancelled" in done.text
+    assert anon.get(f"/v1/result/{job_id}").json["job_state"] == "cancelled"
+    assert anon.post(f"/jobs/{job_id}/cancel", status=400).status_int == 400          # already cancelled
+    assert "Cancel job" not in anon.get(f"/jobs/{job_id}").text
+
+
+def test_web_artifact_download(app, anon):
+    agent, job_id = _running_job(app)
+    agent.post(f"/v1/result/{job_id}/artifact", upload_files=[("file", "file", b"tarball-bytes")])
+    page = anon.get(f"/jobs/{job_id}")
+    assert page.click(href="/artifact").body == b"tarball-bytes"
+
+
+def test_web_live_log_endpoint(app, anon):
+    agent, job_id = _running_job(app)
+    agent.post_json(f"/v1/result/{job_id}/log/output", {"fragment_number": 1, "timestamp": "2026-11-24T04:00:01",
+                                                        "phase": "test", "log_data": "new line\n"})
+    data = anon.get(f"/jobs/{job_id}/logs.json?output=1&serial=0").json
+    assert data["job_state"] == "test" and data["status"] == {"setup": 0}
+    assert data["output"]["test"] == {"last_fragment_number": 1, "log_data": "new line\n"}
+    assert data["output"]["setup"]["log_data"] == ""
+    anon.get(f"/jobs/{ANY_UUID}/logs.json", status=404)
+
+
+def test_web_require_auth_login_and_roles():
+    app = create_app(require_auth=True, purge_interval=0)
+    try:
+        test = webtest.TestApp(app)
+        secret = app.hub.auth.add_client("viewer", "contributor", "viewer-secret-123")
+        app.hub.auth.add_client("bot", "agent", "agent-secret-1234")
+        answer = test.get("/jobs?state=waiting", status=303)
+        assert "/login?next=" in answer.headers["Location"]
+        form = answer.follow().form
+        form["client_id"], form["secret"] = "viewer", "wrong"
+        assert "Unknown client id or wrong secret." in form.submit(status=401).text
+        form = test.get("/login?next=/jobs").form
+        form["client_id"], form["secret"] = "viewer", secret
+        logged_in = form.submit(status=303)
+        cookie = logged_in.headers["Set-Cookie"]
+        assert "agenthub_session=" in cookie and "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
+        jobs = logged_in.follow()
+        assert "Jobs" in jobs.text and "viewer" in jobs.text
+        test.post("/logout", status=303)
+        test.get("/jobs", status=303)
+        bot = test.get("/login").form
+        bot["client_id"], bot["secret"] = "bot", "agent-secret-1234"
+        bot.submit()
+        refused = test.get("/jobs", status=403)
+        assert "needs one of the roles admin, manager, contributor" in refused.text
+        evil = test.get("/login").form
+        evil["client_id"], evil["secret"], evil["next"] = "viewer", secret, "//evil.example.com/"
+        assert evil.submit(status=303).headers["Location"].endswith("/")
+    finally:
+        app.close()
+
+
+def test_web_pages_of_an_empty_hub(anon):
+    for path in ("/", "/jobs", "/agents", "/queues", "/events"):
+        assert anon.get(path).status_int == 200
+
+
+class Chromium:
+    """Debian's headless Chromium driven over --remote-debugging-pipe (DevTools protocol, stdlib only)."""
+
+    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--remote-debugging-pipe", "--window-size=1200,1000"]
+
+    def __init__(self, binary, profile):
+        import subprocess
+        to_browser_r, self._to_browser = os.pipe()
+        self._from_browser, from_browser_w = os.pipe()
+        # The browser reads commands on fd 3 and writes answers on fd 4.
+        self.proc = subprocess.Popen([binary, *self.FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                                     pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=lambda: (os.dup2(to_browser_r, 3), os.dup2(from_browser_w, 4)))
+        os.close(to_browser_r)
+        os.close(from_browser_w)
+        self._buffer, self._next = b"", 0
+
+    def call(self, method, session=None, **params):
+        self._next += 1
+        message = {"id": self._next, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buffer:
+                chunk = os.read(self._from_browser, 65536)
+                if not chunk:
+                    raise RuntimeError("chromium closed the pipe")
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            answer = json.loads(raw)
+            if answer.get("id") == self._next:
+                if "error" in answer:
+                    raise RuntimeError(answer["error"])
+                return answer["result"]
+
+    def open(self, url):
+        target = self.call("Target.createTarget", url=url)["targetId"]
+        return self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def evaluate(self, session, expression):
+        return self.call("Runtime.evaluate", session, expression=expression, returnByValue=True)["result"].get("value")
+
+    def screenshot(self, session, path):
+        data = self.call("Page.captureScreenshot", session, format="png")["data"]
+        with open(path, "wb") as fh:
+            fh.write(base64.b64decode(data))
+
+    def close(self):
+        try:
+            self.call("Browser.close")
+        except RuntimeError:
+            pass
+        self.proc.wait(timeout=10)
+
+
+def _chromium_binary():
+    import shutil
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium_binary() is None, reason="no chromium on this machine (Debian package 'chromium')")
+def test_browser_follows_a_running_jobs_log(server, tmp_path):
+    app, base = server
+    agent, job_id = _running_job(app)
+    browser = Chromium(_chromium_binary(), str(tmp_path / "profile"))
+    try:
+        page = browser.open(f"{base}/jobs/{job_id}")
+        assert _wait_for(lambda: browser.evaluate(page, "document.readyState") == "complete")
+        assert "setting up" in browser.evaluate(page, "document.getElementById('output-setup').textContent")
+        assert browser.evaluate(page, "document.getElementById('output-test').textContent") == ""
+        # The agent sends a new fragment; the open page shows it without being reloaded.
+        agent.post_json(f"/v1/result/{job_id}/log/output", {"fragment_number": 1, "phase": "test",
+                                                            "timestamp": "2026-11-24T04:00:05",
+                                                            "log_data": "fresh fragment from the agent\n"})
+        agent.post_json(f"/v1/result/{job_id}", {"status": {"setup": 0, "test": 0}})
+        assert _wait_for(lambda: "fresh fragment" in (browser.evaluate(
+            page, "document.getElementById('output-test').textContent") or ""), seconds=20)
+        assert browser.evaluate(page, "document.getElementById('status-test').textContent") == "0"
+        assert browser.evaluate(page, "performance.getEntriesByType('navigation').length") == 1   # never reloaded
+        shots = os.environ.get("AGENTHUB_SCREENSHOTS", str(tmp_path))
+        os.makedirs(shots, exist_ok=True)
+        browser.screenshot(page, os.path.join(shots, "job.png"))
+        overview = browser.open(f"{base}/")
+        assert _wait_for(lambda: browser.evaluate(overview, "document.readyState") == "complete")
+        browser.screenshot(overview, os.path.join(shots, "overview.png"))
+        assert os.path.getsize(os.path.join(shots, "job.png")) > 1000
+    finally:
+        browser.close()
+
+
 # == Application and command line ==================================================================================
 
 def test_many_apps_are_independent():
