@@ -2379,23 +2379,24 @@ def test_browser_follows_a_running_jobs_log(server, tmp_path):
     browser = Chromium(_chromium_binary(), str(tmp_path / "profile"))
     try:
         page = browser.open(f"{base}/jobs/{job_id}")
-        assert _wait_for(lambda: browser.evaluate(page, "document.readyState") == "complete")
-        assert "setting up" in browser.evaluate(page, "document.getElementById('output-setup').textContent")
-        assert browser.evaluate(page, "document.getElementById('output-test').textContent") == ""
+
+        def text(element_id):          # "" until the job page (not the first about:blank) is there
+            return browser.evaluate(page, f"(document.getElementById('{element_id}') || {{}}).textContent || ''")
+        assert _wait_for(lambda: "setting up" in text("output-setup"), seconds=20)
+        assert text("output-test") == ""
         # The agent sends a new fragment; the open page shows it without being reloaded.
         agent.post_json(f"/v1/result/{job_id}/log/output", {"fragment_number": 1, "phase": "test",
                                                             "timestamp": "2026-11-24T04:00:05",
                                                             "log_data": "fresh fragment from the agent\n"})
         agent.post_json(f"/v1/result/{job_id}", {"status": {"setup": 0, "test": 0}})
-        assert _wait_for(lambda: "fresh fragment" in (browser.evaluate(
-            page, "document.getElementById('output-test').textContent") or ""), seconds=20)
-        assert browser.evaluate(page, "document.getElementById('status-test').textContent") == "0"
+        assert _wait_for(lambda: "fresh fragment" in text("output-test"), seconds=20)
+        assert text("status-test") == "0"
         assert browser.evaluate(page, "performance.getEntriesByType('navigation').length") == 1   # never reloaded
         shots = os.environ.get("AGENTHUB_SCREENSHOTS", str(tmp_path))
         os.makedirs(shots, exist_ok=True)
         browser.screenshot(page, os.path.join(shots, "job.png"))
         overview = browser.open(f"{base}/")
-        assert _wait_for(lambda: browser.evaluate(overview, "document.readyState") == "complete")
+        assert _wait_for(lambda: (browser.evaluate(overview, "document.title") or "").startswith("Overview"))
         browser.screenshot(overview, os.path.join(shots, "overview.png"))
         assert os.path.getsize(os.path.join(shots, "job.png")) > 1000
     finally:
