@@ -3627,8 +3627,11 @@ def install_prefactor(app, hub):
                                   (partition is not None and pfid_partition(value) != partition)):
             errors[key] = ["is invalid"]
 
-    def conflict(verb, view):
-        raise ApiError(409, f"Agent cannot be {verb} in its current state ({view.status})")
+    def require_action(row, action, verb):
+        """Refuse (409) an action the agent's available_actions do not allow (spec §2.5)."""
+        view = registry.view(row)
+        if not view.actions[action]:
+            raise ApiError(409, f"Agent cannot be {verb} in its current state ({view.status})")
 
     @route("GET", "/api/v1/ping")
     def ping():
@@ -3704,15 +3707,10 @@ def install_prefactor(app, hub):
         data = body.get("details")
         if not isinstance(data, dict):
             raise PfInvalid({"details": ["can't be blank"]})
-        view = registry.view(row)
-        if not view.actions["update"]:
-            conflict("updated", view)
         errors, values = {}, {}
         if "name" in data:
             check_name(data["name"], errors, current=row["name"])
             if not errors and data["name"].strip() != row["name"]:
-                if row["tf"]:
-                    raise ApiError(409, "Agent name is managed by Testflinger")
                 values["name"] = data["name"].strip()
         if "description" in data:
             if data["description"] is not None and not isinstance(data["description"], str):
@@ -3723,6 +3721,9 @@ def install_prefactor(app, hub):
             values["current_version_id"] = data["current_version_id"]
         if errors:
             raise PfInvalid(errors)
+        require_action(row, "update", "updated")
+        if "name" in values and row["tf"]:
+            raise ApiError(409, "Agent name is managed by Testflinger")
         changed = {k: v for k, v in values.items() if row[k] != v}
         if changed:
             store.update_agent(row["name"], {**changed, "record_updated_at": utcnow()})
@@ -3731,27 +3732,21 @@ def install_prefactor(app, hub):
     @route("POST", "/api/v1/agent/<agent_id>/retire")
     def retire_agent(body, agent_id):
         row = agent_or_404(agent_id)
-        view = registry.view(row)
-        if not view.actions["retire"]:
-            conflict("retired", view)
+        require_action(row, "retire", "retired")
         registry.set_retired(row["name"], True)
         return details(registry.find("pfid", agent_id))
 
     @route("POST", "/api/v1/agent/<agent_id>/reinstate")
     def reinstate_agent(body, agent_id):
         row = agent_or_404(agent_id)
-        view = registry.view(row)
-        if not view.actions["reinstate"]:
-            conflict("reinstated", view)
+        require_action(row, "reinstate", "reinstated")
         registry.set_retired(row["name"], False)
         return details(registry.find("pfid", agent_id))
 
     @route("DELETE", "/api/v1/agent/<agent_id>")
     def delete_agent(body, agent_id):
         row = agent_or_404(agent_id)
-        view = registry.view(row)
-        if not view.actions["delete"]:
-            conflict("deleted", view)
+        require_action(row, "delete", "deleted")
         answer = details(row)
         store.delete_agent(row["name"])
         return answer
