@@ -3861,6 +3861,10 @@ RS_MODES = ("idle", "active", "real_time")
 UUID_TEXT = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 
 
+class RsInvalid(Exception):
+    """A Rackspace validation failure: 400 {"message": "Validation failed.", "errors": [text]}."""
+
+
 def rs_error(status, message, errors=None):
     body = {"message": message}
     if errors is not None:
@@ -3886,16 +3890,13 @@ def install_rackspace(app, hub):
                 request.environ["agenthub.rs_project"] = tokens.get(token)
                 try:
                     return func(**kw)
+                except RsInvalid as exc:
+                    return rs_error(400, "Validation failed.", [str(exc)])
                 except ApiError as exc:
-                    if exc.text:                 # a validation message: Rackspace lists them
-                        return rs_error(exc.status, "Validation failed.", [exc.message])
                     return rs_error(exc.status, exc.message)
             app.route(path, method, handler, name=f"rs:{method}:{path}")
             return func
         return decorate
-
-    def invalid(message):
-        return ApiError(400, message, text=True)        # text=True: report as a validation error list
 
     def body_json():
         data = request.body.read(config.max_json_bytes + 1)
@@ -3904,7 +3905,7 @@ def install_rackspace(app, hub):
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            raise invalid("Request body must be a JSON object.")
+            raise RsInvalid("Request body must be a JSON object.")
         return body
 
     def resolve(agent_id):
@@ -3929,14 +3930,14 @@ def install_rackspace(app, hub):
 
     def check_mode(body):
         if body.get("mode") not in RS_MODES:
-            raise invalid("mode must be one of: idle, active, real_time.")
+            raise RsInvalid("mode must be one of: idle, active, real_time.")
         return body["mode"]
 
     @route("POST", "/v2/<project_id>/agents/<agent_id>/events")
     def agent_events(project_id, agent_id):
         caller = request.get_header("X-Agent-Id", "").strip()
         if not caller:
-            raise invalid("X-Agent-Id header is required.")
+            raise RsInvalid("X-Agent-Id header is required.")
         same = caller.lower() == agent_id.lower() if UUID_TEXT.match(caller) and UUID_TEXT.match(agent_id) \
             else caller == agent_id
         if not same:
@@ -3946,9 +3947,9 @@ def install_rackspace(app, hub):
         body = body_json()
         event = body.get("event")
         if not event:
-            raise invalid("event is required.")
+            raise RsInvalid("event is required.")
         if event not in RS_EVENTS:
-            raise invalid("event must be one of: startup, shutdown, agent_activate.")
+            raise RsInvalid("event must be one of: startup, shutdown, agent_activate.")
         mode = check_mode(body) if event == "agent_activate" else None
         row = resolve(agent_id)
         if row is None:
@@ -3972,7 +3973,7 @@ def install_rackspace(app, hub):
     def project_events(project_id):
         body = body_json()
         if body.get("event") != "agent_activate":
-            raise invalid("event must be agent_activate.")
+            raise RsInvalid("event must be agent_activate.")
         mode = check_mode(body)
         rows = [r for r in store.all_agents() if r["project_id"] is not None
                 and (project_id is None or r["project_id"] == project_id)]
@@ -3998,9 +3999,9 @@ def install_rackspace(app, hub):
         query = request.query
         limit_text, direction = query.get("limit", "100"), query.get("sort_dir", default_dir)
         if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
-            raise invalid("limit must be an integer between 1 and 1000.")
+            raise RsInvalid("limit must be an integer between 1 and 1000.")
         if direction not in ("asc", "desc"):
-            raise invalid("sort_dir must be asc or desc.")
+            raise RsInvalid("sort_dir must be asc or desc.")
         marker = query.get("marker")
         rows = store.rackspace_events(project_id, name, int(marker) if marker and marker.isdigit() else None,
                                       int(limit_text), direction == "desc")

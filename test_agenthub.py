@@ -997,7 +997,7 @@ def test_artifact_round_trip(anon, agent):
     assert answer.headers["Content-Type"] == "application/x-tar"
     assert answer.headers["Content-Disposition"] == "inline; filename=artifact.tar.gz"
     assert answer.headers["Content-Length"] == str(len(second))
-    assert len(agenthub.Store.read(agent.test.app.hub.store, "SELECT id FROM files")) == 1
+    assert len(agent.test.app.hub.store.read("SELECT id FROM files")) == 1
 
 
 def test_artifact_errors(agent):
