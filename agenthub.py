@@ -3785,6 +3785,8 @@ def install_prefactor(app, hub):
         errors = {}
         if not body.get("agent_id"):
             errors["agent_id"] = ["can't be blank"]
+        elif not isinstance(body["agent_id"], str):
+            errors["agent_id"] = ["is invalid"]
         check_optional_pfid(body.get("environment_id"), "environment_id", errors)
         check_optional_pfid(body.get("id"), "id", errors, config.pfid_partition)
         for key in ("agent_version", "agent_schema_version"):
@@ -4003,8 +4005,9 @@ def install_rackspace(app, hub):
         if direction not in ("asc", "desc"):
             raise RsInvalid("sort_dir must be asc or desc.")
         marker = query.get("marker")
-        rows = store.rackspace_events(project_id, name, int(marker) if marker and marker.isdigit() else None,
-                                      int(limit_text), direction == "desc")
+        # An unknown marker (not an event id) reads as if absent.
+        marker = int(marker) if marker and marker.isdigit() and int(marker) < 2 ** 63 else None
+        rows = store.rackspace_events(project_id, name, marker, int(limit_text), direction == "desc")
         events = []
         for r in rows:
             item = {"id": str(r["id"]), "time": datetime.datetime.fromtimestamp(

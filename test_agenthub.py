@@ -2403,6 +2403,56 @@ def test_browser_follows_a_running_jobs_log(server, tmp_path):
         browser.close()
 
 
+# == Bad input never answers 5xx ======================================================================================
+
+def test_no_route_answers_500_to_bad_input():
+    """Every route of the app, with hostile path values, bodies, queries and credentials: always < 500
+    (except the original's deliberate 500 for a server without a webhook URL)."""
+    import itertools
+    import re
+    app = create_app(purge_interval=0, lost_contact_seconds=0)
+    test = webtest.TestApp(app)
+    admin = token_headers(app, "admin")
+    agent = {**token_headers(app, "agent", "ag"), "Cookie": "agent_name=ag"}
+    test.post_json("/v1/agents/data/ag", {"queues": ["q"]}, headers=agent)
+    job_id = submit(test, job_queue="q")
+    pfid = pf_create(test, "pfa")["id"]
+    values = {"job_id": [job_id, "x", "%00"], "agent_name": ["ag", "%F0%9F%98%80"], "queue_name": ["q", "%C3%A9"],
+              "log_type": ["output"], "client_id": ["nobody"], "path": ["a/b", "..", "a//b"],
+              "name": ["n", "%00", "a/b/"], "agent_id": [pfid, "zz", "0" * 32], "instance_id": ["x", pfid],
+              "project_id": ["p1"], "rest": ["x"]}
+    bodies = [b"", b"{", b"null", b"[]", b"123", b"\xff\xfe\x00",
+              json.dumps({"job_queue": 1, "details": [], "event": {}, "status": {"test": "x"}, "refresh_token": 5,
+                          "value": None, "queues": 3, "log": "x", "client_id": [], "mode": 1, "agent_id": 7,
+                          "timestamp": [], "fragment_number": "x", "phase": None, "action": 1}).encode(),
+              json.dumps({"job_queue": "q", "job_priority": 10 ** 30, "reserve_data": {"timeout": 10 ** 30},
+                          "details": {"name": "n", "id": 5, "environment_id": [], "description": {}},
+                          "idempotency_key": 5}).encode()]
+    query = ("?state=x&tags=1&limit=-5&offset=abc&match=x&queue=&index=18446744073709551616&wait=1x&name=%FF"
+             "&start_fragment=99999999999999999999&start_timestamp=garbage&phase=x&pagination%5Boffset%5D=-1"
+             "&sorting=---&environment_id=x&marker=99999999999999999999999&sort_dir=x&page=-3")
+    credentials = [{}, admin, agent, {"Authorization": "Bearer a.b.c", "X-Auth-Token": "t", "X-Agent-Id": "ag",
+                                      "X-Consul-Token": "nope", "Cookie": "agenthub_session=zzz"}]
+    failures, sent = [], 0
+    for route in app.routes:
+        names = re.findall(r"<(\w+)(?::[^>]*)?>", route.rule)
+        for combo in itertools.islice(itertools.product(*[values.get(n, ["x"]) for n in names]), 4):
+            path = route.rule
+            for name, value in zip(names, combo):
+                path = re.sub(r"<" + name + r"(?::[^>]*)?>", value, path, count=1)
+            methods = ("GET", "POST", "PUT", "DELETE") if route.method == "ANY" else (route.method,)
+            for method, headers in itertools.product(methods, credentials):
+                for body in (bodies if method not in ("GET", "HEAD") else [b""]):
+                    for suffix in ("", query):
+                        answer = test.request(path + suffix, method=method, body=body, expect_errors=True,
+                                              headers={**headers, "Content-Type": "application/json"})
+                        sent += 1
+                        if answer.status_int >= 500 and b"Webhook URL not configured" not in answer.body:
+                            failures.append((method, path + suffix, answer.status, answer.body[:120]))
+    app.close()
+    assert failures == [] and sent > 5000, (sent, failures[:5])
+
+
 # == Application and command line ==================================================================================
 
 def test_many_apps_are_independent():
