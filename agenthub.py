@@ -6,12 +6,18 @@ It speaks existing public HTTP APIs so that their real clients work unchanged:
 * a job queue wire-compatible with the Testflinger server (``/v1/job`` …), so the
   real ``testflinger-cli`` and ``testflinger-agent`` submit, run, poll, cancel
   and fetch artifacts through it;
-* (later sections) Consul-style user events and an agent registry.
+* Consul-style user events (``/v1/event/fire``, ``/v1/event/list``) with
+  blocking queries, for py-consul and Consul watches;
+* one agent registry behind Prefactor-style agent resources (``/api/v1``),
+  Rackspace agent events (``/v2``) and GoCD ``agent-status`` webhooks;
+* web pages for people.
 
 The module is read top to bottom in the order data flows through it, like
 ``bottle.py``: configuration, storage (the only place with SQL), validation,
-auth, the job queue, HTTP sections (one per API), the application factory and
-the command line.  Every section opens with a banner comment.
+auth, secrets, webhooks, the job queue, the event buffer, the agent registry,
+HTTP sections (one per API), the web UI, the application factory, the
+threaded server, the command line and the benchmark.  Every section opens
+with a banner comment.
 
 Run it with ``python agenthub.py`` (see ``--help``); embed it with
 ``create_app(Config(...))``; or serve the lazily built WSGI ``application``.
@@ -2040,6 +2046,119 @@ def forward_job_status(config, job_url, payload):
     return status, text
 
 
+class Notifier:
+    """GoCD agent-status deliveries: one worker thread and FIFO queue per webhook (spec §4.2).
+
+    A dead or slow receiver only delays its own queue, never an API request.
+    Every delivery is recorded; failures become server health messages.
+    """
+
+    TIMEOUT, TTL, DELAYS = 5.0, 120.0, (1.0, 4.0)
+
+    def __init__(self, store, config):
+        self.store, self.config = store, config
+        self.urls = [u for u in re.split(r"[\s,]+", config.gocd_webhooks) if u]
+        self.queues = {url: queue.Queue() for url in self.urls}
+        self._closing = threading.Event()
+        self._drain_until = None
+
+    def workers(self):
+        return [(self._work, f"agenthub-gocd-{n}", url) for n, url in enumerate(self.urls)]
+
+    def announce(self, agent_name, body):
+        delivery = {"uuid": str(uuid.uuid4()), "agent": agent_name, "body": body,
+                    "created": time.monotonic(), "created_at": utcnow()}
+        for url in self.urls:
+            self.queues[url].put(delivery)
+
+    def close(self, drain_seconds=5.0):
+        """Stop the workers: queued deliveries get ``drain_seconds`` to go out, then the rest are
+        recorded as undelivered — none vanish silently."""
+        deadline = time.monotonic() + drain_seconds
+        if self._drain_until is None or deadline < self._drain_until:     # a second close never extends it
+            self._drain_until = deadline
+        if not self._closing.is_set():
+            self._closing.set()
+            for q in self.queues.values():
+                q.put(None)
+
+    def _work(self, url):
+        q = self.queues[url]
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if self._drain_until is not None and time.monotonic() > self._drain_until:
+                self._record(url, item, 0, "undelivered", None, None, [], "agenthub stopped before delivery")
+                continue
+            self._deliver(url, item)
+
+    def _deliver(self, url, item):
+        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "agenthub",
+                   "X-Agenthub-Notification": "agent-status", "X-Agenthub-Api-Version": "4.0",
+                   "X-Agenthub-Delivery": item["uuid"]}
+        if self.config.gocd_webhook_auth:
+            headers["Authorization"] = f"Bearer {self.config.gocd_webhook_auth}"
+        attempts, status, text, error = 0, None, None, None
+        for delay in (0.0,) + self.DELAYS:
+            if delay and (self._closing.wait(delay) and self._drain_until and time.monotonic() > self._drain_until):
+                break
+            if time.monotonic() - item["created"] > self.TTL:
+                self._record(url, item, attempts, "expired", status, text, [], "Notification expired after 120 s")
+                return
+            attempts += 1
+            try:
+                status, text = http_send("POST", url, item["body"].encode(), headers, self.TIMEOUT)
+                error = None
+            except (TimeoutError, OSError) as exc:
+                status, text, error = None, None, str(exc) or exc.__class__.__name__
+                continue
+            if status != 429 and status < 500:
+                break
+        self._record(url, item, attempts, *self._judge(status, text, error))
+
+    @staticmethod
+    def _judge(status, text, error):
+        """(outcome, status, text, messages, error text) of an answer, by GoCD's rules."""
+        if error is not None:
+            return "error", None, None, [], error
+        if not 200 <= status < 300:
+            return ("error", status, text, [], "The webhook sent a response that could not be understood. It "
+                    f"returned code '{status}' and the following response: '{(text or '')[:1000]}'")
+        if not (text or "").strip():
+            return "success", status, text, [], None           # leniency: a bodyless 2xx is success
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            return "error", status, text, [], "Unable to de-serialize json response. Empty response body" \
+                if not text else "Unable to de-serialize json response. Invalid JSON"
+        if not isinstance(answer, dict) or not isinstance(answer.get("status"), str) or not answer["status"]:
+            return ("error", status, text, [],
+                    "Unable to de-serialize json response. Notify result 'status' is a required field")
+        messages = answer.get("messages", [])
+        if not isinstance(messages, list) or not all(isinstance(m, str) for m in messages):
+            return ("error", status, text, [], "Unable to de-serialize json response. "
+                    "Notify result 'messages' should be of type list of string")
+        if answer["status"].lower() == "success":
+            return "success", status, text, messages, None
+        return "failure", status, text, messages, None
+
+    def _record(self, url, item, attempts, outcome, status, text, messages, error):
+        now = utcnow()
+        self.store.record_delivery({
+            "delivery_uuid": item["uuid"], "webhook_url": url, "agent_name": item["agent"], "body": item["body"],
+            "attempts": attempts, "outcome": outcome, "http_status": status,
+            "response_body": (text or "")[:4096] if text is not None else None,
+            "messages": json.dumps(messages if outcome != "error" else [error]),
+            "created_at": item["created_at"], "finished_at": now})
+        scope = f"gocd:{url}"
+        if outcome == "success":
+            self.store.set_health(scope)
+        else:
+            detail = ", ".join(messages) if outcome == "failure" else (error or outcome)
+            self.store.set_health(scope, f"Notification update failed for webhook: {url}", detail, "ERROR", now)
+
+
 ###############################################################################
 # Job queue ###################################################################
 ###############################################################################
@@ -2759,119 +2878,6 @@ class Registry:
     def set_retired(self, name, retired):
         self.store.update_agent(name, {"retired": int(retired), "record_updated_at": utcnow()})
         return self.changed(name)
-
-
-class Notifier:
-    """GoCD agent-status deliveries: one worker thread and FIFO queue per webhook (spec §4.2).
-
-    A dead or slow receiver only delays its own queue, never an API request.
-    Every delivery is recorded; failures become server health messages.
-    """
-
-    TIMEOUT, TTL, DELAYS = 5.0, 120.0, (1.0, 4.0)
-
-    def __init__(self, store, config):
-        self.store, self.config = store, config
-        self.urls = [u for u in re.split(r"[\s,]+", config.gocd_webhooks) if u]
-        self.queues = {url: queue.Queue() for url in self.urls}
-        self._closing = threading.Event()
-        self._drain_until = None
-
-    def workers(self):
-        return [(self._work, f"agenthub-gocd-{n}", url) for n, url in enumerate(self.urls)]
-
-    def announce(self, agent_name, body):
-        delivery = {"uuid": str(uuid.uuid4()), "agent": agent_name, "body": body,
-                    "created": time.monotonic(), "created_at": utcnow()}
-        for url in self.urls:
-            self.queues[url].put(delivery)
-
-    def close(self, drain_seconds=5.0):
-        """Stop the workers: queued deliveries get ``drain_seconds`` to go out, then the rest are
-        recorded as undelivered — none vanish silently."""
-        deadline = time.monotonic() + drain_seconds
-        if self._drain_until is None or deadline < self._drain_until:     # a second close never extends it
-            self._drain_until = deadline
-        if not self._closing.is_set():
-            self._closing.set()
-            for q in self.queues.values():
-                q.put(None)
-
-    def _work(self, url):
-        q = self.queues[url]
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            if self._drain_until is not None and time.monotonic() > self._drain_until:
-                self._record(url, item, 0, "undelivered", None, None, [], "agenthub stopped before delivery")
-                continue
-            self._deliver(url, item)
-
-    def _deliver(self, url, item):
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "agenthub",
-                   "X-Agenthub-Notification": "agent-status", "X-Agenthub-Api-Version": "4.0",
-                   "X-Agenthub-Delivery": item["uuid"]}
-        if self.config.gocd_webhook_auth:
-            headers["Authorization"] = f"Bearer {self.config.gocd_webhook_auth}"
-        attempts, status, text, error = 0, None, None, None
-        for delay in (0.0,) + self.DELAYS:
-            if delay and (self._closing.wait(delay) and self._drain_until and time.monotonic() > self._drain_until):
-                break
-            if time.monotonic() - item["created"] > self.TTL:
-                self._record(url, item, attempts, "expired", status, text, [], "Notification expired after 120 s")
-                return
-            attempts += 1
-            try:
-                status, text = http_send("POST", url, item["body"].encode(), headers, self.TIMEOUT)
-                error = None
-            except (TimeoutError, OSError) as exc:
-                status, text, error = None, None, str(exc) or exc.__class__.__name__
-                continue
-            if status != 429 and status < 500:
-                break
-        self._record(url, item, attempts, *self._judge(status, text, error))
-
-    @staticmethod
-    def _judge(status, text, error):
-        """(outcome, status, text, messages, error text) of an answer, by GoCD's rules."""
-        if error is not None:
-            return "error", None, None, [], error
-        if not 200 <= status < 300:
-            return ("error", status, text, [], "The webhook sent a response that could not be understood. It "
-                    f"returned code '{status}' and the following response: '{(text or '')[:1000]}'")
-        if not (text or "").strip():
-            return "success", status, text, [], None           # leniency: a bodyless 2xx is success
-        try:
-            answer = json.loads(text)
-        except ValueError:
-            return "error", status, text, [], "Unable to de-serialize json response. Empty response body" \
-                if not text else "Unable to de-serialize json response. Invalid JSON"
-        if not isinstance(answer, dict) or not isinstance(answer.get("status"), str) or not answer["status"]:
-            return ("error", status, text, [],
-                    "Unable to de-serialize json response. Notify result 'status' is a required field")
-        messages = answer.get("messages", [])
-        if not isinstance(messages, list) or not all(isinstance(m, str) for m in messages):
-            return ("error", status, text, [], "Unable to de-serialize json response. "
-                    "Notify result 'messages' should be of type list of string")
-        if answer["status"].lower() == "success":
-            return "success", status, text, messages, None
-        return "failure", status, text, messages, None
-
-    def _record(self, url, item, attempts, outcome, status, text, messages, error):
-        now = utcnow()
-        self.store.record_delivery({
-            "delivery_uuid": item["uuid"], "webhook_url": url, "agent_name": item["agent"], "body": item["body"],
-            "attempts": attempts, "outcome": outcome, "http_status": status,
-            "response_body": (text or "")[:4096] if text is not None else None,
-            "messages": json.dumps(messages if outcome != "error" else [error]),
-            "created_at": item["created_at"], "finished_at": now})
-        scope = f"gocd:{url}"
-        if outcome == "success":
-            self.store.set_health(scope)
-        else:
-            detail = ", ".join(messages) if outcome == "failure" else (error or outcome)
-            self.store.set_health(scope, f"Notification update failed for webhook: {url}", detail, "ERROR", now)
 
 
 ###############################################################################
@@ -4053,6 +4059,10 @@ def install_rackspace(app, hub):
         rows = [r for r in store.all_agents() if r["project_id"] == project_id]
         return json_response({"agents": [rs_agent(r, registry.view(r)) for r in rows]})
 
+
+###############################################################################
+# HTTP: GoCD server health ####################################################
+###############################################################################
 
 def install_gocd(app, hub):
     """GoCD's server health messages: the failing webhooks (spec agents.md §4.2)."""
