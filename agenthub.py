@@ -32,6 +32,7 @@ import datetime
 import functools
 import hashlib
 import hmac
+import http.client
 import json
 import os
 import queue
@@ -1814,7 +1815,6 @@ class Auth:
         if current is None:
             data.setdefault("role", "contributor")
         self.store.save_client(client_id, data, utcnow())
-        self._verified.clear()
         verb = "Created" if current is None else "Updated"
         return f"{verb} permissions for client '{client_id}'"
 
@@ -2005,8 +2005,8 @@ _webhook_opener = urllib.request.build_opener(_NoRedirect)
 
 def http_send(method, url, body, headers, timeout):
     """One HTTP request by urllib: (status, text).  Raises TimeoutError or OSError (unreachable)."""
-    req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
+        req = urllib.request.Request(url, data=body, method=method, headers=headers)
         with _webhook_opener.open(req, timeout=timeout) as resp:
             return resp.status, resp.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:        # 4xx/5xx/3xx answers are answers
@@ -2018,6 +2018,9 @@ def http_send(method, url, body, headers, timeout):
         raise OSError(str(exc.reason)) from exc
     except (socket.timeout, TimeoutError) as exc:
         raise TimeoutError(str(exc)) from exc
+    except (http.client.HTTPException, ValueError) as exc:
+        # A receiver that does not speak HTTP, or a URL urllib cannot use: unreachable, as far as we know.
+        raise OSError(f"{exc.__class__.__name__}: {exc}") from exc
 
 
 def forward_job_status(config, job_url, payload):
@@ -2088,10 +2091,13 @@ class Notifier:
             item = q.get()
             if item is None:
                 return
-            if self._drain_until is not None and time.monotonic() > self._drain_until:
-                self._record(url, item, 0, "undelivered", None, None, [], "agenthub stopped before delivery")
-                continue
-            self._deliver(url, item)
+            try:
+                if self._drain_until is not None and time.monotonic() > self._drain_until:
+                    self._record(url, item, 0, "undelivered", None, None, [], "agenthub stopped before delivery")
+                    continue
+                self._deliver(url, item)
+            except Exception as exc:         # the worker must outlive any one delivery
+                print(f"agenthub: notification to {url} failed: {exc!r}", file=sys.stderr)
 
     def _deliver(self, url, item):
         headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "agenthub",

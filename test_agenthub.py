@@ -641,6 +641,31 @@ def test_job_status_webhook_errors():
         redirect.close()
 
 
+def test_a_receiver_that_does_not_speak_http_is_unreachable():
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    def babble():
+        for _ in range(2):                 # the first attempt and the retry
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.sendall(b"this is not HTTP\r\n\r\n")
+            conn.close()
+    threading.Thread(target=babble, daemon=True).start()
+    app = create_app(webhook_url=url, purge_interval=0)
+    try:
+        agent = Client(app, token_headers(app, "agent", "agent1"))
+        job_id = submit(webtest.TestApp(app))
+        assert agent.post_json(f"/v1/job/{job_id}/events", _events_body(url + "/x"), status=502).json[
+            "message"] == "Webhook unreachable"
+    finally:
+        app.close()
+        listener.close()
+
+
 def test_a_slow_webhook_does_not_block_other_requests(server):
     app, base = server
     slow = Receiver(delay=2)
@@ -2082,6 +2107,18 @@ def test_gocd_notifications_idle_building_idle_then_lost_contact():
     finally:
         app.close()
         receiver.close()
+
+
+def test_gocd_worker_survives_an_unusable_webhook_url():
+    app = create_app(gocd_webhooks="not-a-url", purge_interval=0, lost_contact_seconds=0)
+    try:
+        agent = Client(app, token_headers(app, "agent", "a1"))
+        agent.post_json("/v1/agents/data/a1", {"state": "waiting"})
+        agent.post_json("/v1/agents/data/a1", {"state": "test"})
+        assert _wait_for(lambda: len(app.hub.store.deliveries()) == 2)       # the second still went through
+        assert {d["outcome"] for d in app.hub.store.deliveries()} == {"error"}
+    finally:
+        app.close()
 
 
 @pytest.mark.parametrize("status,body,outcome,detail", [
