@@ -1122,7 +1122,7 @@ class Store:
                               (cutoff,)).fetchall()
             db.execute("DELETE FROM log_fragments WHERE inserted_at < ?", (cutoff,))
             # Files expire with their age; an upload that never finished (client gone, crash)
-            # is dropped after an hour.
+            # is dropped after a day.
             db.execute("DELETE FROM files WHERE uploaded_at < ? OR (complete = 0 AND uploaded_at < ?)",
                        (cutoff, stale_upload_cutoff))
             db.execute("DELETE FROM agents WHERE origin = 'testflinger' AND updated_at < ? AND NOT EXISTS"
@@ -2369,7 +2369,10 @@ class JobQueue:
         size = 0
         try:
             for seq, chunk in enumerate(chunks):
-                self.store.add_file_chunk(file_id, seq, chunk)
+                try:
+                    self.store.add_file_chunk(file_id, seq, chunk)
+                except sqlite3.IntegrityError:        # purged as abandoned while still arriving
+                    raise ApiError(408, "Upload took too long")
                 size += len(chunk)
             with self.store.write() as db:
                 if kind == "attachments":
@@ -2442,7 +2445,7 @@ class JobQueue:
     def purge(self):
         now = utcnow()
         cutoff = now - self.config.retention_days * 86400
-        return self.store.purge(cutoff, now - 90 * 86400, now - 3600)
+        return self.store.purge(cutoff, now - 90 * 86400, now - 86400)
 
 
 ###############################################################################
