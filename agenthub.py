@@ -2588,7 +2588,7 @@ class EventView:
 
     def json(self):
         if self._json is None:
-            self._json = json.dumps([e.as_json() for e in self.events], separators=(",", ":"))
+            self._json = json.dumps([e.as_json() for e in self.events], separators=(",", ":")).encode()
         return self._json
 
 
@@ -2618,6 +2618,7 @@ class EventBuffer:
         self._snapshot = _Snapshot(tuple(Event(r["id"], r["name"], r["payload"], r["node_filter"],
                                                r["service_filter"], r["tag_filter"], r["ltime"]) for r in rows), 0)
         self._changed = threading.Condition()
+        self.listeners = []            # called after every stored event (the Watchers thread)
 
     def validate(self, node, service, tag):
         """The filters' rules.  Consul answers 500 for these; they are bad input, so 400 here."""
@@ -2643,11 +2644,22 @@ class EventBuffer:
                 old = self._snapshot
                 self._snapshot = _Snapshot((old.events + (event,))[-self.size:], old.version + 1)
                 self._changed.notify_all()
+        for listener in self.listeners:
+            listener()
         return event
 
     def events(self):
         """The events, oldest first (an immutable tuple)."""
         return self._snapshot.events
+
+    def deadline(self, wait):
+        """The one deadline of a blocking query: ``wait`` seconds, default and cap 600 s."""
+        wait = self.MAX_WAIT if wait is None or wait <= 0 else min(wait, self.MAX_WAIT)
+        return time.monotonic() + wait
+
+    def current(self):
+        """The current snapshot (its events, version and shared views)."""
+        return self._snapshot
 
     def _wait_for_change(self, version, timeout):
         """Block until the buffer moves past ``version`` or ``timeout`` seconds pass."""
@@ -2668,8 +2680,7 @@ class EventBuffer:
         view = snapshot.view(key, select)
         if not index or view.index != index:
             return view
-        wait = self.MAX_WAIT if wait is None or wait <= 0 else min(wait, self.MAX_WAIT)
-        deadline = time.monotonic() + wait
+        deadline = self.deadline(wait)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -2698,8 +2709,12 @@ class UserEvents:
             raise ApiError(403, "Permission denied")
         return self.buffer.fire(name, payload, node, service, tag)
 
-    def list(self, secret, name=None, index=0, wait=None, node=None, service=None, tag=None):
-        """The caller's EventView, as a possibly blocking query."""
+    def list(self, secret, name=None, index=0, wait=None, node=None, service=None, tag=None, park=False):
+        """The caller's EventView, as a possibly blocking query.
+
+        With ``park``, a query that would block is not waited for here: a Watch
+        is returned instead, for the Watchers thread to answer (see Watchers).
+        """
         token = self.acl.resolve(secret)
 
         def select(events):
@@ -2707,7 +2722,98 @@ class UserEvents:
             allowed = [e for e in view if self.acl.allows(token, "read", e.name)]
             return EventView(allowed, token is not None and len(allowed) < len(view))
         key = (name, node, service, tag, token.name if token else None)
-        return self.buffer.query(key, select, index, wait)
+        if not park:
+            return self.buffer.query(key, select, index, wait)
+        view = self.buffer.current().view(key, select)
+        if not index or view.index != index:
+            return view
+        return Watch(key, select, index, self.buffer.deadline(wait))
+
+
+class Watch:
+    """A blocking event-list query parked with the Watchers thread.
+
+    ``answer(view)`` is set by the HTTP layer: it writes the whole HTTP answer
+    for this request.  Exactly one party answers: ``claim()`` decides who.
+    """
+
+    def __init__(self, key, select, index, deadline):
+        self.key, self.select, self.index, self.deadline = key, select, index, deadline
+        self.answer = None
+        self.done = threading.Event()
+        self._claimed = threading.Lock()
+
+    def claim(self):
+        return self._claimed.acquire(blocking=False)
+
+
+class Watchers:
+    """Answers every parked blocking query from one thread.
+
+    A thousand watchers blocked on one name cost a thousand sleeping threads
+    but, when an event arrives, one thread computes the shared view once and
+    writes all the answers; waking each thread to answer for itself costs
+    ~60–90 ms of thread switching on two cores before any work is done.
+    """
+
+    def __init__(self, buffer):
+        self.buffer = buffer
+        self._parked = []
+        self._cond = threading.Condition()
+        self._poked = False
+        buffer.listeners.append(self.poke)
+
+    def poke(self):
+        with self._cond:
+            self._poked = True
+            self._cond.notify()
+
+    def park(self, watch):
+        with self._cond:
+            self._parked.append(watch)
+            self._poked = True
+            self._cond.notify()
+
+    def run(self, stop):
+        while not stop.is_set():
+            with self._cond:
+                soonest = min((w.deadline for w in self._parked), default=time.monotonic() + 1.0)
+                self._cond.wait_for(lambda: self._poked or stop.is_set(),
+                                    max(0.0, min(1.0, soonest - time.monotonic())))
+                self._poked = False
+                parked = list(self._parked)
+            self._answer(parked, final=stop.is_set())
+
+    def _answer(self, parked, final=False):
+        snapshot, now, answered = self.buffer.current(), time.monotonic(), []
+        for watch in parked:
+            view = snapshot.view(watch.key, watch.select)
+            if final or view.index != watch.index or now >= watch.deadline:
+                if watch.claim():
+                    try:
+                        watch.answer(view)
+                    except OSError:
+                        pass                 # the client went away
+                    except Exception as exc:  # never let one answer stop the others
+                        print(f"agenthub: answering a watcher failed: {exc!r}", file=sys.stderr)
+                answered.append(watch)
+        # Only now wake the sleeping request threads: woken earlier, they would compete for the
+        # GIL with the answers still being written.
+        for watch in answered:
+            watch.done.set()
+        if answered:
+            with self._cond:
+                done = set(map(id, answered))
+                self._parked = [w for w in self._parked if id(w) not in done]
+
+    def close(self):
+        """Answer whoever is still parked with what is current (the app is closing), and wake the
+        thread so that it sees the stop at once."""
+        with self._cond:
+            parked, self._parked = list(self._parked), []
+            self._poked = True
+            self._cond.notify()
+        self._answer(parked, final=True)
 
 
 ###############################################################################
@@ -3483,16 +3589,35 @@ def install_consul(app, hub):
                 return error(400, "Invalid index")
             index = int(text)
         name, node, service, tag = filters("name", "node", "service", "tag")
+        answer_raw = request.environ.get("agenthub.answer_raw")      # only agenthub's own server has it
+        park = answer_raw is not None and "pretty" not in request.query
         try:
-            view = events.list(token(), name, index, wait, node or None, service or None, tag or None)
+            view = events.list(token(), name, index, wait, node or None, service or None, tag or None, park=park)
         except ApiError as exc:
             return error(exc.status, exc.message)
+        if isinstance(view, Watch):
+            return parked(view, answer_raw)
+        if "pretty" in request.query:
+            return answer([e.as_json() for e in view.events], **list_headers(view))
+        return HTTPResponse(view.json(), 200, headers(**{"Content-Type": "application/json"}, **list_headers(view)))
+
+    def list_headers(view):
         extra = {"X-Consul-Index": str(view.index)}
         if view.filtered:
             extra["X-Consul-Results-Filtered-By-ACLs"] = "true"
-        if "pretty" in request.query:
-            return answer([e.as_json() for e in view.events], **extra)
-        return HTTPResponse(view.json(), 200, headers(**{"Content-Type": "application/json"}, **extra))
+        return extra
+
+    def parked(watch, answer_raw):
+        """Sleep until the Watchers thread has written this request's answer (the blocking query
+        of spec §4, answered from one thread for all watchers)."""
+        def answer_now(view):
+            fields = headers(**{"Content-Type": "application/json"}, **list_headers(view))
+            answer_raw("200 OK", list(fields.items()), view.json())
+        watch.answer = answer_now
+        hub.watchers.park(watch)
+        if not watch.done.wait(max(0.0, watch.deadline - time.monotonic()) + 30) and watch.claim():
+            answer_now(hub.events.buffer.current().view(watch.key, watch.select))   # the thread is gone
+        return HTTPResponse("")          # discarded: the answer is already on the wire
 
     @app.route("/v1/event/<rest:path>", "ANY")
     def unknown(rest):
@@ -4604,6 +4729,7 @@ class Hub:
         self.event_acl = EventAcl(self.store, config.event_acl_default)
         self.events = UserEvents(EventBuffer(self.store, config.event_buffer_size, config.event_max_bytes),
                                  self.event_acl, config)
+        self.watchers = Watchers(self.events.buffer)
         self.notifier = Notifier(self.store, config)
         self.registry = Registry(self.store, config, self.notifier, self.events)
         self.jobs = JobQueue(self.store, config, self.secrets, self.registry)
@@ -4617,6 +4743,7 @@ class Hub:
             self._spawn(self._sweep_loop, "agenthub-sweep")
         for target, name, *args in self.notifier.workers():
             self._spawn(target, name, *args)
+        self._spawn(self.watchers.run, "agenthub-watchers", self._stop)
 
     def _spawn(self, target, name, *args):
         thread = threading.Thread(target=target, name=name, args=args, daemon=True)
@@ -4646,6 +4773,7 @@ class Hub:
 
     def close(self):
         self._stop.set()
+        self.watchers.close()
         self.notifier.close()
         for thread in self._threads:
             thread.join(timeout=10)
@@ -4735,6 +4863,16 @@ def application(environ, start_response):
 class _KeepAliveHandler(ServerHandler):
     http_version = "1.1"
 
+    def finish_response(self):
+        if self.request_handler.answered_raw:
+            # Another thread already wrote the answer (environ["agenthub.answer_raw"]): drop what
+            # the application returned, write nothing more.
+            if hasattr(self.result, "close"):
+                self.result.close()
+            self.status = self.status or "200 OK"
+            return
+        super().finish_response()
+
     def cleanup_headers(self):
         super().cleanup_headers()
         status = int(self.status.split(" ", 1)[0])
@@ -4776,6 +4914,8 @@ class _RequestHandler(WSGIRequestHandler):
         if not self.parse_request():
             return
         environ = self.get_environ()
+        self.answered_raw = False
+        environ["agenthub.answer_raw"] = self.answer_raw
         length = int(environ.get("CONTENT_LENGTH") or 0) if (environ.get("CONTENT_LENGTH") or "0").isdigit() else 0
         body = _Limited(self.rfile, length)
         handler = _KeepAliveHandler(body, self.wfile, self.get_stderr(), environ, multithread=True)
@@ -4789,6 +4929,20 @@ class _RequestHandler(WSGIRequestHandler):
             else:
                 while body.read(65536):
                     pass
+
+    def answer_raw(self, status, headers, body):
+        """Write this request's whole answer now, from any thread (the request's own thread must
+        be waiting meanwhile); whatever the application returns afterwards is discarded.
+
+        This is how the hub answers a thousand blocked watchers from one thread at once, instead
+        of waking a thousand threads to write one answer each."""
+        lines = [f"HTTP/1.1 {status}", f"Date: {self.date_time_string()}", f"Content-Length: {len(body)}",
+                 *(f"{k}: {v}" for k, v in headers)]
+        if self.close_connection:
+            lines.append("Connection: close")
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        self.wfile.flush()
+        self.answered_raw = True
 
     def log_message(self, format, *args):
         if not self.server.quiet:

@@ -1645,6 +1645,61 @@ def test_blocking_on_an_empty_list_waits_for_the_first_event(server):
     assert [e["ID"] for e in json.loads(body)] == [event["ID"]]
 
 
+def test_many_parked_watchers_are_answered_by_one_fire_and_keep_their_connections(server):
+    import socket
+    app, base = server
+    host, port = base.split("//")[1].split(":")
+    first = json.loads(call_http(base, "PUT", "/v1/event/fire/w", b"1")[2])
+    index = xor_index(first["ID"])
+    request = f"GET /v1/event/list?name=w&index={index}&wait=60s HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    clients = [http.client.HTTPConnection(host, int(port)) for _ in range(50)]
+    for conn in clients:
+        conn.request("GET", f"/v1/event/list?name=w&index={index}&wait=60s")
+    gone = socket.create_connection((host, int(port)))
+    gone.sendall(request)
+    assert _wait_for(lambda: len(app.hub.watchers._parked) == 51)      # all parked, none answered yet
+    gone.close()                                                         # one client goes away meanwhile
+    second = json.loads(call_http(base, "PUT", "/v1/event/fire/w", b"2")[2])
+    for conn in clients:
+        resp = conn.getresponse()
+        events = json.loads(resp.read())
+        assert resp.status == 200 and resp.getheader("X-Consul-Index") == str(xor_index(second["ID"]))
+        assert [e["ID"] for e in events] == [first["ID"], second["ID"]]
+        assert resp.getheader("X-Consul-Default-Acl-Policy") == "allow"
+        conn.request("GET", "/v1/event/list?name=w")                     # the connection is still usable
+        again = conn.getresponse()
+        assert again.status == 200 and len(json.loads(again.read())) == 2
+        conn.close()
+    assert app.hub.watchers._parked == []
+
+
+def test_closing_the_app_answers_parked_watchers():
+    app = create_app(purge_interval=0)
+    httpd = agenthub.make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        event = json.loads(call_http(base, "PUT", "/v1/event/fire/x", b"")[2])
+        results = {}
+        thread = threading.Thread(target=lambda: results.update(answer=call_http(
+            base, "GET", f"/v1/event/list?index={xor_index(event['ID'])}&wait=10m")))
+        thread.start()
+        assert _wait_for(lambda: len(app.hub.watchers._parked) == 1)
+        app.close()
+        thread.join(timeout=30)
+        status, headers, body = results["answer"]
+        assert status == 200 and headers["X-Consul-Index"] == str(xor_index(event["ID"]))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_blocking_without_agenthubs_server_waits_in_the_request_thread(anon):
+    event = fire(anon, "x").json
+    answer = anon.get(f"/v1/event/list?index={xor_index(event['ID'])}&wait=100ms")     # WebTest: no parking
+    assert answer.headers["X-Consul-Index"] == str(xor_index(event["ID"])) and len(answer.json) == 1
+
+
 def test_concurrent_fires_lose_nothing(server):
     app, base = server
 
