@@ -790,9 +790,6 @@ class Store:
                               (*args, limit, offset)).fetchall()
         return rows, total
 
-    def job_instance(self, job_id):
-        return self.read_one("SELECT * FROM instances WHERE job_id = ?", (job_id,))
-
     # -- the registry ------------------------------------------------------------
 
     def setting(self, key, make_default):
@@ -1182,10 +1179,6 @@ class Field:
 
     def convert(self, value):
         return value
-
-
-class Raw(Field):
-    pass
 
 
 class String(Field):
@@ -1655,7 +1648,6 @@ class Identity:
     role: str = None
     client_id: str = None
     permissions: dict = dataclasses.field(default_factory=dict)
-    anonymous: bool = False
 
 
 def server_key(config):
@@ -1866,8 +1858,8 @@ class Auth:
         """The caller's identity from the ``Authorization`` header (JWT errors raise ApiError)."""
         if not authorization:
             if self.config.require_auth:
-                return Identity(anonymous=True)
-            return Identity(role="contributor", anonymous=True)
+                return Identity()
+            return Identity(role="contributor")
         if not authorization.startswith("Bearer "):
             return Identity()
         token, now = authorization[len("Bearer "):], utcnow()
@@ -5368,7 +5360,7 @@ def _bench_testflinger(server, args):
           f"file database, {os.cpu_count()} cores")
 
     # The ceiling: a trivial Bottle JSON route on the same server, same harness.
-    ceiling_s, ceiling_lat, _ = _load(server, args.clients, args.jobs, lambda n, c: _request(c, "GET", "/_bench/ping")[0])
+    ceiling_s, _, _ = _load(server, args.clients, args.jobs, lambda n, c: _request(c, "GET", "/_bench/ping")[0])
     ceiling = args.jobs / ceiling_s
     print(f"ceiling  GET /_bench/ping      {ceiling:8.0f} req/s  ({args.clients} clients, {args.jobs} requests)")
 
