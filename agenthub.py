@@ -1205,8 +1205,8 @@ class Integer(Field):
 
 
 class Boolean(Field):
-    TRUE = {True, 1, "true", "True", "TRUE", "t", "T", "on", "On", "ON", "yes", "Yes", "YES", "y", "Y", "1"}
-    FALSE = {False, 0, "false", "False", "FALSE", "f", "F", "off", "Off", "OFF", "no", "No", "NO", "n", "N", "0"}
+    TRUE = {True, "true", "True", "TRUE", "t", "T", "on", "On", "ON", "yes", "Yes", "YES", "y", "Y", "1"}
+    FALSE = {False, "false", "False", "FALSE", "f", "F", "off", "Off", "OFF", "no", "No", "NO", "n", "N", "0"}
 
     def convert(self, value):
         with contextlib.suppress(TypeError):
