@@ -5077,13 +5077,13 @@ def main(argv=None):
     if not argv or (argv[0] not in commands.choices and argv[0] not in ("-h", "--help")):
         argv.insert(0, "serve")
     args = parser.parse_args(argv)
-    if args.command == "add-client":
-        return add_client_command(args)
-    if args.command == "add-event-token":
-        return add_event_token_command(args)
-    if args.command == "bench":
-        return bench_command(args)
-    return serve_command(args)
+    command = {"add-client": add_client_command, "add-event-token": add_event_token_command,
+               "bench": bench_command}.get(args.command, serve_command)
+    try:
+        return command(args)
+    except sqlite3.Error as exc:
+        print(f"agenthub: database {getattr(args, 'db', '?')}: {exc}", file=sys.stderr)
+        return 1
 
 
 def serve_command(args):
@@ -5109,7 +5109,11 @@ def serve_command(args):
         if config.server != "threaded":
             bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=config.quiet)
             return 0
-        server = make_server(app, config.host, config.port, quiet=config.quiet)
+        try:
+            server = make_server(app, config.host, config.port, quiet=config.quiet)
+        except OSError as exc:
+            print(f"agenthub: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         print(f"agenthub {__version__} serving on http://{config.host}:{server.server_address[1]}/"
               f" (database {config.db})", flush=True)
         server.serve_forever()

@@ -2586,6 +2586,20 @@ def test_add_client_writes_a_token_file_the_agent_can_use(tmp_path, capsys):
     app.close()
 
 
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    assert agenthub.main(["--db", str(tmp_path / "missing" / "x.db"), "--port", "0"]) == 1
+    assert "agenthub: database" in capsys.readouterr().err
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        assert agenthub.main(["--db", str(tmp_path / "x.db"), "--port", str(taken.getsockname()[1])]) == 1
+        assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+    finally:
+        taken.close()
+
+
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         agenthub.main(["--help"])
