@@ -802,6 +802,10 @@ class Store:
             db.execute("INSERT INTO settings (key, value) VALUES (?, ?)", (key, value))
             return value
 
+    def fill_environment(self, environment_id):
+        with self.write() as db:
+            db.execute("UPDATE agents SET environment_id = ? WHERE environment_id IS NULL", (environment_id,))
+
     def all_agents(self):
         return self.read("SELECT * FROM agents ORDER BY pfid")
 
@@ -2918,6 +2922,7 @@ class Registry:
         self.environment_id = config.default_environment_id or store.setting(
             "default_environment_id", self.new_pfid)
         self.account_id = store.setting("account_id", self.new_pfid)
+        store.fill_environment(self.environment_id)     # agents that predate the registry
         self._last_contact = {}
 
     def derived_pfid(self, *parts):

@@ -147,6 +147,35 @@ def test_file_database_is_wal_and_migrated(tmp_path):
     app.close()
 
 
+def test_migrating_an_older_database_gives_existing_agents_their_ids(tmp_path):
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)
+    for script in agenthub.MIGRATIONS[:3]:                     # a database from before the registry
+        for statement in agenthub._split_sql(script):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute("INSERT INTO agents (name, state, queues, updated_at) VALUES ('old-agent', 'waiting', '[\"q\"]', ?)",
+                 (time.time(),))
+    conn.commit()
+    conn.close()
+    app = create_app(db=path, purge_interval=0)
+    try:
+        row = app.hub.store.get_agent("old-agent")
+        assert agenthub.PFID_PATTERN.match(row["pfid"]) and uuid.UUID(row["uuid"]) and row["tf"] == 1
+        test = webtest.TestApp(app)
+        assert test.get("/v1/agents/data/old-agent").json["state"] == "waiting"
+        details = test.get(f"/api/v1/agent/{row['pfid']}").json["details"]
+        assert details["name"] == "old-agent" and agenthub.PFID_PATTERN.match(details["environment_id"])
+        job_id = submit(test, job_queue="q")
+        agent = Client(app, token_headers(app, "agent", "old-agent"))
+        assert agent.get("/v1/job?queue=q", headers={"Cookie": "agent_name=old-agent"}).json["job_id"] == job_id
+        assert test.get(f"/api/v1/agent/{row['pfid']}").json["details"]["instance_counts"]["active"] == 1
+        version = app.hub.store.read_one("PRAGMA user_version")[0]
+        assert version == len(agenthub.MIGRATIONS)
+    finally:
+        app.close()
+
+
 def test_failed_write_transaction_leaves_nothing(app):
     store = app.hub.store
     with pytest.raises(RuntimeError):
