@@ -4927,6 +4927,12 @@ class _RequestHandler(WSGIRequestHandler):
                 while body.read(65536):
                     pass
 
+    def handle_expect_100(self):
+        """Send "100 Continue" at once: buffered, curl would wait a second before every upload."""
+        super().handle_expect_100()
+        self.wfile.flush()
+        return True
+
     def answer_raw(self, status, headers, body):
         """Write this request's whole answer now, from any thread (the request's own thread must
         be waiting meanwhile); whatever the application returns afterwards is discarded.

@@ -1267,6 +1267,27 @@ def test_keep_alive_serves_many_requests_on_one_connection(server):
     conn.close()
 
 
+def test_expect_100_continue_is_answered_before_the_body(server):
+    import socket
+    app, base = server
+    host, port = base.split("//")[1].split(":")
+    body = json.dumps({"job_queue": "q"}).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.settimeout(10)
+    sock.sendall(f"POST /v1/job HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+    interim = b""
+    while b"\r\n\r\n" not in interim:          # no body sent yet: the server must speak first
+        interim += sock.recv(1024)
+    assert interim.startswith(b"HTTP/1.1 100")
+    sock.sendall(body)
+    answer = b""
+    while b"job_id" not in answer:
+        answer += sock.recv(4096)
+    assert b" 200 " in answer.split(b"\r\n")[0]
+    sock.close()
+
+
 def test_a_slow_request_does_not_stall_others(server):
     app, base = server
     host, port = base.split("//")[1].split(":")
