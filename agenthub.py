@@ -4914,12 +4914,14 @@ class _RequestHandler(WSGIRequestHandler):
         self.answered_raw = False
         environ["agenthub.answer_raw"] = self.answer_raw
         length = int(environ.get("CONTENT_LENGTH") or 0) if (environ.get("CONTENT_LENGTH") or "0").isdigit() else 0
-        body = _Limited(self.rfile, length)
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        # A chunked body has no length: the application (Bottle) reads and de-chunks the raw stream.
+        body = self.rfile if chunked else _Limited(self.rfile, length)
         handler = _KeepAliveHandler(body, self.wfile, self.get_stderr(), environ, multithread=True)
         handler.request_handler = self
         handler.run(self.server.get_app())
-        if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-            self.close_connection = True       # we cannot tell where a chunked body ended
+        if chunked:
+            self.close_connection = True       # we cannot tell whether all of it was read
         elif body.remaining:
             if body.remaining > CHUNK_SIZE:
                 self.close_connection = True   # cheaper to drop the connection than to read it

@@ -1288,6 +1288,26 @@ def test_expect_100_continue_is_answered_before_the_body(server):
     sock.close()
 
 
+def test_chunked_request_bodies(server):
+    app, base = server
+    conn = http.client.HTTPConnection(base.split("//")[1])
+    conn.request("POST", "/v1/job", body=iter([b'{"job_queue": ', b'"chunky"}']),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    resp = conn.getresponse()
+    job_id = json.loads(resp.read())["job_id"]
+    assert resp.status == 200
+    conn.close()
+    agent = token_headers(app, "agent", "chunker")
+    data = os.urandom(300000)
+    parts = [b'--B\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\n', data, b"\r\n--B--\r\n"]
+    conn = http.client.HTTPConnection(base.split("//")[1])
+    conn.request("POST", f"/v1/result/{job_id}/artifact", body=iter(parts), encode_chunked=True,
+                 headers={**agent, "Content-Type": "multipart/form-data; boundary=B"})
+    assert conn.getresponse().read() == b"OK"
+    conn.close()
+    assert call_http(base, "GET", f"/v1/result/{job_id}/artifact")[2] == data
+
+
 def test_a_slow_request_does_not_stall_others(server):
     app, base = server
     host, port = base.split("//")[1].split(":")
