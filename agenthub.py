@@ -578,8 +578,10 @@ class Store:
                               " RETURNING agent_name", (job_id,)).fetchone() if cur.rowcount else None
             return cur.rowcount > 0, held[0] if held else None
 
-    def set_attachments_complete(self, db, job_id):
-        db.execute("UPDATE jobs SET attachments_status = 'complete' WHERE job_id = ?", (job_id,))
+    def complete_attachments(self, db, job_id):
+        """Mark a job's attachments received; False when the job is gone or no longer waiting."""
+        return db.execute("UPDATE jobs SET attachments_status = 'complete' WHERE job_id = ? AND state = 'waiting'",
+                          (job_id,)).rowcount > 0
 
     def update_result(self, job_id, status=None, device_info=None, job_state=None, now=None):
         """Replace the given parts of a job's result; a cancelled job stays cancelled.
@@ -717,11 +719,9 @@ class Store:
                           shutdown_at=None)
             if row is None:
                 values.update(name=name, origin="testflinger", inserted_at=now, record_updated_at=now, **new_ids)
-                db.execute(f"INSERT INTO agents ({','.join(values)}) VALUES ({','.join('?' * len(values))})",
-                           tuple(values.values()))
+                _insert(db, "agents", values)
             else:
-                db.execute(f"UPDATE agents SET {', '.join(f'{k} = ?' for k in values)} WHERE name = ?",
-                           (*values.values(), name))
+                db.execute(f"UPDATE agents SET {_assignments(values)} WHERE name = ?", (*values.values(), name))
             if fields.get("job_id") == "":
                 db.execute("UPDATE instances SET status = 'failed', finished_at = ?, updated_at = ?"
                            " WHERE agent_name = ? AND source = 'testflinger' AND status = 'active'", (now, now, name))
@@ -815,13 +815,12 @@ class Store:
 
     def create_agent(self, values):
         with self.write() as db:
-            db.execute(f"INSERT INTO agents ({','.join(values)}) VALUES ({','.join('?' * len(values))})",
-                       tuple(values.values()))
+            _insert(db, "agents", values)
 
     def update_agent(self, name, values):
         """Set registry columns of one agent (a rename cascades to its instances)."""
         with self.write() as db:
-            return db.execute(f"UPDATE agents SET {', '.join(f'{k} = ?' for k in values)} WHERE name = ?",
+            return db.execute(f"UPDATE agents SET {_assignments(values)} WHERE name = ?",
                               (*values.values(), name)).rowcount > 0
 
     def delete_agent(self, name):
@@ -849,8 +848,7 @@ class Store:
 
     def add_instance(self, values):
         with self.write() as db:
-            db.execute(f"INSERT INTO instances ({','.join(values)}) VALUES ({','.join('?' * len(values))})",
-                       tuple(values.values()))
+            _insert(db, "instances", values)
 
     def get_instance(self, pfid):
         return self.read_one("SELECT i.*, a.pfid AS agent_pfid FROM instances i JOIN agents a"
@@ -860,8 +858,7 @@ class Store:
         """Change an instance if its status is one of ``from_statuses``; False otherwise."""
         marks = ",".join("?" * len(from_statuses))
         with self.write() as db:
-            return db.execute(f"UPDATE instances SET {', '.join(f'{k} = ?' for k in values)}"
-                              f" WHERE pfid = ? AND status IN ({marks})",
+            return db.execute(f"UPDATE instances SET {_assignments(values)} WHERE pfid = ? AND status IN ({marks})",
                               (*values.values(), pfid, *from_statuses)).rowcount > 0
 
     def list_instances(self, name=None):
@@ -913,8 +910,7 @@ class Store:
     def record_delivery(self, values, keep=1000):
         """Record one notification delivery; keep the newest ``keep`` per webhook."""
         with self.write() as db:
-            db.execute(f"INSERT INTO deliveries ({','.join(values)}) VALUES ({','.join('?' * len(values))})",
-                       tuple(values.values()))
+            _insert(db, "deliveries", values)
             db.execute("DELETE FROM deliveries WHERE webhook_url = ? AND id <= (SELECT id FROM deliveries"
                        " WHERE webhook_url = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
                        (values["webhook_url"], values["webhook_url"], keep))
@@ -1002,7 +998,7 @@ class Store:
             if db.execute("SELECT 1 FROM clients WHERE client_id = ?", (client_id,)).fetchone() is None:
                 db.execute("INSERT INTO clients (client_id, created_at) VALUES (?, ?)", (client_id, now))
             if values:
-                db.execute(f"UPDATE clients SET {', '.join(f'{k} = ?' for k in values)} WHERE client_id = ?",
+                db.execute(f"UPDATE clients SET {_assignments(values)} WHERE client_id = ?",
                            (*values.values(), client_id))
 
     def delete_client(self, client_id):
@@ -1116,7 +1112,7 @@ class Store:
 
     # -- purge -------------------------------------------------------------------------
 
-    def purge(self, cutoff, token_cutoff, stale_upload_cutoff):
+    def purge(self, now, cutoff, token_cutoff, stale_upload_cutoff):
         """Delete what expired before ``cutoff``; waiting jobs are kept however old they are."""
         with self.write() as db:
             done = db.execute("DELETE FROM jobs WHERE created_at < ? AND state != 'waiting' RETURNING job_id",
@@ -1129,13 +1125,24 @@ class Store:
             db.execute("DELETE FROM agents WHERE origin = 'testflinger' AND updated_at < ? AND NOT EXISTS"
                        " (SELECT 1 FROM instances WHERE agent_name = agents.name AND status IN ('pending', 'active'))",
                        (cutoff,))
-            db.execute("DELETE FROM idempotency WHERE created_at < ?", (utcnow() - 86400,))
+            db.execute("DELETE FROM idempotency WHERE created_at < ?", (now - 86400,))
             db.execute("DELETE FROM advertised_queues WHERE updated_at < ?", (cutoff,))
             db.execute("DELETE FROM queue_images WHERE updated_at < ?", (cutoff,))
             db.execute("DELETE FROM wait_times WHERE popped_at < ?", (cutoff,))
             db.execute("DELETE FROM refresh_tokens WHERE last_accessed < ?", (token_cutoff,))
-            db.execute("DELETE FROM secrets WHERE expires_at < ?", (utcnow(),))
+            db.execute("DELETE FROM secrets WHERE expires_at < ?", (now,))
             return len(done)
+
+
+def _insert(db, table, values):
+    """INSERT one row given as {column: value}."""
+    return db.execute(f"INSERT INTO {table} ({','.join(values)}) VALUES ({','.join('?' * len(values))})",
+                      tuple(values.values()))
+
+
+def _assignments(values):
+    """The SET clause for {column: value} (its parameters are ``values.values()``)."""
+    return ", ".join(f"{column} = ?" for column in values)
 
 
 def _split_sql(script):
@@ -2371,11 +2378,8 @@ class JobQueue:
                     raise ApiError(408, "Upload took too long")
                 size += len(chunk)
             with self.store.write() as db:
-                if kind == "attachments":
-                    row = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-                    if row is None or row["state"] != "waiting":
-                        raise ApiError(422, f"Job {job_id} is not valid\n", text=True)
-                    self.store.set_attachments_complete(db, job_id)
+                if kind == "attachments" and not self.store.complete_attachments(db, job_id):
+                    raise ApiError(422, f"Job {job_id} is not valid\n", text=True)
                 self.store.finish_file(db, file_id, size)
         except BaseException:
             self.store.drop_file(file_id)
@@ -2441,7 +2445,7 @@ class JobQueue:
     def purge(self):
         now = utcnow()
         cutoff = now - self.config.retention_days * 86400
-        return self.store.purge(cutoff, now - 90 * 86400, now - 86400)
+        return self.store.purge(now, cutoff, now - 90 * 86400, now - 86400)
 
 
 ###############################################################################
