@@ -1757,6 +1757,12 @@ class Auth:
 
     def refresh(self, token):
         """``POST /v1/oauth2/refresh``: a stored refresh token → a new access token."""
+        return {"access_token": self.access_token(self.refresh_permissions(token)), "token_type": "Bearer",
+                "expires_in": self.config.access_token_seconds}
+
+    def refresh_permissions(self, token):
+        """The current permissions of a live refresh token's client (stamping its last use);
+        ApiError(400) with the original's texts when it is unknown, revoked or expired."""
         now = utcnow()
         row = self.store.use_refresh_token(_sha256(token), now)
         if row is None:
@@ -1768,8 +1774,7 @@ class Auth:
         permissions = self.permissions(row["client_id"])
         if permissions is None:
             raise ApiError(400, "Invalid refresh token.")
-        return {"access_token": self.access_token(permissions), "token_type": "Bearer",
-                "expires_in": self.config.access_token_seconds}
+        return permissions
 
     def revoke(self, token):
         outcome = self.store.revoke_refresh_token(_sha256(token))
@@ -1857,13 +1862,13 @@ class Auth:
 
     def session_identity(self, token):
         """The identity behind a web session (a refresh token kept in a cookie), or None."""
-        row = self.store.use_refresh_token(_sha256(token), utcnow()) if token else None
-        if row is None or row["revoked"] or row["expires_at"] < utcnow():
+        if not token:
             return None
-        permissions = self.permissions(row["client_id"])
-        if permissions is None:
+        try:
+            permissions = self.refresh_permissions(token)
+        except ApiError:
             return None
-        return Identity(role=permissions["role"], client_id=row["client_id"], permissions=permissions)
+        return Identity(role=permissions["role"], client_id=permissions["client_id"], permissions=permissions)
 
     def identify(self, authorization):
         """The caller's identity from the ``Authorization`` header (JWT errors raise ApiError)."""
@@ -2948,9 +2953,10 @@ class Registry:
         return derive_agent(row, counts, cancel, utcnow() if now is None else now,
                             self.config.lost_contact_seconds)
 
-    def changed(self, name, now=None):
-        """Recompute one agent's state; announce it when its GoCD tuple moved."""
-        row = self.store.get_agent(name)
+    def changed(self, name, now=None, row=None):
+        """Recompute one agent's state (from ``row`` when the caller just read it); announce it
+        when its GoCD tuple moved."""
+        row = row or self.store.get_agent(name)
         if row is None:
             return None
         now = utcnow() if now is None else now
@@ -2978,15 +2984,14 @@ class Registry:
         """The lost-contact sweep: announce every agent whose state moved while nobody asked."""
         now = utcnow()
         for row in self.store.all_agents():
-            self.changed(row["name"], now)
+            self.changed(row["name"], now, row)
 
     def create(self, name, origin, **values):
-        ids = self.new_ids()
+        """A new agent from outside Testflinger; ids not given (None) are generated."""
         now = utcnow()
-        ids.update({k: v for k, v in values.items() if v is not None and k in ("pfid", "uuid", "environment_id")})
         record = {"name": name, "origin": origin, "tf": 0, "updated_at": now, "inserted_at": now,
-                  "record_updated_at": now, **ids,
-                  **{k: v for k, v in values.items() if k not in ("pfid", "uuid", "environment_id")}}
+                  "record_updated_at": now, **self.new_ids(),
+                  **{k: v for k, v in values.items() if v is not None}}
         self.store.create_agent(record)
         self.changed(name)
         return self.store.get_agent(name)
