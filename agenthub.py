@@ -3022,20 +3022,38 @@ def no_content():
     return HTTPResponse("", 204, {"Content-Type": "application/json"})
 
 
-def read_json(limit):
-    """The request body as JSON; missing, empty or non-JSON bodies read as ``{}``
-    (the original's rule).  Larger than ``limit`` raises ApiError(413)."""
+NO_BODY, NOT_JSON = object(), object()
+
+
+def parse_body(limit):
+    """The request body parsed as JSON, ``NO_BODY`` when it is empty, or ``NOT_JSON``; each
+    API decides what those mean.  Larger than ``limit`` raises ApiError(413) unread."""
     if request.content_length > limit:
         raise ApiError(413, "Payload too large")
     data = request.body.read(limit + 1)
     if len(data) > limit:
         raise ApiError(413, "Payload too large")
     if not data.strip():
-        return {}
+        return NO_BODY
     try:
         return json.loads(data)
     except ValueError:
-        return {}
+        return NOT_JSON
+
+
+def read_json(limit):
+    """Testflinger's reading: missing, empty or non-JSON bodies are ``{}`` (the original's rule)."""
+    body = parse_body(limit)
+    return {} if body is NO_BODY or body is NOT_JSON else body
+
+
+def stream_response(found, content_type, disposition=None):
+    """A stored file ((size, chunks) from JobQueue.open_file) streamed with its length."""
+    size, chunks = found
+    headers = {"Content-Type": content_type, "Content-Length": str(size)}
+    if disposition:
+        headers["Content-Disposition"] = disposition
+    return HTTPResponse(chunks, 200, headers)
 
 
 def body_stream():
@@ -3344,13 +3362,7 @@ def install_testflinger(app, hub):
 
     def send_file(job_id, kind, content_type, disposition=None):
         found = jobs.open_file(job_id, kind)
-        if found is None:
-            return no_content()
-        size, chunks = found
-        headers = {"Content-Type": content_type, "Content-Length": str(size)}
-        if disposition:
-            headers["Content-Disposition"] = disposition
-        return HTTPResponse(chunks, 200, headers)
+        return no_content() if found is None else stream_response(found, content_type, disposition)
 
     # -- agents, queues, images ----------------------------------------------------------
 
@@ -3723,14 +3735,10 @@ def install_prefactor(app, hub):
 
     def pf_body():
         """The JSON body: none → {}; not JSON, or not an object → 400."""
-        data = request.body.read(config.max_json_bytes + 1)
-        if len(data) > config.max_json_bytes:
-            raise ApiError(413, "Payload too large")
-        if not data.strip():
+        body = parse_body(config.max_json_bytes)
+        if body is NO_BODY:
             return {}
-        try:
-            body = json.loads(data)
-        except ValueError:
+        if body is NOT_JSON:
             raise ApiError(400, "Request body is not valid JSON")
         if not isinstance(body, dict):
             raise ApiError(400, "Request body must be a JSON object")
@@ -4047,11 +4055,7 @@ def install_rackspace(app, hub):
         return decorate
 
     def body_json():
-        data = request.body.read(config.max_json_bytes + 1)
-        try:
-            body = json.loads(data) if data.strip() else None
-        except ValueError:
-            body = None
+        body = parse_body(config.max_json_bytes)
         if not isinstance(body, dict):
             raise RsInvalid("Request body must be a JSON object.")
         return body
@@ -4612,9 +4616,7 @@ def install_web(app, hub):
         found = jobs.open_file(job_id, "artifact") if row is not None else None
         if found is None:
             return web_not_found("That artifact")
-        size, chunks = found
-        return HTTPResponse(chunks, 200, {"Content-Type": "application/x-tar", "Content-Length": str(size),
-                                          "Content-Disposition": f"attachment; filename={job_id}-artifact.tar.gz"})
+        return stream_response(found, "application/x-tar", f"attachment; filename={job_id}-artifact.tar.gz")
 
     @page("/jobs/<job_id>/cancel")
     def cancel_form(who, job_id):
