@@ -2144,8 +2144,7 @@ class Notifier:
         try:
             answer = json.loads(text)
         except ValueError:
-            return "error", status, text, [], "Unable to de-serialize json response. Empty response body" \
-                if not text else "Unable to de-serialize json response. Invalid JSON"
+            return "error", status, text, [], "Unable to de-serialize json response. Invalid JSON"
         if not isinstance(answer, dict) or not isinstance(answer.get("status"), str) or not answer["status"]:
             return ("error", status, text, [],
                     "Unable to de-serialize json response. Notify result 'status' is a required field")
@@ -2195,6 +2194,10 @@ def percentiles(values):
         lo = int(idx)
         out[str(p)] = (values[lo] * (lo + 1 - idx) + values[lo + 1] * (idx - lo)) if lo + 1 < n else values[lo]
     return out
+
+
+# The original's AgentOut schema: what queue listings show of an agent (no identifier, no times).
+AGENT_OUT_FIELDS = ("state", "queues", "location", "job_id", "provision_type", "comment")
 
 
 class JobQueue:
@@ -2416,6 +2419,7 @@ class JobQueue:
         self.registry.changed(name)
 
     def agent(self, name, full=True):
+        """An agent as GET /v1/agents/data/<name> shows it (``full``) or as queue listings do."""
         row = self.store.get_agent(name)
         return None if row is None or not row["tf"] else self._agent_out(row, full)
 
@@ -2425,11 +2429,9 @@ class JobQueue:
     def _agent_out(self, row, full):
         """An agent as the original returns it: only the fields that were ever set."""
         out = {"name": row["name"]}
-        names = Store.AGENT_FIELDS + (("identifier", "updated_at", "provision_streak_type",
-                                       "provision_streak_count") if full else ())
-        for key in dict.fromkeys(names):
-            if key == "identifier" and not full:
-                continue
+        names = Store.AGENT_FIELDS + ("updated_at", "provision_streak_type", "provision_streak_count") if full \
+            else AGENT_OUT_FIELDS
+        for key in names:
             value = row[key]
             if value is None:
                 continue
@@ -2672,20 +2674,23 @@ class EventBuffer:
             self._changed.wait_for(lambda: self._snapshot.version != version, timeout)
             return self._snapshot
 
-    def query(self, key, select, index=0, wait=None):
+    def query(self, key, select, index=0, wait=None, park=False):
         """Consul's blocking query: ``select(events)`` makes the caller's EventView.
 
         ``key`` names the query (same key, same answer), so watchers asking the
         same question share one computed view per snapshot.  Returns at once
         unless ``index`` > 0 equals the current index; then waits for that index
         to change, or until one deadline (``wait``, default and cap 600 s), and
-        answers with whatever is current then.
+        answers with whatever is current then.  With ``park`` it does not wait:
+        it returns a Watch for the Watchers thread to answer.
         """
         snapshot = self._snapshot
         view = snapshot.view(key, select)
         if not index or view.index != index:
             return view
         deadline = self.deadline(wait)
+        if park:
+            return Watch(key, select, index, deadline)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -2727,12 +2732,7 @@ class UserEvents:
             allowed = [e for e in view if self.acl.allows(token, "read", e.name)]
             return EventView(allowed, token is not None and len(allowed) < len(view))
         key = (name, node, service, tag, token.name if token else None)
-        if not park:
-            return self.buffer.query(key, select, index, wait)
-        view = self.buffer.current().view(key, select)
-        if not index or view.index != index:
-            return view
-        return Watch(key, select, index, self.buffer.deadline(wait))
+        return self.buffer.query(key, select, index, wait, park)
 
 
 class Watch:
