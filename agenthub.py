@@ -33,7 +33,9 @@ import functools
 import hashlib
 import hmac
 import http.client
+import itertools
 import json
+import math
 import os
 import queue
 import re
@@ -44,11 +46,17 @@ import sqlite3
 import sys
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
+
+try:                                   # the regular-expression parser (Python 3.11+ / before)
+    from re import _parser as _sre_parse
+except ImportError:                    # pragma: no cover
+    import sre_parse as _sre_parse
 
 import bottle
 from bottle import HTTPResponse, request
@@ -420,6 +428,12 @@ def pfid_partition(pfid):
 
 
 CHUNK_SIZE = 1024 * 1024   # bytes per stored file chunk and per streamed read
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1     # what an SQLite INTEGER holds
+AGENT_NAME_MAX = 200
+
+
+def _read_text(data):
+    return data.decode("utf-8", "backslashreplace")
 
 
 class Store:
@@ -456,6 +470,9 @@ class Store:
         conn = sqlite3.connect(":memory:" if self.memory else self.path,
                                isolation_level=None, check_same_thread=False, timeout=30)
         conn.row_factory = sqlite3.Row
+        # Text that is not UTF-8 (SQLite's JSON functions turn a JSON "\ud800" into such bytes, and
+        # older agenthub versions stored it) reads back with its bad bytes escaped, never an error.
+        conn.text_factory = _read_text
         conn.execute("PRAGMA foreign_keys = ON")
         if not self.memory:
             conn.execute("PRAGMA journal_mode = WAL")
@@ -1205,14 +1222,20 @@ class Integer(Field):
     def convert(self, value):
         if isinstance(value, bool):
             raise Invalid(["Not a valid integer."])
+        number = None
         if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        elif isinstance(value, str) and len(value) <= 40:
             with contextlib.suppress(ValueError):
-                return int(value.strip())
-        raise Invalid(["Not a valid integer."])
+                number = int(value.strip())
+        if number is None:
+            raise Invalid(["Not a valid integer."])
+        # Every integer is stored or compared in SQLite, whose integers are signed 64-bit.
+        if not INT64_MIN <= number <= INT64_MAX:
+            raise Invalid(["Number out of range."])
+        return number
 
 
 class Boolean(Field):
@@ -2414,6 +2437,8 @@ class JobQueue:
     # -- agents, queues, images ------------------------------------------------------
 
     def post_agent(self, name, data, ip=None):
+        if len(name) > AGENT_NAME_MAX:             # the name travels in the agent_name cookie
+            raise ApiError(400, f"Agent name too long (at most {AGENT_NAME_MAX} characters)")
         fields = {k: v for k, v in data.items() if k in Store.AGENT_FIELDS}
         self.store.upsert_agent(name, fields, data.get("log", []), utcnow(), self.registry.new_ids(), ip)
         self.registry.changed(name)
@@ -2508,21 +2533,51 @@ _RE2_REJECTS = [
 ]
 
 
+REGEX_MAX = 256             # characters of one event filter
+
+
 def re2_error(pattern):
     """Why Go's RE2 would refuse ``pattern`` (as Consul words it), or None.
 
     Python's ``re`` catches syntax errors; look-arounds, back-references, atomic
     groups and possessive quantifiers, which Python accepts and RE2 does not,
-    are refused explicitly so Go clients see the same answer.
+    are refused explicitly so Go clients see the same answer.  RE2 matches in
+    linear time and Python's ``re`` backtracks, so agenthub also refuses what
+    could take exponential time here: a repetition inside a repetition (``(a+)+``)
+    and patterns over REGEX_MAX characters (an agenthub rule; Consul accepts both).
     """
     for regex, reason in _RE2_REJECTS:
         if regex.search(pattern):
             return f"error parsing regexp: {reason}: `{pattern}`"
+    if len(pattern) > REGEX_MAX:
+        return f"error parsing regexp: expression longer than {REGEX_MAX} characters"
     try:
+        if _nested_repeat(_sre_parse.parse(pattern)):
+            return f"error parsing regexp: nested repetition is refused by agenthub: `{pattern}`"
         _compiled(pattern)
     except re.error as exc:
         return f"error parsing regexp: {exc.msg}: `{pattern}`"
+    except RecursionError:
+        return f"error parsing regexp: expression nests too deeply"
     return None
+
+
+def _nested_repeat(parsed, inside=False):
+    """Whether a parsed pattern repeats (more than once) something that itself repeats."""
+    for op, arg in parsed:
+        name = str(op)
+        if name.endswith("_REPEAT"):
+            low, high, sub = arg
+            many = high is _sre_parse.MAXREPEAT or high > 1
+            if (many and inside) or _nested_repeat(sub, inside or many):
+                return True
+        elif name == "SUBPATTERN" and _nested_repeat(arg[-1], inside):
+            return True
+        elif name == "BRANCH" and any(_nested_repeat(branch, inside) for branch in arg[1]):
+            return True
+        elif name in ("ASSERT", "ASSERT_NOT") and _nested_repeat(arg[1], inside):
+            return True
+    return False
 
 
 _GO_DURATION = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h)")
@@ -3002,24 +3057,193 @@ class Registry:
 
 
 ###############################################################################
-# HTTP plumbing ###############################################################
+# HTTP boundary ###############################################################
 ###############################################################################
 #
-# Helpers shared by every API section: JSON answers, bodies read with a size
-# limit, and a streaming multipart reader (Bottle's own parser spools each
-# upload to a temporary file and refuses more than 1 GiB).
+# Every request passes here before any API code runs, whatever API it is for:
+#
+# * ``check_request`` (a Bottle ``before_request`` hook) refuses what no API
+#   should see: a request target or headers over the limits (414/431), a path
+#   or query string that is not UTF-8, a Content-Length that is not a number or
+#   comes with a chunked body (400).  Header values that are not UTF-8 are made
+#   readable (bad bytes replaced) and remembered, so that a credential made of
+#   them is refused as a bad credential instead of raising somewhere later.
+# * the readers below are the only way routes read a request: ``credential``,
+#   ``cookie``, the query (re-decoded as UTF-8 once, here), ``form`` and
+#   ``parse_body`` — JSON with limits on size, depth and numbers, without
+#   NaN/Infinity or lone surrogates, so nothing stored can break a later read.
+# * each API is an ``ApiStyle``: its prefix, how it authenticates, and how it
+#   renders every error.  ``ApiStyle.route`` is the one route factory: a route
+#   declares its style and never builds an error body or catches a generic
+#   exception itself.  An unexpected exception answers 500 in the API's style
+#   with a generic text and the request id (``X-Request-Id`` on every answer),
+#   and is logged once, with that id.
 
-def json_response(obj, status=200, headers=None):
-    body = json.dumps(obj, separators=(",", ":")) + "\n"
-    return HTTPResponse(body, status, {"Content-Type": "application/json", **(headers or {})})
+MAX_TARGET = 16 * 1024          # path + query string (414 beyond)
+MAX_HEADER = 8 * 1024           # one header value (431 beyond)
+MAX_HEADERS = 32 * 1024         # all header values together (431 beyond)
+MAX_FORM = 64 * 1024            # a web form's urlencoded body (413 beyond)
+MAX_QUERY_FIELDS = 1000
+JSON_MAX_DEPTH = 64             # nesting of arrays and objects
+JSON_MAX_NUMBER = 40            # characters of one number literal
+CREDENTIAL_HEADERS = ("HTTP_AUTHORIZATION", "HTTP_X_AUTH_TOKEN", "HTTP_X_CONSUL_TOKEN", "HTTP_X_AGENT_ID",
+                      "HTTP_IDEMPOTENCY_KEY")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def text_response(text, status=200):
-    return HTTPResponse(text, status, {"Content-Type": "text/html; charset=utf-8"})
+class BadCredential(ApiError):
+    """A credential header whose bytes are not UTF-8: each API refuses it as a bad credential."""
+
+    def __init__(self, header):
+        super().__init__(401, f"Invalid credentials: the {header} header is not valid UTF-8")
+        self.header = header
 
 
-def no_content():
-    return HTTPResponse("", 204, {"Content-Type": "application/json"})
+def _utf8(text):
+    """A WSGI (latin-1) string re-read as UTF-8, or None when its bytes are not UTF-8."""
+    if text.isascii():
+        return text
+    try:
+        return text.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return None
+
+
+def check_request(environ):
+    """Refuse (ApiError) or normalise one request before any route sees it."""
+    # Bottle has already decoded PATH_INFO, dropping bytes that are not UTF-8: judge the raw path.
+    path, query = environ.get("bottle.raw_path", environ.get("PATH_INFO", "")), environ.get("QUERY_STRING", "")
+    if len(path) + len(query) > MAX_TARGET:
+        raise ApiError(414, "Request-URI Too Long")
+    decoded = _utf8(path)
+    if decoded is None:
+        raise ApiError(400, "The request path is not valid UTF-8")
+    if _CONTROL.search(decoded):
+        raise ApiError(400, "The request path contains control characters")
+    total, bad = 0, set()
+    for key in [k for k in environ if k.startswith("HTTP_")]:
+        value = environ[key]
+        if not isinstance(value, str) or len(value) > MAX_HEADER:
+            raise ApiError(431, "Request Header Fields Too Large")
+        total += len(value)
+        if _utf8(value) is None:
+            bad.add(key)
+            # Readable from now on (Bottle would raise on it), but never usable as a credential.
+            environ[key] = value.encode("latin-1", "replace").decode("utf-8", "replace").encode().decode("latin-1")
+    if total > MAX_HEADERS:
+        raise ApiError(431, "Request Header Fields Too Large")
+    environ["agenthub.bad_headers"] = bad
+    length = environ.get("CONTENT_LENGTH") or ""
+    if length and not (length.isdigit() and len(length) <= 18):
+        raise ApiError(400, "Invalid Content-Length header")
+    coding = environ.get("HTTP_TRANSFER_ENCODING", "").strip().lower()
+    if coding and coding != "chunked":
+        raise ApiError(400, "Unsupported Transfer-Encoding (only chunked)")
+    if coding and length:
+        raise ApiError(400, "Content-Length and a chunked body together")
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, encoding="utf-8", errors="strict",
+                                       max_num_fields=MAX_QUERY_FIELDS)
+    except UnicodeDecodeError:
+        raise ApiError(400, "The query string is not valid UTF-8")
+    except ValueError:
+        raise ApiError(400, "Too many query parameters")
+    fields = bottle.FormsDict()
+    fields.recode_unicode = False          # already UTF-8: getunicode() hands values over as they are
+    for key, value in pairs:
+        fields.append(key, value)
+    environ["bottle.request.query"] = fields
+
+
+def credential(name):
+    """A credential header's value ('' when absent); BadCredential when its bytes were not UTF-8."""
+    key = "HTTP_" + name.upper().replace("-", "_")
+    if key in request.environ.get("agenthub.bad_headers", ()):
+        raise BadCredential(name)
+    return request.environ.get(key, "").encode("latin-1").decode("utf-8")
+
+
+def cookie(name):
+    """One cookie's value, or None; a Cookie header that is not UTF-8 counts as no cookie at all."""
+    environ = request.environ
+    jar = environ.get("agenthub.cookies")
+    if jar is None:
+        jar = environ["agenthub.cookies"] = {}
+        if "HTTP_COOKIE" not in environ.get("agenthub.bad_headers", ()):
+            for item in environ.get("HTTP_COOKIE", "").encode("latin-1").decode("utf-8").split(";"):
+                key, sep, value = item.partition("=")
+                value = value.strip()
+                if len(value) > 1 and value[0] == value[-1] == '"':
+                    value = value[1:-1]
+                if sep and key.strip() and key.strip() not in jar:
+                    jar[key.strip()] = value
+    return jar.get(name) or None
+
+
+def form():
+    """A web form (urlencoded, UTF-8) as a dict of its last values; anything else is refused."""
+    if not (request.content_type or "").lower().startswith("application/x-www-form-urlencoded"):
+        raise ApiError(415, "Forms must be sent as application/x-www-form-urlencoded")
+    data = body_stream().read(MAX_FORM + 1)
+    if len(data) > MAX_FORM:
+        raise ApiError(413, "Payload too large")
+    try:
+        return dict(urllib.parse.parse_qsl(data.decode("ascii"), keep_blank_values=True, encoding="utf-8",
+                                           errors="strict", max_num_fields=MAX_QUERY_FIELDS))
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "The form is not valid UTF-8")
+
+
+# -- JSON ---------------------------------------------------------------------------
+
+class JsonRefused(ValueError):
+    """Well-formed JSON that the hub does not accept (too deep, NaN, a lone surrogate, a huge number)."""
+
+
+def _json_int(text):
+    value = int(text) if len(text) <= 20 else None
+    if value is None or not INT64_MIN <= value <= INT64_MAX:
+        raise JsonRefused("an integer does not fit in 64 bits")
+    return value
+
+
+def _json_float(text):
+    value = float(text) if len(text) <= JSON_MAX_NUMBER else float("inf")
+    if not math.isfinite(value):
+        raise JsonRefused("a number is too long or too large")
+    return value
+
+
+def _json_constant(name):
+    raise JsonRefused(f"{name} is not a JSON number")
+
+
+def load_json(text):
+    """Strict JSON: ValueError when it is not JSON, JsonRefused when it is JSON the hub refuses."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")        # strictly: json.loads(bytes) would let surrogates through
+    try:
+        value = json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
+    except RecursionError:
+        raise JsonRefused(f"nested deeper than {JSON_MAX_DEPTH} levels")
+    escapes = _SURROGATE_ESCAPE.search(text) is not None
+    if escapes or text.count("[") + text.count("{") > JSON_MAX_DEPTH:      # cheap for the usual body
+        stack = [(value, 1)]
+        while stack:
+            node, depth = stack.pop()
+            if isinstance(node, (dict, list)):
+                if depth > JSON_MAX_DEPTH:
+                    raise JsonRefused(f"nested deeper than {JSON_MAX_DEPTH} levels")
+                items = node.items() if isinstance(node, dict) else enumerate(node)
+                for key, item in items:
+                    if escapes and isinstance(key, str) and _SURROGATE.search(key):
+                        raise JsonRefused("a string holds a lone surrogate")
+                    stack.append((item, depth + 1))
+            elif escapes and isinstance(node, str) and _SURROGATE.search(node):
+                raise JsonRefused("a string holds a lone surrogate")
+    return value
 
 
 NO_BODY, NOT_JSON = object(), object()
@@ -3027,39 +3251,27 @@ NO_BODY, NOT_JSON = object(), object()
 
 def parse_body(limit):
     """The request body parsed as JSON, ``NO_BODY`` when it is empty, or ``NOT_JSON``; each
-    API decides what those mean.  Larger than ``limit`` raises ApiError(413) unread."""
+    API decides what those mean.  Larger than ``limit`` raises ApiError(413) unread; JSON the
+    hub refuses (see ``load_json``) raises ApiError(400)."""
     if request.content_length > limit:
         raise ApiError(413, "Payload too large")
-    data = request.body.read(limit + 1)
+    data = body_stream().read(limit + 1)
     if len(data) > limit:
         raise ApiError(413, "Payload too large")
     if not data.strip():
         return NO_BODY
     try:
-        return json.loads(data)
+        return load_json(data)
+    except JsonRefused as exc:
+        raise ApiError(400, f"Invalid JSON body: {exc}")
     except ValueError:
         return NOT_JSON
-
-
-def read_json(limit):
-    """Testflinger's reading: missing, empty or non-JSON bodies are ``{}`` (the original's rule)."""
-    body = parse_body(limit)
-    return {} if body is NO_BODY or body is NOT_JSON else body
-
-
-def stream_response(found, content_type, disposition=None):
-    """A stored file ((size, chunks) from JobQueue.open_file) streamed with its length."""
-    size, chunks = found
-    headers = {"Content-Type": content_type, "Content-Length": str(size)}
-    if disposition:
-        headers["Content-Disposition"] = disposition
-    return HTTPResponse(chunks, 200, headers)
 
 
 def body_stream():
     """The raw request body as a file-like object that stops at Content-Length."""
     if "chunked" in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        return request.body          # Bottle de-chunks into a spooled file
+        return request.body          # Bottle de-chunks into a spooled file (400 when malformed)
     return _Limited(request.environ["wsgi.input"], max(request.content_length, 0))
 
 
@@ -3076,6 +3288,140 @@ class _Limited:
             self.remaining = 0
         return data
 
+
+# -- answers ---------------------------------------------------------------------------
+
+def json_response(obj, status=200, headers=None):
+    body = json.dumps(obj, separators=(",", ":")) + "\n"
+    return HTTPResponse(body, status, {"Content-Type": "application/json", **(headers or {})})
+
+
+def text_response(text, status=200, content_type="text/html; charset=utf-8", headers=None):
+    return HTTPResponse(text, status, {"Content-Type": content_type, **(headers or {})})
+
+
+def no_content():
+    return HTTPResponse("", 204, {"Content-Type": "application/json"})
+
+
+def stream_response(found, content_type, disposition=None):
+    """A stored file ((size, chunks) from JobQueue.open_file) streamed with its length."""
+    size, chunks = found
+    headers = {"Content-Type": content_type, "Content-Length": str(size)}
+    if disposition:
+        headers["Content-Disposition"] = disposition
+    return HTTPResponse(chunks, 200, headers)
+
+
+# -- API styles and the route factory -------------------------------------------------------
+
+class ApiStyle:
+    """One API as the outside sees it: where it lives, how it authenticates, how it answers errors.
+
+    Subclasses (one per HTTP section below) override ``error`` (every error body of the API is
+    made there), ``refused`` (the API's own validation exceptions) and ``call`` (authentication
+    and whatever each of its requests shares).  ``route`` registers a route in this style.
+    """
+
+    name = "web"
+    prefix = ""                 # the paths this API answers: prefix itself and below it
+    invalid = ()                # the API's own validation exceptions, turned into answers by refused()
+
+    def __init__(self, app, hub):
+        self.app, self.hub, self.config = app, hub, hub.config
+
+    def owns(self, path):
+        return not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")
+
+    def error(self, status, message=None):
+        """Every error answer of this API."""
+        return text_response((message or _status_text(status)) + "\n", status, "text/plain; charset=utf-8")
+
+    def refused(self, exc):
+        """An ApiError (or one of ``invalid``) as this API answers it."""
+        return self.error(exc.status, exc.message)
+
+    def call(self, func, kw, **options):
+        """Run one route: authentication and what every request of the API shares go here."""
+        return func(**kw)
+
+    def crashed(self):
+        """500 for an unexpected exception, logged once with the request id."""
+        environ = request.environ
+        environ["wsgi.errors"].write(f"agenthub: request {environ.get('agenthub.request_id', '-')} "
+                                     f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')!r} failed:\n"
+                                     f"{traceback.format_exc()}")
+        return self.crash_answer()
+
+    def crash_answer(self):
+        """The answer to a crash: a generic text with the request id, never the exception."""
+        return self.error(500, f"Internal server error (request id {request.environ.get('agenthub.request_id')})")
+
+    def route(self, method, path, **options):
+        def decorate(func):
+            def handler(**kw):
+                try:
+                    return self.call(func, kw, **options)
+                except bottle.HTTPError as exc:           # Bottle's own refusals (a broken chunked body)
+                    return self.error(exc.status_code)
+                except HTTPResponse:
+                    raise
+                except (ApiError, *self.invalid) as exc:
+                    return self.refused(exc)
+                except Exception:
+                    return self.crashed()
+            self.app.route(path, method, handler, name=f"{self.name}:{method}:{path}")
+            return func
+        return decorate
+
+
+def _status_text(status):
+    return bottle.HTTP_CODES.get(status, "Error")
+
+
+def install_boundary(app, styles):
+    """Put ``check_request`` in front of every route and answer Bottle's own errors (no route,
+    wrong method, a crash outside a route) in the style of the API whose prefix the path has."""
+
+    def style_for(path):
+        return next(style for style in styles if style.owns(path))
+
+    @app.hook("before_request")
+    def _boundary():
+        environ = request.environ
+        try:
+            check_request(environ)
+        except ApiError as exc:
+            raise style_for(request.path).refused(exc)
+
+    def errors(error):
+        style = style_for(request.path)
+        if error.status_code >= 500:
+            answer = style.crash_answer()
+        else:
+            answer = style.error(error.status_code)
+        if error.status_code == 405 and "Allow" in error.headers:
+            answer.set_header("Allow", error.headers["Allow"])
+        return answer
+    app.default_error_handler = errors
+
+
+class HubApp(bottle.Bottle):
+    """The Bottle app of one hub: every answer carries the request's ``X-Request-Id``."""
+
+    def __call__(self, environ, start_response):
+        rid = environ["agenthub.request_id"] = f"{self._rid_prefix}-{next(self._rid_counter):x}"
+
+        def start(status, headers, exc_info=None):
+            headers.append(("X-Request-Id", rid))
+            return start_response(status, headers, exc_info)
+        return self.wsgi(environ, start)
+
+    _rid_prefix = secrets.token_hex(3)
+    _rid_counter = itertools.count(1)
+
+
+# -- multipart ----------------------------------------------------------------------------
 
 def multipart_part(field, content_type, stream):
     """Find the part named ``field`` of a multipart/form-data body.
@@ -3191,11 +3537,6 @@ def tf_abort(status, message):
     return json_response({"detail": {}, "message": message}, status)
 
 
-def tf_error(error):
-    """An ApiError in Testflinger's style: plain text where the original sends text."""
-    return text_response(error.message, error.status) if error.text else tf_abort(error.status, error.message)
-
-
 def tf_validation_error(errors, location="json"):
     return json_response({"detail": {location: errors}, "message": "Validation error"}, 422)
 
@@ -3224,29 +3565,52 @@ def tf_job_id(job_id, text=False):
     return canonical
 
 
+def read_json(limit):
+    """Testflinger's reading: missing, empty or non-JSON bodies are ``{}`` (the original's rule)."""
+    body = parse_body(limit)
+    return {} if body is NO_BODY or body is NOT_JSON else body
+
+
+class TestflingerStyle(ApiStyle):
+    """The Testflinger server's answers (spec §1): JSON aborts ``{"detail": {}, "message": …}``,
+    plain text where the original sends text, Flask's 404 text, and ``Unhandled Exception: …``
+    for a 500 (here with a generic text and the request id, never the exception)."""
+
+    name, prefix = "tf", "/v1"
+
+    def error(self, status, message=None):
+        if status == 404 and message is None:
+            return text_response(TF_NOT_FOUND, 404)
+        return tf_abort(status, message or _status_text(status))
+
+    def crash_answer(self):
+        return text_response(f"Unhandled Exception: internal server error "
+                             f"(request id {request.environ.get('agenthub.request_id')})", 500)
+
+    def refused(self, exc):
+        return text_response(exc.message, exc.status) if exc.text else self.error(exc.status, exc.message)
+
+    def call(self, func, kw, roles=None):
+        """``roles`` gates the route: authentication first, then the role."""
+        if roles is not None:
+            auth = self.hub.auth
+            identity = auth.identify(credential("Authorization"))
+            auth.require(identity, roles)
+            request.environ["agenthub.identity"] = identity
+            agent_name = cookie("agent_name")
+            if agent_name and identity.role == "agent":
+                # Whatever an agent asks is a sign of life (spec agents.md §5.2).
+                self.hub.registry.contact(agent_name, request.remote_addr, throttle=1.0)
+        return func(**kw)
+
+
 def install_testflinger(app, hub):
-    """Mount the Testflinger v1 API on ``app``."""
+    """Mount the Testflinger v1 API on ``app``; returns its style."""
     jobs, auth, config = hub.jobs, hub.auth, hub.config
+    api = TestflingerStyle(app, hub)
 
     def route(method, path, roles=None):
-        """Register a route; ``roles`` gates it (authentication first, then the role)."""
-        def decorate(func):
-            def handler(**kw):
-                try:
-                    if roles is not None:
-                        identity = auth.identify(request.get_header("Authorization"))
-                        auth.require(identity, roles)
-                        request.environ["agenthub.identity"] = identity
-                        cookie = request.get_cookie("agent_name")
-                        if cookie and identity.role == "agent":
-                            # Whatever an agent asks is a sign of life (spec agents.md §5.2).
-                            hub.registry.contact(cookie, request.remote_addr, throttle=1.0)
-                    return func(**kw)
-                except ApiError as error:
-                    return tf_error(error)
-            app.route(path, method, handler, name=f"tf:{method}:{path}")
-            return func
-        return decorate
+        return api.route(method, path, roles=roles)
 
     def body(schema):
         return tf_load(schema, read_json(config.max_json_bytes))
@@ -3269,7 +3633,7 @@ def install_testflinger(app, hub):
         queues = request.query.getall("queue")
         if not queues:
             return tf_abort(400, "No queue(s) specified in request")
-        agent_name = request.get_cookie("agent_name")
+        agent_name = cookie("agent_name")
         if not agent_name:
             return tf_abort(401, "Agent not identified")
         job = jobs.pop(queues, agent_name)
@@ -3426,7 +3790,7 @@ def install_testflinger(app, hub):
 
     @route("POST", "/v1/oauth2/token")
     def oauth_token():
-        return json_response(auth.login(request.get_header("Authorization")))
+        return json_response(auth.login(credential("Authorization")))
 
     @route("POST", "/v1/oauth2/refresh")
     def oauth_refresh():
@@ -3503,19 +3867,7 @@ def install_testflinger(app, hub):
         hub.secrets.delete(request.environ["agenthub.identity"], client_id, path)
         return text_response("OK")
 
-
-def tf_http_error(error):
-    """Bottle-level errors (unknown route, wrong method, crash) on ``/v1`` in Testflinger's style."""
-    if error.status_code == 404:
-        return TF_NOT_FOUND
-    if error.status_code == 405:
-        bottle.response.content_type = "application/json"
-        return json.dumps({"detail": {}, "message": "Method Not Allowed"})
-    if error.status_code >= 500:
-        bottle.response.content_type = "text/html; charset=utf-8"
-        return f"Unhandled Exception: {error.exception!r}"
-    bottle.response.content_type = "application/json"
-    return json.dumps({"detail": {}, "message": str(error.body)})
+    return api
 
 
 ###############################################################################
@@ -3528,15 +3880,30 @@ def tf_http_error(error):
 CONSUL_NOT_FOUND = "Invalid URL path: not a recognized HTTP API endpoint\n"
 
 
+class ConsulStyle(ApiStyle):
+    """Consul's answers: plain-text errors, ``X-Consul-Default-Acl-Policy`` on everything, and
+    "ACL not found" (403) for a token that cannot be used."""
+
+    name, prefix = "consul", "/v1/event"
+
+    def headers(self, **extra):
+        return {"X-Consul-Default-Acl-Policy": self.config.event_acl_default, "Vary": "Accept-Encoding", **extra}
+
+    def error(self, status, message=None, **extra):
+        if message is None:
+            message = CONSUL_NOT_FOUND if status == 404 else _status_text(status)
+        return HTTPResponse(message, status, self.headers(**{"Content-Type": "text/plain; charset=utf-8"}, **extra))
+
+    def refused(self, exc):
+        return self.error(403, "ACL not found") if isinstance(exc, BadCredential) else \
+            self.error(exc.status, exc.message)
+
+
 def install_consul(app, hub):
-    """Mount ``/v1/event/fire/<name>`` and ``/v1/event/list`` on ``app``."""
+    """Mount ``/v1/event/fire/<name>`` and ``/v1/event/list`` on ``app``; returns its style."""
     events, config = hub.events, hub.config
-
-    def headers(**extra):
-        return {"X-Consul-Default-Acl-Policy": config.event_acl_default, "Vary": "Accept-Encoding", **extra}
-
-    def error(status, text, **extra):
-        return HTTPResponse(text, status, headers(**{"Content-Type": "text/plain; charset=utf-8"}, **extra))
+    api = ConsulStyle(app, hub)
+    headers, error = api.headers, api.error
 
     def answer(obj, **extra):
         if "pretty" in request.query:
@@ -3555,15 +3922,15 @@ def install_consul(app, hub):
         return None
 
     def token():
-        bearer = request.get_header("Authorization", "")
-        return (request.query.get("token") or request.get_header("X-Consul-Token")
+        bearer = credential("Authorization")
+        return (request.query.get("token") or credential("X-Consul-Token")
                 or (bearer[7:].strip() if bearer.startswith("Bearer ") else None))
 
     def filters(*names):
-        """Query values, None when absent; Bottle hands them over as latin-1, so re-decode."""
-        return [request.query.getunicode(n) if n in request.query else None for n in names]
+        """Query values, None when absent (already UTF-8: the boundary decoded the query)."""
+        return [request.query.get(n) for n in names]
 
-    @app.route("/v1/event/fire/<name:path>", "ANY")
+    @api.route("ANY", "/v1/event/fire/<name:path>")
     def fire(name):
         refused = method_guard("PUT")
         if refused:
@@ -3575,22 +3942,19 @@ def install_consul(app, hub):
         # Consul reads the body only when Content-Length > 0: chunked bodies are ignored.
         payload = request.environ["wsgi.input"].read(length) if length > 0 else None
         dc, node, service, tag = filters("dc", "node", "service", "tag")
-        try:
-            event = events.fire(token(), name, payload or None, dc, node or "", service or "", tag or "")
-        except ApiError as exc:
-            return error(exc.status, exc.message)
+        event = events.fire(token(), name, payload or None, dc, node or "", service or "", tag or "")
         return answer(event.as_json(ltime=0))
 
-    @app.route("/v1/event/fire/", "ANY")
+    @api.route("ANY", "/v1/event/fire/")
     def fire_without_name():
         return method_guard("PUT") or error(400, "Missing name")
 
-    @app.route("/v1/event/fire", "ANY")
+    @api.route("ANY", "/v1/event/fire")
     def fire_redirect():
         # Go's ServeMux answers a path without its registered trailing slash with a redirect.
         return HTTPResponse("", 301, headers(Location="/v1/event/fire/"))
 
-    @app.route("/v1/event/list", "ANY")
+    @api.route("ANY", "/v1/event/list")
     def list_events():
         refused = method_guard("GET")
         if refused:
@@ -3609,10 +3973,7 @@ def install_consul(app, hub):
         name, node, service, tag = filters("name", "node", "service", "tag")
         answer_raw = request.environ.get("agenthub.answer_raw")      # only agenthub's own server has it
         park = answer_raw is not None and "pretty" not in request.query
-        try:
-            view = events.list(token(), name, index, wait, node or None, service or None, tag or None, park=park)
-        except ApiError as exc:
-            return error(exc.status, exc.message)
+        view = events.list(token(), name, index, wait, node or None, service or None, tag or None, park=park)
         if isinstance(view, Watch):
             return parked(view, answer_raw)
         if "pretty" in request.query:
@@ -3637,9 +3998,11 @@ def install_consul(app, hub):
             answer_now(hub.events.buffer.current().view(watch.key, watch.select))   # the thread is gone
         return HTTPResponse("")          # discarded: the answer is already on the wire
 
-    @app.route("/v1/event/<rest:path>", "ANY")
+    @api.route("ANY", "/v1/event/<rest:path>")
     def unknown(rest):
         return error(404, CONSUL_NOT_FOUND)
+
+    return api
 
 
 ###############################################################################
@@ -3693,49 +4056,60 @@ def pf_pagination(total, offset, size, shown):
             "previous_page_offset": max(offset - size, 0) if offset > 0 else None}
 
 
-def install_prefactor(app, hub):
-    """Mount ``/api/v1`` on ``app``."""
-    registry, store, config = hub.registry, hub.store, hub.config
-    tokens = {t.strip() for t in config.api_tokens.split(",") if t.strip()}
+class PrefactorStyle(ApiStyle):
+    """Prefactor's answers: ``{status: "error", code, message[, errors]}``; bearer tokens when
+    ``--api-token`` is set; idempotency keys on writes (body or ``Idempotency-Key``, 24 h)."""
 
-    def route(method, path):
-        def decorate(func):
-            def handler(**kw):
-                try:
-                    token = None
-                    if tokens:
-                        header = request.get_header("Authorization", "")
-                        if not header.startswith("Bearer "):
-                            return pf_error(401, "unauthorized", "Missing or invalid Authorization header")
-                        token = header[7:].strip()
-                        if token not in tokens:
-                            return pf_error(401, "bad_authtoken", "Invalid API token")
-                    body = pf_body() if method != "GET" else {}
-                    key = (body.get("idempotency_key") if isinstance(body, dict) else None) \
-                        or request.get_header("Idempotency-Key")
-                    if key is not None and (not isinstance(key, str) or len(key) > 64):
-                        raise PfInvalid({"idempotency_key": ["should be at most 64 character(s)"]})
-                    scope = f"{method} {request.path} {token or ''}"
-                    if key:
-                        seen = store.idempotent_answer(scope, key, utcnow() - 86400)
-                        if seen:
-                            return HTTPResponse(seen["body"], seen["status"], {"Content-Type": "application/json"})
-                    answer = func(body, **kw) if method != "GET" else func(**kw)
-                    if key:
-                        store.remember_answer(scope, key, answer.status_code, answer.body, utcnow())
-                    return answer
-                except PfInvalid as exc:
-                    return pf_error(422, "validation_errors", "Validation failed", exc.errors)
-                except ApiError as exc:
-                    code = {400: "bad_request", 404: "not_found", 409: "conflict"}.get(exc.status, "bad_request")
-                    return pf_error(exc.status, code, exc.message)
-            app.route(path, method, handler, name=f"pf:{method}:{path}")
-            return func
-        return decorate
+    name, prefix = "prefactor", "/api"
+    invalid = (PfInvalid,)
+    CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+             405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 414: "uri_too_long",
+             415: "unsupported_media_type", 422: "validation_errors", 431: "headers_too_large"}
+    TEXTS = {404: "Not found", 405: "Method not allowed", 500: "Internal error"}
 
-    def pf_body():
+    def __init__(self, app, hub):
+        super().__init__(app, hub)
+        self.tokens = {t.strip() for t in self.config.api_tokens.split(",") if t.strip()}
+
+    def error(self, status, message=None, code=None):
+        code = code or self.CODES.get(status, "internal_error" if status >= 500 else "bad_request")
+        return pf_error(status, code, message or self.TEXTS.get(status) or _status_text(status))
+
+    def refused(self, exc):
+        if isinstance(exc, PfInvalid):
+            return pf_error(422, "validation_errors", "Validation failed", exc.errors)
+        return self.error(exc.status, exc.message)
+
+    def call(self, func, kw):
+        method = request.method
+        token = None
+        if self.tokens:
+            header = credential("Authorization")
+            if not header.startswith("Bearer "):
+                return self.error(401, "Missing or invalid Authorization header")
+            token = header[7:].strip()
+            if token not in self.tokens:
+                return self.error(401, "Invalid API token", code="bad_authtoken")
+        if method in ("GET", "HEAD"):
+            return func(**kw)
+        body = self.body()
+        key = (body.get("idempotency_key") if isinstance(body, dict) else None) or credential("Idempotency-Key")
+        if key is not None and (not isinstance(key, str) or len(key) > 64):
+            raise PfInvalid({"idempotency_key": ["should be at most 64 character(s)"]})
+        if not key:
+            return func(body, **kw)
+        store = self.hub.store
+        scope = f"{method} {request.path} {token or ''}"
+        seen = store.idempotent_answer(scope, key, utcnow() - 86400)
+        if seen:
+            return HTTPResponse(seen["body"], seen["status"], {"Content-Type": "application/json"})
+        answer = func(body, **kw)
+        store.remember_answer(scope, key, answer.status_code, answer.body, utcnow())
+        return answer
+
+    def body(self):
         """The JSON body: none → {}; not JSON, or not an object → 400."""
-        body = parse_body(config.max_json_bytes)
+        body = parse_body(self.config.max_json_bytes)
         if body is NO_BODY:
             return {}
         if body is NOT_JSON:
@@ -3743,6 +4117,13 @@ def install_prefactor(app, hub):
         if not isinstance(body, dict):
             raise ApiError(400, "Request body must be a JSON object")
         return body
+
+
+def install_prefactor(app, hub):
+    """Mount ``/api/v1`` on ``app``; returns its style."""
+    registry, store, config = hub.registry, hub.store, hub.config
+    api = PrefactorStyle(app, hub)
+    route = api.route
 
     def agent_or_404(pfid):
         if not PFID_PATTERN.match(pfid or ""):
@@ -4004,6 +4385,8 @@ def install_prefactor(app, hub):
                               "pagination": pf_pagination(len(rows), offset, size, len(page)),
                               "sorting": {"field": "id", "direction": "desc"}})
 
+    return api
+
 
 ###############################################################################
 # HTTP: Rackspace agent events ################################################
@@ -4028,31 +4411,43 @@ def rs_error(status, message, errors=None):
     return json_response(body, status)
 
 
-def install_rackspace(app, hub):
-    """Mount ``/v2/<project_id>/…`` (and the seed's literal ``/v2/events``) on ``app``."""
-    registry, store, config = hub.registry, hub.store, hub.config
-    tokens = {}
-    for entry in config.rackspace_tokens.split(","):
-        token, _, project = entry.strip().partition(":")
-        if token:
-            tokens[token] = project or None
+class RackspaceStyle(ApiStyle):
+    """Rackspace's answers: ``{"message": …[, "errors": […]]}``; every request needs an
+    ``X-Auth-Token`` (one of ``--rackspace-token`` when set, which may bind it to a project)."""
 
-    def route(method, path):
-        def decorate(func):
-            def handler(**kw):
-                token = request.get_header("X-Auth-Token", "").strip()
-                if not token or (tokens and token not in tokens):
-                    return rs_error(401, "Unauthorized.")
-                request.environ["agenthub.rs_project"] = tokens.get(token)
-                try:
-                    return func(**kw)
-                except RsInvalid as exc:
-                    return rs_error(400, "Validation failed.", [str(exc)])
-                except ApiError as exc:
-                    return rs_error(exc.status, exc.message)
-            app.route(path, method, handler, name=f"rs:{method}:{path}")
-            return func
-        return decorate
+    name, prefix = "rackspace", "/v2"
+    invalid = (RsInvalid,)
+    TEXTS = {404: "Not found.", 405: "Method not allowed.", 500: "Internal error."}
+
+    def __init__(self, app, hub):
+        super().__init__(app, hub)
+        self.tokens = {}
+        for entry in self.config.rackspace_tokens.split(","):
+            token, _, project = entry.strip().partition(":")
+            if token:
+                self.tokens[token] = project or None
+
+    def error(self, status, message=None):
+        return rs_error(status, message or self.TEXTS.get(status) or _status_text(status) + ".")
+
+    def refused(self, exc):
+        if isinstance(exc, RsInvalid):
+            return rs_error(400, "Validation failed.", [str(exc)])
+        return self.error(exc.status, exc.message)
+
+    def call(self, func, kw):
+        token = credential("X-Auth-Token").strip()
+        if not token or (self.tokens and token not in self.tokens):
+            return self.error(401, "Unauthorized.")
+        request.environ["agenthub.rs_project"] = self.tokens.get(token)
+        return func(**kw)
+
+
+def install_rackspace(app, hub):
+    """Mount ``/v2/<project_id>/…`` (and the seed's literal ``/v2/events``) on ``app``; returns its style."""
+    registry, store, config = hub.registry, hub.store, hub.config
+    api = RackspaceStyle(app, hub)
+    route = api.route
 
     def body_json():
         body = parse_body(config.max_json_bytes)
@@ -4087,7 +4482,7 @@ def install_rackspace(app, hub):
 
     @route("POST", "/v2/<project_id>/agents/<agent_id>/events")
     def agent_events(project_id, agent_id):
-        caller = request.get_header("X-Agent-Id", "").strip()
+        caller = credential("X-Agent-Id").strip()
         if not caller:
             raise RsInvalid("X-Agent-Id header is required.")
         same = caller.lower() == agent_id.lower() if UUID_TEXT.match(caller) and UUID_TEXT.match(agent_id) \
@@ -4203,18 +4598,32 @@ def install_rackspace(app, hub):
         rows = [r for r in store.all_agents() if r["project_id"] == project_id]
         return json_response({"agents": [rs_agent(r, registry.view(r)) for r in rows]})
 
+    return api
+
 
 ###############################################################################
 # HTTP: GoCD server health ####################################################
 ###############################################################################
 
-def install_gocd(app, hub):
-    """GoCD's server health messages: the failing webhooks (spec agents.md §4.2)."""
+class GocdStyle(ApiStyle):
+    """GoCD's API errors: ``{"message": …}``."""
 
-    @app.route("/api/server_health_messages", "GET")
+    name, prefix = "gocd", "/api/server_health_messages"
+
+    def error(self, status, message=None):
+        return json_response({"message": message or _status_text(status)}, status)
+
+
+def install_gocd(app, hub):
+    """GoCD's server health messages: the failing webhooks (spec agents.md §4.2); returns its style."""
+    api = GocdStyle(app, hub)
+
+    @api.route("GET", "/api/server_health_messages")
     def health_messages():
         return json_response([{"message": r["message"], "detail": r["detail"], "level": r["level"],
                                "time": iso(r["time"])} for r in hub.store.health()])
+
+    return api
 
 
 ###############################################################################
@@ -4526,31 +4935,43 @@ def web_not_found(what="That page"):
                     text=f"{what} does not exist (any more). Jobs and their logs are kept for a week.")
 
 
-def install_web(app, hub):
-    """Mount the pages on ``app``."""
-    jobs, store, registry, auth, config = hub.jobs, hub.store, hub.registry, hub.auth, hub.config
+class WebStyle(ApiStyle):
+    """The pages' answers: an HTML page for every error; anonymous callers in --require-auth mode
+    go to the login form."""
 
-    def identity():
-        session = auth.session_identity(request.get_cookie(WEB_SESSION))
-        return session or auth.identify(None)
+    name, prefix = "web", ""
+
+    def identity(self):
+        auth = self.hub.auth
+        return auth.session_identity(cookie(WEB_SESSION)) or auth.identify(None)
+
+    def error(self, status, message=None):
+        if status == 404 and message is None:
+            return web_not_found()
+        who = request.environ.get("agenthub.identity")
+        heading = "Refused" if status < 500 else "Something went wrong"
+        return web_page(heading, "message", who, status, heading=heading, text=message or _status_text(status))
+
+    def call(self, func, kw, roles=AMC):
+        """``roles`` None: a public page (the login form)."""
+        if roles is None:
+            return func(**kw)
+        who = request.environ["agenthub.identity"] = self.identity()
+        if who.role not in roles:
+            if who.client_id is None and self.config.require_auth:
+                return bottle.redirect("/login?next=" + urllib.parse.quote(request.fullpath), 303)
+            return web_page("Not allowed", "message", who, 403, heading="Not allowed",
+                            text=f"This page needs one of the roles {', '.join(roles)}.")
+        return func(who, **kw)
+
+
+def install_web(app, hub):
+    """Mount the pages on ``app``; returns their style."""
+    jobs, store, registry, auth, config = hub.jobs, hub.store, hub.registry, hub.auth, hub.config
+    api = WebStyle(app, hub)
 
     def page(path, roles=AMC, method="GET"):
-        """A page for ``roles``: anonymous callers in --require-auth mode go to the login form."""
-        def decorate(func):
-            def handler(**kw):
-                who = identity()
-                if who.role not in roles:
-                    if who.client_id is None and config.require_auth:
-                        return bottle.redirect("/login?next=" + urllib.parse.quote(request.fullpath), 303)
-                    return web_page("Not allowed", "message", who, 403, heading="Not allowed",
-                                    text=f"This page needs one of the roles {', '.join(roles)}.")
-                try:
-                    return func(who, **kw)
-                except ApiError as exc:
-                    return web_page("Refused", "message", who, exc.status, heading="Refused", text=exc.message)
-            app.route(path, method, handler, name=f"web:{method}:{path}")
-            return func
-        return decorate
+        return api.route(method, path, roles=roles)
 
     @page("/")
     def overview(who):
@@ -4565,8 +4986,8 @@ def install_web(app, hub):
     @page("/jobs")
     def jobs_list(who):
         query = request.query
-        state, queue_name, tag = query.getunicode("state"), query.getunicode("queue"), query.getunicode("tag")
-        number = int(query.page) if query.page.isdigit() and int(query.page) > 0 else 1
+        state, queue_name, tag = query.get("state"), query.get("queue"), query.get("tag")
+        number = int(query.page) if query.page.isdigit() and 0 < int(query.page) < 10 ** 9 else 1
         rows, total = store.jobs_page(state, queue_name, tag, limit=WEB_PAGE_SIZE,
                                       offset=(number - 1) * WEB_PAGE_SIZE)
 
@@ -4680,22 +5101,22 @@ def install_web(app, hub):
 
     @page("/events")
     def events_page(who):
-        name = request.query.getunicode("name")
+        name = request.query.get("name")
         events = [e for e in reversed(hub.events.buffer.events()) if not name or e.name == name]
         return web_page("Events", "events", who, events=events, name=name)
 
-    @app.route("/login", "GET")
+    @page("/login", roles=None)
     def login_form():
-        return web_page("Log in", "login", error="", next=request.query.getunicode("next") or "/")
+        return web_page("Log in", "login", error="", next=request.query.get("next") or "/")
 
-    @app.route("/login", "POST")
+    @page("/login", roles=None, method="POST")
     def login():
-        target = request.forms.getunicode("next") or "/"
+        fields = form()
+        target = fields.get("next") or "/"
         if not target.startswith("/") or target.startswith("//"):
             target = "/"                                     # only ever back into agenthub
         try:
-            tokens = auth.login_with(request.forms.getunicode("client_id") or "",
-                                     request.forms.getunicode("secret") or "")
+            tokens = auth.login_with(fields.get("client_id") or "", fields.get("secret") or "")
         except ApiError:
             return web_page("Log in", "login", status=401, error="Unknown client id or wrong secret.", next=target)
         answer = HTTPResponse(status=303, headers={"Location": target})
@@ -4703,15 +5124,17 @@ def install_web(app, hub):
                           max_age=int(config.refresh_token_days * 86400))
         return answer
 
-    @app.route("/logout", "POST")
+    @page("/logout", roles=None, method="POST")
     def logout():
-        token = request.get_cookie(WEB_SESSION)
+        token = cookie(WEB_SESSION)
         if token:
             with contextlib.suppress(ApiError):
                 auth.revoke(token)
         answer = HTTPResponse(status=303, headers={"Location": "/"})
         answer.delete_cookie(WEB_SESSION, path="/")
         return answer
+
+    return api
 
 
 ###############################################################################
@@ -4797,9 +5220,11 @@ def create_app(config=None, **overrides):
     """
     config = dataclasses.replace(config or Config(), **overrides)
     hub = Hub(config)
-    app = bottle.Bottle(catchall=True)
+    app = HubApp(catchall=True)
     app.hub = hub
     app.install(hub)
+    app.styles = []               # most specific prefix first: unknown paths get the first owner's style
+    install_boundary(app, app.styles)
 
     @app.hook("before_request")
     def _strip_trailing_slash():
@@ -4809,36 +5234,8 @@ def create_app(config=None, **overrides):
         if len(path) > 1 and path.endswith("/") and not path.startswith("/v1/event/"):
             request.environ["PATH_INFO"] = path.rstrip("/") or "/"
 
-    def errors(error):
-        if request.path.startswith("/api/"):
-            bottle.response.content_type = "application/json"
-            code = {404: ("not_found", "Not found"), 405: ("method_not_allowed", "Method not allowed")}.get(
-                error.status_code, ("internal_error", "Internal error"))
-            return json.dumps({"status": "error", "code": code[0], "message": code[1]})
-        if request.path.startswith("/v2/"):
-            bottle.response.content_type = "application/json"
-            return json.dumps({"message": {404: "Not found.", 405: "Method not allowed."}.get(
-                error.status_code, "Internal error.")})
-        if request.path.startswith("/v1/event/"):
-            bottle.response.content_type = "text/plain; charset=utf-8"
-            bottle.response.set_header("X-Consul-Default-Acl-Policy", config.event_acl_default)
-            return CONSUL_NOT_FOUND if error.status_code == 404 else str(error.body)
-        if request.path.startswith("/v1"):
-            return tf_http_error(error)
-        if error.status_code == 404:
-            page = web_not_found()
-            bottle.response.content_type = page.content_type
-            return page.body
-        bottle.response.content_type = "text/plain; charset=utf-8"
-        return f"{error.status_line}\n"
-    app.default_error_handler = errors
-
-    install_testflinger(app, hub)
-    install_consul(app, hub)
-    install_gocd(app, hub)
-    install_prefactor(app, hub)
-    install_rackspace(app, hub)
-    install_web(app, hub)
+    app.styles.extend([install_consul(app, hub), install_testflinger(app, hub), install_gocd(app, hub),
+                       install_prefactor(app, hub), install_rackspace(app, hub), install_web(app, hub)])
     if config.bench_route:
         app.route("/_bench/ping", "GET", lambda: {"ok": True})
     hub.start()
