@@ -5313,7 +5313,10 @@ class _RequestHandler(WSGIRequestHandler):
             self.close_connection = True
             return
         if len(self.raw_requestline) > 65536:
-            self.send_error(414)
+            # Before parse_request there is no request version yet: send_error() cannot answer.
+            body = b"414 Request-URI Too Long\n"
+            self.wfile.write(b"HTTP/1.1 414 Request-URI Too Long\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
             self.close_connection = True
             return
         if not self.parse_request():
@@ -5321,8 +5324,11 @@ class _RequestHandler(WSGIRequestHandler):
         environ = self.get_environ()
         self.answered_raw = False
         environ["agenthub.answer_raw"] = self.answer_raw
-        length = int(environ.get("CONTENT_LENGTH") or 0) if (environ.get("CONTENT_LENGTH") or "0").isdigit() else 0
+        declared = environ.get("CONTENT_LENGTH") or "0"
+        length = int(declared) if declared.isdigit() else 0
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if not declared.isdigit() or (chunked and "CONTENT_LENGTH" in environ):
+            self.close_connection = True       # the application refuses it (400); the body's end is unknown
         # A chunked body has no length: the application (Bottle) reads and de-chunks the raw stream.
         body = self.rfile if chunked else _Limited(self.rfile, length)
         handler = _KeepAliveHandler(body, self.wfile, self.get_stderr(), environ, multithread=True)

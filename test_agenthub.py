@@ -5,11 +5,15 @@ large streams go through a real threaded server on port 0.
 """
 
 import base64
+import functools
 import hashlib
 import http.client
 import io
 import json
 import os
+import random
+import re
+import socket
 import sqlite3
 import tarfile
 import threading
@@ -2566,55 +2570,416 @@ def test_browser_follows_a_running_jobs_log(server, tmp_path):
 
 
 # == Bad input never answers 5xx ======================================================================================
+#
+# A seeded generator sends every input class of the request boundary to every route of every API, anonymously
+# and with each role's token: header bytes that are not UTF-8 (credentials, cookies, tokens), bad Content-Length
+# and Transfer-Encoding, raw bodies that are not JSON, one leaf at a time of a valid body replaced by a hostile
+# value (lone surrogates, 64-bit overflow, NaN, 1e999, deep nesting, huge numbers, long strings, odd keys), odd
+# multipart, hostile query strings (regex bombs, overflowing integers, bytes that are not UTF-8), odd methods,
+# and over-long or undecodable paths.  Requests go straight to the WSGI app with a hand-made environ, so every
+# byte is under the test's control and nothing (not even WebTest's lint) cleans it up first.
+
+SURROGATE = "\ud800"
+HOSTILE_VALUES = [SURROGATE, "a\udfffb", {SURROGATE: 1}, 2 ** 63, -2 ** 63 - 1, 2 ** 64, 10 ** 30, -1, 0, 1.5,
+                  "x" * 70000, "", None, [], {}, True, "\x00", "../..", "<script>alert(1)</script>", "😀" * 50,
+                  [[[[]]]], "%ff", "a/b/", "9" * 30, "1e999", "-0", "NaN", "2026-13-45T99:99:99Z"]
+RAW_VALUES = [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"1" * 5000, b"1." + b"0" * 5000,
+              b'"\\ud800"', b'"\\udc00x"', b'"\xff\xfe"', b'"\xed\xa0\x80"', b"[" * 100 + b"]" * 100,
+              b"[" * 100000 + b"]" * 100000, b'{"a":' * 5000 + b"1" + b"}" * 5000, b"123456789012345678901234567890"]
+RAW_BODIES = [b"", b"{", b"null", b"[]", b"123", b"\xff\xfe\x00", b"\xef\xbb\xbf{}", b"[" * 200000,
+              b'{"a":1,"a":2}', b"{}" * 3, b'"str"', b"true"]
+SAMPLE_BODIES = {
+    ("POST", "/v1/job"): {"job_queue": "q", "name": "n", "tags": ["t"], "provision_data": {"distro": "jammy"},
+                          "test_data": {"test_cmds": "echo", "secrets": {"A": "a/b"}}, "job_priority": 1,
+                          "reserve_data": {"ssh_keys": ["lp:x"], "timeout": 60}, "global_timeout": 100,
+                          "exclude_agents": ["z"], "job_id": None, "parent_job_id": "p"},
+    ("POST", "/v1/job/<job_id>/action"): {"action": "cancel"},
+    ("POST", "/v1/result/<job_id>"): {"status": {"setup": 0}, "device_info": {"a": 1}, "job_state": "setup"},
+    ("POST", "/v1/result/<job_id>/log/<log_type:re:output|serial>"): {
+        "fragment_number": 0, "timestamp": "2026-01-01T00:00:00+00:00", "phase": "setup", "log_data": "x"},
+    ("POST", "/v1/agents/queues"): {"q": "desc"},
+    ("POST", "/v1/agents/images"): {"q": {"img": "url"}},
+    ("POST", "/v1/agents/data/<agent_name>"): {"state": "waiting", "queues": ["q"], "location": "l", "job_id": "",
+                                               "provision_type": "noprovision", "comment": "c", "log": ["l"],
+                                               "identifier": "i"},
+    ("POST", "/v1/agents/provision_logs/<agent_name>"): {"job_id": "j", "exit_code": 0, "detail": "d"},
+    ("POST", "/v1/oauth2/refresh"): {"refresh_token": "x"},
+    ("POST", "/v1/oauth2/revoke"): {"refresh_token": "x"},
+    ("POST", "/v1/job/<job_id>/events"): {"agent_id": "a", "job_queue": "q", "job_status_webhook": "http://x.co/",
+                                          "events": [{"event_name": "job_start", "timestamp": "t", "detail": "d"}]},
+    ("POST", "/v1/restricted-queues/<queue_name>"): {"client_id": "c"},
+    ("PUT", "/v1/client-permissions/<client_id>"): {"client_secret": "s" * 20, "max_priority": {"q": 1},
+                                                    "max_reservation_time": {"q": 100}, "role": "contributor",
+                                                    "email": "a@b.co", "allowed_queues": ["q"]},
+    ("PUT", "/v1/secrets/<client_id>/<path:path>"): {"value": "v", "expire_after": 10},
+    ("POST", "/api/v1/agent"): {"details": {"name": "n", "description": "d", "environment_id": None,
+                                            "external_identifier": "x"}, "idempotency_key": "k"},
+    ("PUT", "/api/v1/agent/<agent_id>"): {"details": {"name": "n2", "description": "d"}},
+    ("POST", "/api/v1/agent_instance/register"): {"agent_id": "PFID", "agent_version": {"name": "v"},
+                                                  "agent_schema_version": {"a": 1}, "update_current_version": True},
+    ("POST", "/api/v1/agent_instance/<instance_id>/start"): {"idempotency_key": "k2"},
+    ("POST", "/api/v1/agent_instance/<instance_id>/finish"): {"status": "complete", "idempotency_key": "k3"},
+    ("POST", "/v2/<project_id>/agents/<agent_id>/events"): {"event": "startup", "timestamp": "2026-01-01T00:00:00Z",
+                                                            "mode": "idle"},
+    ("POST", "/v2/<project_id>/events"): {"event": "agent_activate", "mode": "idle", "agents": ["ag"]},
+    ("POST", "/v2/events"): {"event": "agent_activate", "mode": "idle", "agents": ["ag"]},
+}
+HOSTILE_QUERIES = [
+    "state=x&tags=%ff&limit=-5&offset=abc&match=x", "limit=99999999999999999999&offset=9223372036854775808",
+    "start_fragment=99999999999999999999&start_timestamp=garbage&phase=x", "start_fragment=-1",
+    "start_timestamp=9999-12-31T23:59:59Z", "index=18446744073709551616&wait=1x", "wait=99999999999h&index=1",
+    "wait=1e9s", "name=%ff%fe&node=%ff", "node=(a%2B)%2B%24&name=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    "node=" + "(" * 5000, "service=(a*)*b&tag=x", "node=a{1000}{1000}", "node=(?P<x>a)(?P=x)", "node=%5Cp%7BGreek%7D",
+    "pagination%5Boffset%5D=-1&pagination%5Bpage_size%5D=999999999999999999999",
+    "pagination%5Boffset%5D=99999999999999999999", "sorting=---", "sorting=%ff", "marker=" + "9" * 40,
+    "limit=0&marker=x&sort_dir=x", "page=-3&queue=%ff&state=%00", "page=99999999999999999999",
+    "queue=" + "q" * 5000, "tag=" + "t" * 3000 + "&state=waiting", "next=//evil&next=%ff", "token=%ff",
+    "a=" * 2000, "=%%%", "%ff=%ff", "pretty&index=1&wait=1ms", "x=" + "y" * 20000]
+ODD_METHODS = ["PATCH", "OPTIONS", "HEAD", "PROPFIND", "TRACE", "CONNECT", "get", "X" * 100]
+BAD_CONTENT_LENGTHS = ["abc", "-1", "1e3", " 5", "99999999999999999999999", "10", "+4", "0x10", "5, 5"]
+
+
+def wsgi_call(app, method, path, query="", headers=None, body=b"", environ=None):
+    """One request straight into the WSGI app: (status, headers, body, what it logged)."""
+    errors = io.StringIO()
+    env = {"REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query,
+           "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1",
+           "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body), "wsgi.errors": errors,
+           "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+           "CONTENT_LENGTH": str(len(body))}
+    for key, value in (headers or {}).items():
+        key = key.upper().replace("-", "_")
+        env[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key] = value
+    env.update(environ or {})
+    started = {}
+
+    def start_response(status, response_headers, exc_info=None):
+        started["status"], started["headers"] = status, dict(response_headers)
+    chunks = app(env, start_response)
+    data = b"".join(chunks)
+    if hasattr(chunks, "close"):
+        chunks.close()
+    return int(started["status"][:3]), started["headers"], data, errors.getvalue()
+
+
+def _mutations(sample, rng):
+    """(where, body) with one leaf or key of ``sample`` replaced by a hostile value or raw JSON text."""
+    trails = []
+
+    def walk(node, trail):
+        for key, value in (node.items() if isinstance(node, dict) else enumerate(node)
+                           if isinstance(node, list) else ()):
+            trails.append(trail + (key,))
+            walk(value, trail + (key,))
+    walk(sample, ())
+    for trail in trails:
+        for _ in range(2):
+            copy = json.loads(json.dumps(sample))
+            parent = functools.reduce(lambda node, step: node[step], trail[:-1], copy)
+            if rng.random() < 0.5:
+                parent[trail[-1]] = "@@RAW@@"
+                yield trail, json.dumps(copy).encode().replace(b'"@@RAW@@"', rng.choice(RAW_VALUES))
+            else:
+                parent[trail[-1]] = rng.choice(HOSTILE_VALUES)
+                yield trail, json.dumps(copy).encode()
+        if isinstance(trail[-1], str):
+            copy = json.loads(json.dumps(sample))
+            parent = functools.reduce(lambda node, step: node[step], trail[:-1], copy)
+            parent[rng.choice([SURROGATE, "", "x" * 5000, "$x", "a.b"])] = parent.pop(trail[-1])
+            yield trail + ("<key>",), json.dumps(copy).encode()
+
+
+def _multipart_bodies(rng):
+    b = "XyZ"
+    ok = (f"--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.tgz\"\r\n"
+          f"Content-Type: application/octet-stream\r\n\r\nDATA\r\n--{b}--\r\n").encode()
+    multipart = f"multipart/form-data; boundary={b}"
+    return [("ok", multipart, ok), ("no boundary", "multipart/form-data", ok),
+            ("empty boundary", "multipart/form-data; boundary=", ok),
+            ("odd boundary", 'multipart/form-data; boundary="a b;c"', ok),
+            ("long boundary", "multipart/form-data; boundary=" + "b" * 5000, ok),
+            ("latin-1 boundary", "multipart/form-data; boundary=\xff\xfe", ok),
+            ("unterminated", multipart, ok[:-10]), ("no close", multipart, ok.replace(f"--{b}--".encode(), b"")),
+            ("bad part header", multipart, ok.replace(b"Content-Type", b"\xff\xfe\x00")),
+            ("huge part header", multipart, ok.replace(b"Content-Type", b"X" * 100000)),
+            ("no header end", multipart, f"--{b}\r\nContent-Disposition: x".encode()),
+            ("unquoted name", multipart, ok.replace(b'name="file"', b"name=file")),
+            ("latin-1 name", multipart, ok.replace(b'name="file"', b'name="\xff"')),
+            ("many parts", multipart, (f"--{b}\r\n\r\nx\r\n" * 2000 + f"--{b}--").encode()),
+            ("garbage", multipart, bytes(rng.randrange(256) for _ in range(500))),
+            ("nested", multipart, ok.replace(b"DATA", ok)),
+            ("form bytes", "application/x-www-form-urlencoded", b"next=%ff%fe&client_id=\xff"),
+            ("form fields", "application/x-www-form-urlencoded", b"&".join([b"a=1"] * 5000))]
+
+
+def _hostile_credentials(app, roles):
+    """Header sets: each role's real token, then credentials made of bytes that are not UTF-8, oversized or
+    malformed, and tokens signed with the hub's own key whose claims are hostile."""
+    sets = [("anonymous", {})] + list(roles.items())
+    for value in ["\xff\xfe", "é", "\x00", "x" * 10000, " ", ""]:
+        sets += [("bearer bytes", {"Authorization": "Bearer " + value}),
+                 ("basic bytes", {"Authorization": "Basic " + value}),
+                 ("raw authorization", {"Authorization": value}),
+                 ("cookie bytes", {"Cookie": f"agent_name={value}; agenthub_session={value}"}),
+                 ("token bytes", {"X-Auth-Token": value, "X-Agent-Id": value, "X-Consul-Token": value,
+                                  "Idempotency-Key": value})]
+    for raw in (b"\xff:\xfe", b"nocolon", b":", b"a:\xed\xa0\x80", b"x" * 3000 + b":y"):
+        sets.append(("basic base64", {"Authorization": "Basic " + base64.b64encode(raw).decode()}))
+    sets += [("basic not base64", {"Authorization": "Basic !!!==="}),
+             ("odd cookies", {"Cookie": 'agent_name="unterminated; a=b=c; ;;; agenthub_session="\\"'})]
+    now = int(agenthub.utcnow())
+    for claims in [
+            {"exp": 10 ** 30, "iat": now, "sub": "access_token", "permissions": {"client_id": SURROGATE,
+                                                                                  "role": "admin"}},
+            {"exp": 2 ** 64, "iat": -2 ** 64, "sub": "access_token",
+             "permissions": {"client_id": "c", "role": "contributor", "max_priority": {"q": 10 ** 30},
+                             "allowed_queues": 5, "max_reservation_time": "x"}},
+            {"exp": now + 99, "iat": now, "sub": "access_token",
+             "permissions": {"client_id": "c", "role": ["admin"], "max_priority": [], "allowed_queues": [{"a": 1}],
+                             "max_reservation_time": {"q": "x"}}},
+            {"exp": now + 99, "iat": now, "sub": 5, "permissions": {"client_id": "x" * 5000, "role": "agent"}},
+            {"exp": float(now + 99), "iat": 1e300, "sub": "access_token", "permissions": {"client_id": "c"}}]:
+        sets.append(("hostile signed token", {"Authorization": "Bearer " + agenthub.jwt_encode(claims, app.hub.auth.key)}))
+    deep = base64.urlsafe_b64encode(b"[" * 50000).decode().rstrip("=")
+    sets.append(("deep token header", {"Authorization": f"Bearer {deep}.{deep}.x"}))
+    return sets
+
+
+def fuzz_every_route(app, seed):
+    """Send the input classes to every route; returns (requests sent, failures)."""
+    rng = random.Random(seed)
+    test = webtest.TestApp(app)
+    roles = {role: token_headers(app, role) for role in ("admin", "manager", "contributor")}
+    roles["agent"] = {**token_headers(app, "agent", "ag"), "Cookie": "agent_name=ag"}
+    test.post_json("/v1/agents/data/ag", {"queues": ["q"]}, headers=roles["agent"])
+    job_id = test.post_json("/v1/job", {"job_queue": "q"}, headers=roles["admin"]).json["job_id"]
+    pfid = test.post_json("/api/v1/agent", {"details": {"name": "pfa"}}).json["details"]["id"]
+    values = {"job_id": [job_id, "x", "%00", "9" * 5000], "agent_name": ["ag", "\xf0\x9f\x98\x80", "\xff", "a" * 5000],
+              "queue_name": ["q", "\xc3\xa9", "\xff\xfe"], "log_type": ["output", "serial"], "client_id": ["nobody", "\xff"],
+              "path": ["a/b", "..", "a//b", "\xff/x"], "name": ["n", "%00", "a/b/", "\xff", "x" * 600],
+              "agent_id": [pfid, "zz", "0" * 32, "\xff"], "instance_id": ["x", pfid], "project_id": ["p1", "\xff"]}
+    credentials = _hostile_credentials(app, roles)
+    multiparts = _multipart_bodies(rng)
+    failures, sent = [], 0
+
+    def send(kind, method, path, query="", headers=None, body=b"", environ=None):
+        nonlocal sent
+        sent += 1
+        status, answer_headers, data, log = wsgi_call(app, method, path, query, headers, body, environ)
+        if (status >= 500 and b"Webhook URL not configured" not in data) or "Traceback" in log \
+                or b"Traceback" in data or b"Error(" in data or "X-Request-Id" not in answer_headers:
+            failures.append((kind, method, path[:100], query[:60], status, data[:200], log[-400:]))
+
+    def fill(rule):
+        return re.sub(r"<(\w+)(?::[^>]*)?>", lambda m: rng.choice(values.get(m.group(1), ["x"])), rule)
+
+    for route in app.routes:
+        for method in (("GET", "POST", "PUT", "DELETE") if route.method == "ANY" else (route.method,)):
+            sample = SAMPLE_BODIES.get((method, route.rule))
+            body = json.dumps(sample).encode() if sample else b""
+            for kind, headers in credentials:
+                send("credentials: " + kind, method, fill(route.rule), "",
+                     {**headers, "Content-Type": "application/json"}, body)
+            for query in HOSTILE_QUERIES:
+                send("query", method, fill(route.rule), query, rng.choice(list(roles.values()) + [{}]))
+            for length in BAD_CONTENT_LENGTHS:
+                send("content-length " + length, method, fill(route.rule), "",
+                     {**rng.choice(list(roles.values())), "Content-Type": "application/json"}, b"{}",
+                     {"CONTENT_LENGTH": length})
+            send("chunked with a length", method, fill(route.rule), "", {"Transfer-Encoding": "chunked"},
+                 b"2\r\n{}\r\n0\r\n\r\n", {"CONTENT_LENGTH": "5"})
+            send("broken chunks", method, fill(route.rule), "", {"Transfer-Encoding": "chunked", **roles["admin"]},
+                 b"zz\r\n{}\r\n", {"CONTENT_LENGTH": ""})
+            send("unknown coding", method, fill(route.rule), "", {"Transfer-Encoding": "gzip, chunked"}, b"{}")
+            for odd in ODD_METHODS:
+                send("method", odd, fill(route.rule))
+            for path in ("/" + "a" * 100000, fill(route.rule) + "/" + "x" * 20000, fill(route.rule) + "\xff\xfe",
+                         fill(route.rule) + "\x00", fill(route.rule) + "\xed\xa0\x80"):
+                send("path", method, path)
+            if method == "GET":
+                continue
+            for raw in RAW_BODIES:
+                send("raw body", method, fill(route.rule), "",
+                     {**rng.choice(list(roles.values()) + [{}]), "Content-Type": "application/json"}, raw)
+            for trail, mutated in _mutations(sample or {}, rng):
+                for who in (*roles.values(), {}):
+                    send("leaf " + "/".join(map(str, trail)), method, fill(route.rule), "",
+                         {**who, "Content-Type": "application/json"}, mutated)
+            for kind, content_type, data in multiparts:
+                send("multipart: " + kind, method, fill(route.rule), "",
+                     {**rng.choice(list(roles.values())), "Content-Type": content_type}, data)
+    # Afterwards every page and listing still answers (a stored value never breaks a read).
+    pages = () if app.hub.config.require_auth else (   # the pages would ask for a login
+        "/", "/jobs", "/jobs?queue=q", "/agents", "/agents/ag", "/queues", "/queues/q", "/events", f"/jobs/{job_id}")
+    for page in pages + ("/v1/job/search", "/v1/agents/data", "/v1/queues/q/jobs", "/v1/agents/queues",
+                 "/api/v1/agent", "/api/v1/agent_instance", "/api/server_health_messages", "/v1/event/list"):
+        status, _, data, _ = wsgi_call(app, "GET", page.split("?")[0], page.partition("?")[2], roles["admin"]
+                                       if not page.startswith("/v1/event") else {})
+        if status != 200:
+            failures.append(("page afterwards", "GET", page, "", status, data[:200], ""))
+    status, _, data, _ = wsgi_call(app, "GET", "/v2/p1/agents", "", {"X-Auth-Token": "t"})
+    if status != 200:
+        failures.append(("page afterwards", "GET", "/v2/p1/agents", "", status, data[:200], ""))
+    return sent, failures
+
 
 # WebTest's client-side cookie jar trips over the (correctly quoted) cookie of an emoji agent name.
 @pytest.mark.filterwarnings("ignore:http.cookiejar bug")
-def test_no_route_answers_500_to_bad_input():
-    """Every route of the app, with hostile path values, bodies, queries and credentials: always < 500
-    (except the original's deliberate 500 for a server without a webhook URL)."""
-    import itertools
-    import re
-    app = create_app(purge_interval=0, lost_contact_seconds=0)
-    test = webtest.TestApp(app)
-    admin = token_headers(app, "admin")
-    agent = {**token_headers(app, "agent", "ag"), "Cookie": "agent_name=ag"}
-    test.post_json("/v1/agents/data/ag", {"queues": ["q"]}, headers=agent)
-    job_id = submit(test, job_queue="q")
-    pfid = pf_create(test, "pfa")["id"]
-    values = {"job_id": [job_id, "x", "%00"], "agent_name": ["ag", "%F0%9F%98%80"], "queue_name": ["q", "%C3%A9"],
-              "log_type": ["output"], "client_id": ["nobody"], "path": ["a/b", "..", "a//b"],
-              "name": ["n", "%00", "a/b/"], "agent_id": [pfid, "zz", "0" * 32], "instance_id": ["x", pfid],
-              "project_id": ["p1"], "rest": ["x"]}
-    bodies = [b"", b"{", b"null", b"[]", b"123", b"\xff\xfe\x00",
-              json.dumps({"job_queue": 1, "details": [], "event": {}, "status": {"test": "x"}, "refresh_token": 5,
-                          "value": None, "queues": 3, "log": "x", "client_id": [], "mode": 1, "agent_id": 7,
-                          "timestamp": [], "fragment_number": "x", "phase": None, "action": 1}).encode(),
-              json.dumps({"job_queue": "q", "job_priority": 10 ** 30, "reserve_data": {"timeout": 10 ** 30},
-                          "details": {"name": "n", "id": 5, "environment_id": [], "description": {}},
-                          "idempotency_key": 5}).encode()]
-    query = ("?state=x&tags=1&limit=-5&offset=abc&match=x&queue=&index=18446744073709551616&wait=1x&name=%FF"
-             "&start_fragment=99999999999999999999&start_timestamp=garbage&phase=x&pagination%5Boffset%5D=-1"
-             "&sorting=---&environment_id=x&marker=99999999999999999999999&sort_dir=x&page=-3")
-    credentials = [{}, admin, agent, {"Authorization": "Bearer a.b.c", "X-Auth-Token": "t", "X-Agent-Id": "ag",
-                                      "X-Consul-Token": "nope", "Cookie": "agenthub_session=zzz"}]
-    failures, sent = [], 0
-    for route in app.routes:
-        names = re.findall(r"<(\w+)(?::[^>]*)?>", route.rule)
-        for combo in itertools.islice(itertools.product(*[values.get(n, ["x"]) for n in names]), 4):
-            path = route.rule
-            for name, value in zip(names, combo):
-                path = re.sub(r"<" + name + r"(?::[^>]*)?>", value, path, count=1)
-            methods = ("GET", "POST", "PUT", "DELETE") if route.method == "ANY" else (route.method,)
-            for method, headers in itertools.product(methods, credentials):
-                for body in (bodies if method not in ("GET", "HEAD") else [b""]):
-                    for suffix in ("", query):
-                        answer = test.request(path + suffix, method=method, body=body, expect_errors=True,
-                                              headers={**headers, "Content-Type": "application/json"})
-                        sent += 1
-                        if answer.status_int >= 500 and b"Webhook URL not configured" not in answer.body:
-                            failures.append((method, path + suffix, answer.status, answer.body[:120]))
+@pytest.mark.parametrize("seed, require_auth", [(1, False), (2, True)])
+def test_no_route_answers_500_to_hostile_input(seed, require_auth):
+    """Every route of every API, every input class, anonymous and with each role: never a 5xx (but the
+    contract's own "Webhook URL not configured"), no exception text in a body, nothing in the log, an
+    X-Request-Id on every answer, and every page still answers afterwards."""
+    app = create_app(purge_interval=0, lost_contact_seconds=0, require_auth=require_auth)
+    try:
+        sent, failures = fuzz_every_route(app, seed)
+    finally:
+        app.close()
+    assert failures == [] and sent > 10000, (sent, failures[:5])
+
+
+def test_hostile_values_are_refused_in_each_apis_style_and_pages_show_the_rest_escaped(app, anon, agent):
+    """The poisoned-name case: a lone surrogate never gets in (4xx in the API's style), and a value that
+    does get in (markup, odd characters) is shown escaped on every listing and page that shows it."""
+    answer = anon.post("/v1/job", json.dumps({"job_queue": "q", "name": SURROGATE}),
+                       headers={"Content-Type": "application/json"}, status=400)
+    assert answer.json == {"detail": {}, "message": "Invalid JSON body: a string holds a lone surrogate"}
+    agent.post("/v1/agents/data/agent1", json.dumps({"location": "a\udfff"}), status=400)
+    answer = anon.post("/api/v1/agent", json.dumps({"details": {"name": SURROGATE}}), status=400)
+    assert answer.json["status"] == "error" and answer.json["code"] == "bad_request"
+    answer = anon.post("/v2/p1/agents/a1/events", json.dumps({"event": "startup", "note": SURROGATE}),
+                       headers={"X-Auth-Token": "t", "X-Agent-Id": "a1"}, status=400)
+    assert "lone surrogate" in answer.json["message"]
+    answer = anon.put("/v1/event/fire/deploy?node=%ed%a0%80", status=400)
+    assert answer.text == "The query string is not valid UTF-8"
+    anon.put("/v1/event/fire/%ed%a0%80", status=400)
+    shown = "<b>x</b>\u2028 é 😀"
+    job_id = submit(anon, name=shown, tags=[shown])
+    anon.post_json("/api/v1/agent", {"details": {"name": "<i>pf</i>"}})
+    for page in ("/jobs", "/jobs?queue=q1", "/queues/q1", f"/jobs/{job_id}", "/", "/agents", "/queues"):
+        text = anon.get(page, status=200).text
+        assert "<b>x</b>" not in text and "<i>pf</i>" not in text
+    assert "&lt;b&gt;x&lt;/b&gt;" in anon.get("/jobs").text
+    assert anon.get("/v1/job/search", params={"tags": shown}).json[0]["job_id"] == job_id
+
+
+def test_text_an_older_version_stored_reads_back_escaped(tmp_path):
+    """A job name stored as "\\ud800" by an older agenthub (SQLite's json_extract turns it into bytes that are
+    not UTF-8) is listed with the bad bytes escaped instead of failing every listing that shows it."""
+    db = str(tmp_path / "old.db")
+    app = create_app(db=db, purge_interval=0)
+    job_id = submit(webtest.TestApp(app), name="placeholder")
     app.close()
-    assert failures == [] and sent > 5000, (sent, failures[:5])
+    with sqlite3.connect(db) as conn:         # what a previous version let through
+        conn.execute("UPDATE jobs SET job_data = ? WHERE job_id = ?",
+                     ('{"job_queue": "q1", "name": "\\ud800"}', job_id))
+    app = create_app(db=db, purge_interval=0)
+    test = webtest.TestApp(app)
+    for page in ("/jobs", "/jobs?queue=q1", "/queues/q1", f"/jobs/{job_id}"):
+        assert test.get(page, status=200)
+    assert "\\xed\\xa0\\x80" in test.get("/jobs").text
+    assert test.get("/v1/queues/q1/jobs", status=200)
+    app.close()
+
+
+@pytest.mark.parametrize("text, refused", [
+    ("[" * 64 + "]" * 64, False), ("[" * 65 + "]" * 65, True), ('{"a":' * 70 + "1" + "}" * 70, True),
+    ("[" * 5000 + "]" * 5000, True), (str(2 ** 63 - 1), False), (str(-2 ** 63), False), (str(2 ** 63), True),
+    ("1" * 5000, True), ("NaN", True), ("-Infinity", True), ("1e999", True), ("1.5e300", False),
+    ('"\\ud83d\\ude00"', False), ('"\\ud83d"', True), ('{"\\udc00": 1}', True), ('"\\\\ud800"', False),
+    ('{"a": [1, {"b": "\\ud800x"}]}', True)])
+def test_strict_json(text, refused):
+    if refused:
+        with pytest.raises(agenthub.JsonRefused):
+            agenthub.load_json(text.encode())
+    else:
+        assert agenthub.load_json(text.encode()) == json.loads(text)
+
+
+def test_json_that_is_not_utf8_is_not_json():
+    with pytest.raises(ValueError):
+        agenthub.load_json(b'"\xed\xa0\x80"')
+
+
+@pytest.mark.parametrize("path, expect", [
+    ("/v1/job", b'"message":"Invalid Content-Length header"'), ("/v1/event/list", b"Invalid Content-Length header"),
+    ("/api/v1/agent", b'"code":"bad_request"'), ("/v2/p/agents", b'{"message":"Invalid Content-Length header"}'),
+    ("/jobs", b"<!doctype html>")])
+def test_the_boundary_answers_in_each_apis_style(app, path, expect):
+    status, headers, body, log = wsgi_call(app, "POST", path, headers={"Content-Type": "application/json"},
+                                           body=b"{}", environ={"CONTENT_LENGTH": "12abc"})
+    assert status == 400 and expect in body and headers["X-Request-Id"] and log == ""
+    assert wsgi_call(app, "GET", path + "/" + "x" * 20000)[0] == 414
+    assert wsgi_call(app, "GET", path, headers={"X-Big": "y" * 9000})[0] == 431
+    assert wsgi_call(app, "GET", path, headers={"X-" + str(n): "y" * 8000 for n in range(5)})[0] == 431
+    assert wsgi_call(app, "GET", path, "a=%ff")[0] == 400
+    assert wsgi_call(app, "POST", path, headers={"Transfer-Encoding": "chunked"}, body=b"0\r\n\r\n",
+                     environ={"CONTENT_LENGTH": "5"})[0] == 400
+
+
+def test_a_credential_that_is_not_utf8_is_a_bad_credential(app):
+    status, _, body, _ = wsgi_call(app, "GET", "/v1/job/search", headers={"Authorization": "Bearer \xff\xfe"})
+    assert status == 401 and json.loads(body)["message"].startswith("Invalid credentials")
+    status, _, body, _ = wsgi_call(app, "GET", "/v1/event/list", headers={"X-Consul-Token": "\xff"})
+    assert (status, body) == (403, b"ACL not found")
+    status, _, body, _ = wsgi_call(app, "GET", "/v2/p/agents", headers={"X-Auth-Token": "t\xe9\xff"})
+    assert status == 401
+    status, _, body, _ = wsgi_call(app, "POST", "/api/v1/agent", headers={"Idempotency-Key": "\xc3"},
+                                   body=b'{"details": {"name": "n"}}')
+    assert status == 401 and json.loads(body)["code"] == "unauthorized"
+    # A cookie that is not UTF-8 is no cookie: the agent is not identified, the page is anonymous.
+    agent = token_headers(app, "agent", "ag")
+    status, _, body, _ = wsgi_call(app, "GET", "/v1/job", "queue=q", {**agent, "Cookie": "agent_name=\xff"})
+    assert status == 401 and b"Agent not identified" in body
+    assert wsgi_call(app, "GET", "/jobs", headers={"Cookie": "agenthub_session=\xff\xfe"})[0] == 200
+    # ... and a UTF-8 cookie is read as UTF-8 (not as latin-1).
+    status, _, _, _ = wsgi_call(app, "POST", "/v1/agents/data/\xc3\xa9", headers={**agent, "Content-Type": "application/json",
+                                "Cookie": "agent_name=\xc3\xa9"}, body=b'{"queues": ["q"]}')
+    assert status == 200 and webtest.TestApp(app).get("/v1/agents/data").json[0]["name"] == "é"
+
+
+@pytest.mark.parametrize("style, path, text", [
+    (0, "/v1/event/boom", b"Internal server error (request id "), (1, "/v1/boom", b"Unhandled Exception: internal"),
+    (2, "/api/server_health_messages/boom", b'"message":"Internal server error (request id '),
+    (3, "/api/v1/boom", b'"code":"internal_error"'), (4, "/v2/boom", b'{"message":"Internal server error'),
+    (5, "/boom", b"Something went wrong")])
+def test_a_crash_answers_generically_with_the_request_id_and_is_logged_once(app, style, path, text):
+    def boom():
+        raise RuntimeError("secret detail")
+    app.styles[style].route("GET", path, roles=None)(boom) if style in (1, 5) else \
+        app.styles[style].route("GET", path)(boom)
+    status, headers, body, log = wsgi_call(app, "GET", path, headers={"X-Auth-Token": "t"})
+    assert status == 500 and text in body and b"secret detail" not in body and b"RuntimeError" not in body
+    rid = headers["X-Request-Id"]
+    assert rid.encode() in body
+    assert log.count(rid) == 1 and log.count("Traceback") == 1 and "secret detail" in log
+
+
+def test_event_filters_that_could_backtrack_for_ever_are_refused(anon):
+    answer = anon.put("/v1/event/fire/x?node=(a%2B)%2B%24", status=400)
+    assert "nested repetition" in answer.text
+    assert "longer than" in anon.put("/v1/event/fire/x?node=" + "a" * 300, status=400).text
+    assert "unterminated subpattern" in anon.put("/v1/event/fire/x?node=" + "(" * 200, status=400).text
+    anon.put("/v1/event/fire/x?node=web-.*", status=200)
+
+
+def test_protocol_limits_on_a_real_server(server):
+    app, base = server
+    host, port = base.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 414")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"GET /v1 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 70000 + b"\r\n\r\n")
+        assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 431")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"GET /v1 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 9000 + b"\r\n\r\n")
+        assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 431")
+    with socket.create_connection((host, int(port))) as sock:
+        # A Content-Length that is not a number: 400, and the connection closes (the body's end is unknown).
+        sock.sendall(b"POST /v1/job HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\nGET /v1 HTTP/1.1\r\n\r\n")
+        reply = sock.makefile("rb").read()
+        assert reply.startswith(b"HTTP/1.1 400") and reply.count(b"HTTP/1.1") == 1
 
 
 # == Application and command line ==================================================================================
