@@ -3123,7 +3123,7 @@ def check_request(environ):
     if _CONTROL.search(decoded):
         raise ApiError(400, "The request path contains control characters")
     total, bad = 0, set()
-    for key in [k for k in environ if k.startswith("HTTP_")]:
+    for key in [k for k in environ if k.startswith("HTTP_") or k == "CONTENT_TYPE"]:
         value = environ[key]
         if not isinstance(value, str) or len(value) > MAX_HEADER:
             raise ApiError(431, "Request Header Fields Too Large")
@@ -3423,6 +3423,11 @@ class HubApp(bottle.Bottle):
 
 # -- multipart ----------------------------------------------------------------------------
 
+# RFC 2046 §5.1.1 allows 1-70 characters of a small set; clients also use "$" and the like, so any
+# printable ASCII is taken (not ending in a space).
+_BOUNDARY = re.compile(r"[ -~]{0,69}[!-~]")
+
+
 def multipart_part(field, content_type, stream):
     """Find the part named ``field`` of a multipart/form-data body.
 
@@ -3430,10 +3435,13 @@ def multipart_part(field, content_type, stream):
     bytes, reading ``stream`` as it goes, or None when the body is not
     multipart or has no such part.  Memory stays flat whatever the size.
     """
-    match = re.search(r'boundary=(?:"([^"]+)"|([^;\s]+))', content_type or "")
+    match = re.search(r'boundary=(?:"([^"]*)"|([^;\s]*))', content_type or "")
     if not (content_type or "").lower().startswith("multipart/form-data") or not match:
         return None
-    scanner = _PartScanner(stream, (match.group(1) or match.group(2)).encode("latin-1"))
+    boundary = match.group(1) if match.group(1) is not None else match.group(2)
+    if not _BOUNDARY.fullmatch(boundary):
+        raise ApiError(400, "Invalid multipart boundary")
+    scanner = _PartScanner(stream, boundary.encode("ascii"))
     for headers in scanner.parts():
         disposition = headers.get("content-disposition", "")
         name = re.search(r'(?:^|;)\s*name="([^"]*)"', disposition) or re.search(r'(?:^|;)\s*name=([^;\s]+)',

@@ -2955,6 +2955,16 @@ def test_a_crash_answers_generically_with_the_request_id_and_is_logged_once(app,
     assert log.count(rid) == 1 and log.count("Traceback") == 1 and "secret detail" in log
 
 
+def test_a_multipart_boundary_out_of_rfc_limits_is_refused(app, anon):
+    job_id = submit(anon)
+    agent = token_headers(app, "agent", "ag")
+    for content_type in ("multipart/form-data; boundary=" + "b" * 71, "multipart/form-data; boundary=",
+                         'multipart/form-data; boundary="\xc3\xa9"'):
+        status, _, body, _ = wsgi_call(app, "POST", f"/v1/result/{job_id}/artifact",
+                                       headers={**agent, "Content-Type": content_type}, body=b"--x--")
+        assert (status, json.loads(body)["message"]) == (400, "Invalid multipart boundary")
+
+
 def test_event_filters_that_could_backtrack_for_ever_are_refused(anon):
     answer = anon.put("/v1/event/fire/x?node=(a%2B)%2B%24", status=400)
     assert "nested repetition" in answer.text
