@@ -1899,9 +1899,9 @@ class Auth:
             if self.config.require_auth:
                 return Identity()
             return Identity(role="contributor")
-        if not authorization.startswith("Bearer "):
+        token, now = bearer_token(authorization), utcnow()
+        if not token:
             return Identity()
-        token, now = authorization[len("Bearer "):], utcnow()
         claims = self._verified.get(token)
         if claims is None:
             claims = jwt_decode(token, self.key, self.config.jwt_leeway, now)
@@ -1924,6 +1924,13 @@ class Auth:
             raise ApiError(401, "Authentication is required for specified endpoint")
         if identity.role not in roles:
             raise ApiError(403, "Specified action requires role: " + ", ".join(roles))
+
+
+def bearer_token(authorization):
+    """The token of an ``Authorization: Bearer …`` header (every API reads bearer tokens here), or None."""
+    if authorization and authorization.startswith("Bearer "):
+        return authorization[7:].strip() or None
+    return None
 
 
 def _sha256(text):
@@ -3930,9 +3937,7 @@ def install_consul(app, hub):
         return None
 
     def token():
-        bearer = credential("Authorization")
-        return (request.query.get("token") or credential("X-Consul-Token")
-                or (bearer[7:].strip() if bearer.startswith("Bearer ") else None))
+        return request.query.get("token") or credential("X-Consul-Token") or bearer_token(credential("Authorization"))
 
     def filters(*names):
         """Query values, None when absent (already UTF-8: the boundary decoded the query)."""
@@ -4092,10 +4097,9 @@ class PrefactorStyle(ApiStyle):
         method = request.method
         token = None
         if self.tokens:
-            header = credential("Authorization")
-            if not header.startswith("Bearer "):
+            token = bearer_token(credential("Authorization"))
+            if token is None:
                 return self.error(401, "Missing or invalid Authorization header")
-            token = header[7:].strip()
             if token not in self.tokens:
                 return self.error(401, "Invalid API token", code="bad_authtoken")
         if method in ("GET", "HEAD"):
