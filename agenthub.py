@@ -98,6 +98,9 @@ class Config:
     lost_contact_seconds: float = 300.0   # silence after which an agent is LostContact
     gocd_webhooks: str = ""         # URLs that receive GoCD agent-status notifications
     gocd_webhook_auth: str = ""     # sent as "Authorization: Bearer …" with each notification
+    webhook_timeout: float = 3.0    # seconds a job-status webhook may take to answer
+    gocd_timeout: float = 5.0       # seconds one GoCD notification attempt may take
+    gocd_retry_delays: tuple = (1.0, 4.0)   # waits before the retries of a failed notification
     api_tokens: str = ""            # bearer tokens of /api/v1 (comma-separated); empty: no auth
     rackspace_tokens: str = ""      # X-Auth-Token values of /v2 ("token" or "token:project"); empty: any
     pfid_partition: int = PFID_DEFAULT_PARTITION
@@ -2075,7 +2078,7 @@ def forward_job_status(config, job_url, payload):
     body = json.dumps(payload).encode()
     for attempt in (1, 2):                       # one retry on a connection failure
         try:
-            status, text = http_send("PUT", job_url, body, headers, timeout=3)
+            status, text = http_send("PUT", job_url, body, headers, timeout=config.webhook_timeout)
             break
         except TimeoutError:
             raise ApiError(504, "Webhook Timeout")
@@ -2094,7 +2097,7 @@ class Notifier:
     Every delivery is recorded; failures become server health messages.
     """
 
-    TIMEOUT, TTL, DELAYS = 5.0, 120.0, (1.0, 4.0)
+    TTL = 120.0
 
     def __init__(self, store, config):
         self.store, self.config = store, config
@@ -2144,7 +2147,7 @@ class Notifier:
         if self.config.gocd_webhook_auth:
             headers["Authorization"] = f"Bearer {self.config.gocd_webhook_auth}"
         attempts, status, text, error = 0, None, None, None
-        for delay in (0.0,) + self.DELAYS:
+        for delay in (0.0,) + tuple(self.config.gocd_retry_delays):
             if delay and (self._closing.wait(delay) and self._drain_until and time.monotonic() > self._drain_until):
                 break
             if time.monotonic() - item["created"] > self.TTL:
@@ -2152,7 +2155,7 @@ class Notifier:
                 return
             attempts += 1
             try:
-                status, text = http_send("POST", url, item["body"].encode(), headers, self.TIMEOUT)
+                status, text = http_send("POST", url, item["body"].encode(), headers, self.config.gocd_timeout)
                 error = None
             except (TimeoutError, OSError) as exc:
                 status, text, error = None, None, str(exc) or exc.__class__.__name__

@@ -97,7 +97,7 @@ def server():
     """A real threaded agenthub server on a free loopback port."""
     app = create_app(purge_interval=0)
     httpd = agenthub.make_server(app, "127.0.0.1", 0)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield app, f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
@@ -595,7 +595,7 @@ class Receiver:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.handle_error = lambda request, address: None     # clients that time out are expected
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
 
     def close(self):
         self.httpd.shutdown()
@@ -637,7 +637,7 @@ def test_job_status_webhook_forwarding(status, body, expect_status, expect_text)
 def test_job_status_webhook_errors():
     slow = Receiver(delay=5)
     redirect = Receiver(status=302, body=b"moved", location="http://example.com/elsewhere")
-    app = create_app(webhook_url=slow.url, purge_interval=0)
+    app = create_app(webhook_url=slow.url, purge_interval=0, webhook_timeout=0.3)
     try:
         anon = webtest.TestApp(app)
         agent = Client(app, token_headers(app, "agent", "agent1"))
@@ -701,7 +701,7 @@ def test_a_receiver_that_does_not_speak_http_is_unreachable():
 
 def test_a_slow_webhook_does_not_block_other_requests(server):
     app, base = server
-    slow = Receiver(delay=2)
+    slow = Receiver(delay=1)
     app.hub.config.webhook_url = slow.url
     headers = token_headers(app, "agent", "agent1")
     job_id = json.loads(call_http(base, "POST", "/v1/job", {"job_queue": "q"})[2])["job_id"]
@@ -709,8 +709,8 @@ def test_a_slow_webhook_does_not_block_other_requests(server):
     thread = threading.Thread(target=lambda: done.update(answer=call_http(
         base, "POST", f"/v1/job/{job_id}/events", _events_body(slow.url + "/h"), headers)))
     thread.start()
-    time.sleep(0.3)
-    assert call_http(base, "GET", "/v1/")[0] == 200 and "answer" not in done
+    assert _wait_for(lambda: slow.requests)          # the hub now waits on the receiver ...
+    assert call_http(base, "GET", "/v1/")[0] == 200 and "answer" not in done    # ... and still answers
     thread.join()
     assert done["answer"][0] == 200
     slow.close()
@@ -1750,7 +1750,7 @@ def test_many_parked_watchers_are_answered_by_one_fire_and_keep_their_connection
 def test_closing_the_app_answers_parked_watchers():
     app = create_app(purge_interval=0)
     httpd = agenthub.make_server(app, "127.0.0.1", 0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
         event = json.loads(call_http(base, "PUT", "/v1/event/fire/x", b"")[2])
@@ -2239,7 +2239,8 @@ def test_gocd_notifications_idle_building_idle_then_lost_contact():
 
 
 def test_gocd_worker_survives_an_unusable_webhook_url():
-    app = create_app(gocd_webhooks="not-a-url", purge_interval=0, lost_contact_seconds=0)
+    app = create_app(gocd_webhooks="not-a-url", purge_interval=0, lost_contact_seconds=0,
+                     gocd_retry_delays=(0.01, 0.01))
     try:
         agent = Client(app, token_headers(app, "agent", "a1"))
         agent.post_json("/v1/agents/data/a1", {"state": "waiting"})
@@ -2301,9 +2302,9 @@ class FlakyReceiver(Receiver):
 
 def test_gocd_retries_a_500_then_succeeds_and_clears_health():
     receiver = FlakyReceiver()
-    app = create_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0)
+    app = create_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0,
+                     gocd_retry_delays=(0.1, 0.1))
     try:
-        app.hub.notifier.DELAYS = (0.1, 0.1)
         Client(app, token_headers(app, "agent", "a1")).post_json("/v1/agents/data/a1", {"state": "waiting"})
         assert _wait_for(lambda: app.hub.store.deliveries())
         delivery = app.hub.store.deliveries()[0]
@@ -2317,9 +2318,9 @@ def test_gocd_retries_a_500_then_succeeds_and_clears_health():
 
 def test_gocd_timeout_is_recorded_and_never_slows_the_api():
     receiver = Receiver(delay=2)
-    app = create_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0)
+    app = create_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0, gocd_timeout=0.3,
+                     gocd_retry_delays=(0.05, 0.05))
     try:
-        app.hub.notifier.TIMEOUT, app.hub.notifier.DELAYS = 0.3, (0.05, 0.05)
         agent = Client(app, token_headers(app, "agent", "a1"))
         for state in ("waiting", "test", "waiting", "test"):
             agent.post_json("/v1/agents/data/a1", {"state": state})       # answered while the receiver hangs
@@ -2336,8 +2337,8 @@ def test_gocd_timeout_is_recorded_and_never_slows_the_api():
 def test_gocd_queued_deliveries_are_recorded_on_close(tmp_path):
     receiver = Receiver(delay=1)
     db = str(tmp_path / "hub.db")
-    app = create_app(db=db, gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0)
-    app.hub.notifier.TIMEOUT, app.hub.notifier.DELAYS = 0.5, ()
+    app = create_app(db=db, gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0, gocd_timeout=0.5,
+                     gocd_retry_delays=())
     agent = Client(app, token_headers(app, "agent", "a1"))
     for state in ("waiting", "test", "waiting", "test", "waiting"):
         agent.post_json("/v1/agents/data/a1", {"state": state})
