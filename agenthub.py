@@ -1446,6 +1446,66 @@ def at_least(low):
     return lambda value: None if value >= low else f"Must be greater than or equal to {low}."
 
 
+# -- strict JSON -------------------------------------------------------------------
+#
+# Every JSON document that arrives from outside (request bodies, token segments, webhook answers)
+# is read here: nothing deeper than JSON_MAX_DEPTH, no NaN/Infinity, no number that does not fit
+# (integers: SQLite's signed 64 bits), no lone surrogate — so nothing stored can break a later read.
+
+JSON_MAX_DEPTH = 64             # nesting of arrays and objects
+JSON_MAX_NUMBER = 40            # characters of one number literal
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class JsonRefused(ValueError):
+    """Well-formed JSON that the hub does not accept (too deep, NaN, a lone surrogate, a huge number)."""
+
+
+def _json_int(text):
+    value = int(text) if len(text) <= 20 else None
+    if value is None or not INT64_MIN <= value <= INT64_MAX:
+        raise JsonRefused("an integer does not fit in 64 bits")
+    return value
+
+
+def _json_float(text):
+    value = float(text) if len(text) <= JSON_MAX_NUMBER else float("inf")
+    if not math.isfinite(value):
+        raise JsonRefused("a number is too long or too large")
+    return value
+
+
+def _json_constant(name):
+    raise JsonRefused(f"{name} is not a JSON number")
+
+
+def load_json(text):
+    """Strict JSON: ValueError when it is not JSON, JsonRefused when it is JSON the hub refuses."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")        # strictly: json.loads(bytes) would let surrogates through
+    try:
+        value = json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
+    except RecursionError:
+        raise JsonRefused(f"nested deeper than {JSON_MAX_DEPTH} levels")
+    escapes = _SURROGATE_ESCAPE.search(text) is not None
+    if escapes or text.count("[") + text.count("{") > JSON_MAX_DEPTH:      # cheap for the usual body
+        stack = [(value, 1)]
+        while stack:
+            node, depth = stack.pop()
+            if isinstance(node, (dict, list)):
+                if depth > JSON_MAX_DEPTH:
+                    raise JsonRefused(f"nested deeper than {JSON_MAX_DEPTH} levels")
+                items = node.items() if isinstance(node, dict) else enumerate(node)
+                for key, item in items:
+                    if escapes and isinstance(key, str) and _SURROGATE.search(key):
+                        raise JsonRefused("a string holds a lone surrogate")
+                    stack.append((item, depth + 1))
+            elif escapes and isinstance(node, str) and _SURROGATE.search(node):
+                raise JsonRefused("a string holds a lone surrogate")
+    return value
+
+
 # -- Testflinger schemas --------------------------------------------------------------
 
 PHASES = ("setup", "provision", "firmware_update", "test", "allocate", "reserve", "cleanup")
@@ -1648,8 +1708,8 @@ def jwt_decode(token, key, leeway, now):
     """Verify an HS256 token; raise ApiError with the original server's status and message."""
     try:
         head_b64, body_b64, sig_b64 = token.split(".")
-        header = json.loads(_unb64url(head_b64))
-        claims = json.loads(_unb64url(body_b64))
+        header = load_json(_unb64url(head_b64))
+        claims = load_json(_unb64url(body_b64))
         signature = _unb64url(sig_b64)
         if not isinstance(header, dict) or not isinstance(claims, dict):
             raise ValueError("not an object")
@@ -2175,7 +2235,7 @@ class Notifier:
         if not (text or "").strip():
             return "success", status, text, [], None           # leniency: a bodyless 2xx is success
         try:
-            answer = json.loads(text)
+            answer = load_json(text)
         except ValueError:
             return "error", status, text, [], "Unable to de-serialize json response. Invalid JSON"
         if not isinstance(answer, dict) or not isinstance(answer.get("status"), str) or not answer["status"]:
@@ -3094,13 +3154,9 @@ MAX_HEADER = 8 * 1024           # one header value (431 beyond)
 MAX_HEADERS = 32 * 1024         # all header values together (431 beyond)
 MAX_FORM = 64 * 1024            # a web form's urlencoded body (413 beyond)
 MAX_QUERY_FIELDS = 1000
-JSON_MAX_DEPTH = 64             # nesting of arrays and objects
-JSON_MAX_NUMBER = 40            # characters of one number literal
 CREDENTIAL_HEADERS = ("HTTP_AUTHORIZATION", "HTTP_X_AUTH_TOKEN", "HTTP_X_CONSUL_TOKEN", "HTTP_X_AGENT_ID",
                       "HTTP_IDEMPOTENCY_KEY")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class BadCredential(ApiError):
@@ -3204,56 +3260,6 @@ def form():
                                            errors="strict", max_num_fields=MAX_QUERY_FIELDS))
     except (UnicodeDecodeError, ValueError):
         raise ApiError(400, "The form is not valid UTF-8")
-
-
-# -- JSON ---------------------------------------------------------------------------
-
-class JsonRefused(ValueError):
-    """Well-formed JSON that the hub does not accept (too deep, NaN, a lone surrogate, a huge number)."""
-
-
-def _json_int(text):
-    value = int(text) if len(text) <= 20 else None
-    if value is None or not INT64_MIN <= value <= INT64_MAX:
-        raise JsonRefused("an integer does not fit in 64 bits")
-    return value
-
-
-def _json_float(text):
-    value = float(text) if len(text) <= JSON_MAX_NUMBER else float("inf")
-    if not math.isfinite(value):
-        raise JsonRefused("a number is too long or too large")
-    return value
-
-
-def _json_constant(name):
-    raise JsonRefused(f"{name} is not a JSON number")
-
-
-def load_json(text):
-    """Strict JSON: ValueError when it is not JSON, JsonRefused when it is JSON the hub refuses."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8")        # strictly: json.loads(bytes) would let surrogates through
-    try:
-        value = json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
-    except RecursionError:
-        raise JsonRefused(f"nested deeper than {JSON_MAX_DEPTH} levels")
-    escapes = _SURROGATE_ESCAPE.search(text) is not None
-    if escapes or text.count("[") + text.count("{") > JSON_MAX_DEPTH:      # cheap for the usual body
-        stack = [(value, 1)]
-        while stack:
-            node, depth = stack.pop()
-            if isinstance(node, (dict, list)):
-                if depth > JSON_MAX_DEPTH:
-                    raise JsonRefused(f"nested deeper than {JSON_MAX_DEPTH} levels")
-                items = node.items() if isinstance(node, dict) else enumerate(node)
-                for key, item in items:
-                    if escapes and isinstance(key, str) and _SURROGATE.search(key):
-                        raise JsonRefused("a string holds a lone surrogate")
-                    stack.append((item, depth + 1))
-            elif escapes and isinstance(node, str) and _SURROGATE.search(node):
-                raise JsonRefused("a string holds a lone surrogate")
-    return value
 
 
 NO_BODY, NOT_JSON = object(), object()

@@ -2255,6 +2255,7 @@ def test_gocd_worker_survives_an_unusable_webhook_url():
     (200, b'{"status": "failure", "messages": ["disk full", "try later"]}', "failure", "disk full, try later"),
     (200, b"", "success", None),
     (200, b"not json", "error", "Unable to de-serialize json response."),
+    (200, b"[" * 5000 + b"]" * 5000, "error", "Unable to de-serialize json response."),
     (200, b'{"messages": []}', "error", "Notify result 'status' is a required field"),
     (404, b"no such plugin", "error", "It returned code '404' and the following response: 'no such plugin'"),
     (302, b"moved", "error", "It returned code '302'"),
