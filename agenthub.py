@@ -455,7 +455,8 @@ class Store:
         self.memory = path in (":memory:", "")
         self._idle = queue.LifoQueue()
         self._size = threading.BoundedSemaphore(1) if self.memory else None
-        self._write_lock = threading.RLock()
+        self._write_lock = threading.Lock()
+        self._local = threading.local()          # the connection this thread holds, and whether it writes
         self._closed = False
         with self.write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -484,7 +485,13 @@ class Store:
 
     @contextlib.contextmanager
     def connection(self):
-        """Borrow a connection for the length of the block."""
+        """Borrow a connection for the length of the block.  A thread that already holds one gets
+        the same one again, so a read inside a write sees the write and never waits for a second
+        connection (the same on ``:memory:``, a pool of one, as on a file)."""
+        held = getattr(self._local, "conn", None)
+        if held is not None:
+            yield held
+            return
         if self._closed:
             raise RuntimeError("store is closed")
         if self._size is not None:
@@ -494,9 +501,11 @@ class Store:
                 conn = self._idle.get_nowait()
             except queue.Empty:
                 conn = self._open()
+            self._local.conn = conn
             try:
                 yield conn
             finally:
+                self._local.conn = None
                 if conn.in_transaction:
                     conn.rollback()
                 if self._closed or (not self.memory and self._idle.qsize() >= 32):
@@ -510,15 +519,23 @@ class Store:
 
     @contextlib.contextmanager
     def write(self):
-        """One write transaction, serialised with every other writer."""
+        """One write transaction, serialised with every other writer.  A write inside a write
+        joins it: the steps of one domain operation commit (or roll back) together."""
+        if getattr(self._local, "writing", False):
+            yield self._local.conn
+            return
         with self._write_lock, self.connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
+            self._local.writing = True
             try:
-                yield conn
-            except BaseException:
-                conn.rollback()
-                raise
-            conn.commit()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.rollback()
+                    raise
+                conn.commit()
+            finally:
+                self._local.writing = False
 
     def read(self, sql, args=()):
         with self.connection() as conn:

@@ -189,6 +189,35 @@ def test_failed_write_transaction_leaves_nothing(app):
     assert store.read("SELECT * FROM restricted_queues") == []
 
 
+@pytest.mark.parametrize("where", [":memory:", "file"])
+def test_a_read_inside_a_write_sees_it_and_a_write_inside_a_write_joins_it(tmp_path, where):
+    """Borrowing is re-entrant per thread: the same on :memory: (a pool of one) as on a file."""
+    app = create_app(db=where if where == ":memory:" else str(tmp_path / "hub.db"), purge_interval=0)
+    store = app.hub.store
+    try:
+        done = threading.Event()
+
+        def work():
+            with store.write() as db:
+                db.execute("INSERT INTO restricted_queues (name) VALUES ('inner')")
+                assert [r[0] for r in store.read("SELECT name FROM restricted_queues")] == ["inner"]
+                with store.write() as again:
+                    again.execute("INSERT INTO restricted_queues (name) VALUES ('nested')")
+            done.set()
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        assert done.wait(10), "a read inside a write never got a connection"
+        assert sorted(r[0] for r in store.read("SELECT name FROM restricted_queues")) == ["inner", "nested"]
+        with pytest.raises(RuntimeError):              # and a failing outer step undoes the nested one
+            with store.write() as db:
+                with store.write() as again:
+                    again.execute("INSERT INTO restricted_queues (name) VALUES ('undone')")
+                raise RuntimeError("second step failed")
+        assert "undone" not in [r[0] for r in store.read("SELECT name FROM restricted_queues")]
+    finally:
+        app.close()
+
+
 def test_secret_key_is_kept_beside_the_database_not_in_it(tmp_path):
     path = str(tmp_path / "hub.db")
     first = create_app(db=path, purge_interval=0)
