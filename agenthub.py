@@ -396,6 +396,7 @@ def _migrate_registry(db):
 
 CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 PFID_PATTERN = re.compile(r"^[0-7][0-9abcdefghjkmnpqrstvwxyz]{31}$")
+UUID_TEXT = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 
 
 def _b32(number, width):
@@ -935,9 +936,20 @@ class Store:
         sql += f" ORDER BY e.id {'DESC' if descending else 'ASC'} LIMIT ?"
         return self.read(sql, (*args, limit))
 
-    def idempotent_answer(self, scope, key, since):
-        return self.read_one("SELECT status, body FROM idempotency WHERE scope = ? AND key = ? AND created_at > ?",
-                             (scope, key, since))
+    def claim_idempotency(self, scope, key, now, since):
+        """The answer stored for (scope, key) after ``since`` (status 0: still running), or None
+        after claiming the key for the caller."""
+        with self.write() as db:
+            row = db.execute("SELECT status, body FROM idempotency WHERE scope = ? AND key = ? AND created_at > ?",
+                             (scope, key, since)).fetchone()
+            if row is None:
+                db.execute("INSERT OR REPLACE INTO idempotency (scope, key, status, body, created_at)"
+                           " VALUES (?, ?, 0, '', ?)", (scope, key, now))
+            return row
+
+    def forget_idempotency(self, scope, key):
+        with self.write() as db:
+            db.execute("DELETE FROM idempotency WHERE scope = ? AND key = ? AND status = 0", (scope, key))
 
     def remember_answer(self, scope, key, status, body, now):
         with self.write() as db:
@@ -2645,7 +2657,7 @@ def re2_error(pattern):
     except re.error as exc:
         return f"error parsing regexp: {exc.msg}: `{pattern}`"
     except RecursionError:
-        return f"error parsing regexp: expression nests too deeply"
+        return "error parsing regexp: expression nests too deeply"
     return None
 
 
@@ -3090,6 +3102,9 @@ class Registry:
     def find(self, column, value):
         return self.store.agent_by(column, value)
 
+    def all(self):
+        return self.store.all_agents()
+
     def view(self, row, now=None):
         counts, cancel = self.store.instance_summary(row["name"])
         return derive_agent(row, counts, cancel, utcnow() if now is None else now,
@@ -3128,19 +3143,226 @@ class Registry:
         for row in self.store.all_agents():
             self.changed(row["name"], now, row)
 
+    def _create(self, name, origin, **values):
+        """Insert a new agent from outside Testflinger (ids not given, None, are generated)."""
+        now = utcnow()
+        self.store.create_agent({"name": name, "origin": origin, "tf": 0, "updated_at": now, "inserted_at": now,
+                                 "record_updated_at": now, **self.new_ids(),
+                                 **{k: v for k, v in values.items() if v is not None}})
+        return self.store.get_agent(name)
+
+    def _touch(self, name, ip=None, shutdown=False):
+        now = self._last_contact[name] = utcnow()
+        self.store.touch_agent(name, now, ip, shutdown)
+
+    # -- Prefactor agents (spec agents.md §2); each change is one write transaction -----------------
+    #
+    # Announcements (``changed``) go out after the commit: a notification never tells of a change
+    # that was rolled back, and no event-buffer lock is taken while the writer lock is held.
+
+    def agent(self, pfid):
+        """The agent with this PFID: 400 for a malformed id, 404 for an unknown one."""
+        if not PFID_PATTERN.match(pfid or ""):
+            raise ApiError(400, "Invalid agent_id")
+        row = self.find("pfid", pfid)
+        if row is None:
+            raise ApiError(404, "Agent not found")
+        return row
+
+    def _require(self, row, action, verb):
+        """Refuse (409) an action the agent's available_actions do not allow (spec §2.5)."""
+        view = self.view(row)
+        if not view.actions[action]:
+            raise ApiError(409, f"Agent cannot be {verb} in its current state ({view.status})")
+
     def create(self, name, origin, **values):
         """A new agent from outside Testflinger; ids not given (None) are generated."""
-        now = utcnow()
-        record = {"name": name, "origin": origin, "tf": 0, "updated_at": now, "inserted_at": now,
-                  "record_updated_at": now, **self.new_ids(),
-                  **{k: v for k, v in values.items() if v is not None}}
-        self.store.create_agent(record)
+        with self.store.write():
+            if values.get("pfid") and self.find("pfid", values["pfid"]) is not None:
+                raise Invalid({"details.id": ["has already been taken"]})
+            if self.find("name", name) is not None:
+                raise Invalid({"details.name": ["has already been taken"]})
+            self._create(name, origin, **values)
         self.changed(name)
         return self.store.get_agent(name)
 
-    def set_retired(self, name, retired):
-        self.store.update_agent(name, {"retired": int(retired), "record_updated_at": utcnow()})
-        return self.changed(name)
+    def update(self, pfid, values):
+        """Change an agent's name, description or current version (already validated)."""
+        with self.store.write():
+            row = self.agent(pfid)
+            if "name" in values and values["name"] != row["name"] and self.find("name", values["name"]):
+                raise Invalid({"details.name": ["has already been taken"]})
+            changed = {k: v for k, v in values.items() if row[k] != v}
+            self._require(row, "update", "updated")
+            if "name" in changed and row["tf"]:
+                raise ApiError(409, "Agent name is managed by Testflinger")
+            if changed:
+                self.store.update_agent(row["name"], {**changed, "record_updated_at": utcnow()})
+        return self.find("pfid", pfid)
+
+    def set_retired(self, pfid, retired):
+        """Retire or reinstate an agent (retired agents take no jobs and start no instances)."""
+        with self.store.write():
+            row = self.agent(pfid)
+            self._require(row, "retire" if retired else "reinstate", "retired" if retired else "reinstated")
+            self.store.update_agent(row["name"], {"retired": int(retired), "record_updated_at": utcnow()})
+        self.changed(row["name"])
+        return self.find("pfid", pfid)
+
+    def delete(self, pfid):
+        """Remove an agent everywhere; returns its row and view as they were just before."""
+        with self.store.write():
+            row = self.agent(pfid)
+            self._require(row, "delete", "deleted")
+            view = self.view(row)
+            self.store.delete_agent(row["name"])
+        return row, view
+
+    # -- Prefactor instances: pending → active → complete | failed | cancelled --------------------
+
+    def instance(self, pfid):
+        inst = self.store.get_instance(pfid) if PFID_PATTERN.match(pfid or "") else None
+        if inst is None:
+            raise ApiError(404, "Agent instance not found")
+        return inst
+
+    def instances(self, agent_pfid=None):
+        return self.store.list_instances(self.agent(agent_pfid)["name"] if agent_pfid else None)
+
+    def register_instance(self, agent_pfid, version, schema_version, environment_id=None, pfid=None,
+                          update_current=False):
+        """A new pending instance of an agent that is not retired, with its version ids (one pair of
+        ids per distinct version description)."""
+        with self.store.write():
+            row = self.agent(agent_pfid)
+            if row["retired"]:
+                raise ApiError(409, "Agent cannot register instances in its current state (retired)")
+            if pfid and self.store.get_instance(pfid) is not None:
+                raise Invalid({"id": ["has already been taken"]})
+            digest = hashlib.sha256(json.dumps([version, schema_version], sort_keys=True).encode()).hexdigest()
+            version_id, schema_id = self.store.agent_version(row["name"], digest,
+                                                             lambda: (self.new_pfid(), self.new_pfid()))
+            now = utcnow()
+            if update_current:
+                self.store.update_agent(row["name"], {"current_version_id": version_id,
+                                                      "current_schema_version_id": schema_id,
+                                                      "record_updated_at": now})
+            pfid = pfid or self.new_pfid()
+            self.store.add_instance({"pfid": pfid, "agent_name": row["name"], "source": "prefactor",
+                                     "environment_id": environment_id or row["environment_id"],
+                                     "agent_version_id": version_id, "status": "pending", "inserted_at": now,
+                                     "updated_at": now})
+            self._touch(row["name"])
+        self.changed(row["name"])
+        return self.store.get_instance(pfid)
+
+    def start_instance(self, pfid, when):
+        return self._move_instance(pfid, ("pending",), {"status": "active", "started_at": when},
+                                   "Agent instance cannot be started in its current state ({})")
+
+    def finish_instance(self, pfid, status, when):
+        return self._move_instance(pfid, ("pending", "active"), {"status": status, "finished_at": when},
+                                   "Agent instance is already in a terminal state ({})")
+
+    def _move_instance(self, pfid, from_statuses, values, refusal):
+        with self.store.write():
+            inst = self.instance(pfid)
+            if not self.store.move_instance(inst["pfid"], from_statuses, {**values, "updated_at": utcnow()}):
+                raise ApiError(409, refusal.format(inst["status"]))
+            self._touch(inst["agent_name"])
+        self.changed(inst["agent_name"])
+        return self.store.get_instance(inst["pfid"])
+
+    # -- Rackspace agent events (spec agents.md §3) ------------------------------------------------
+
+    def resolve(self, agent_id):
+        """A Rackspace agent id: by uuid (any case), then by name."""
+        row = self.find("uuid", agent_id.lower()) if UUID_TEXT.match(agent_id) else None
+        return row or self.find("name", agent_id)
+
+    def project_agent(self, project_id, agent_id):
+        row = self.resolve(agent_id)
+        if row is None or row["project_id"] != project_id:
+            raise ApiError(404, "Agent not found.")
+        return row
+
+    def check_caller(self, caller, agent_id):
+        """403 unless the agent that sends an event (``X-Agent-Id``) is the one it is about."""
+        if UUID_TEXT.match(caller) and UUID_TEXT.match(agent_id):
+            same = caller.lower() == agent_id.lower()
+        else:
+            same = caller == agent_id
+        if not same:
+            known_caller, known_target = self.resolve(caller), self.resolve(agent_id)
+            if known_caller is None or known_target is None or known_caller["name"] != known_target["name"]:
+                raise ApiError(403, "X-Agent-Id does not match the agent in the request URI.")
+
+    def agent_event(self, project_id, agent_id, event, mode=None, ip=None):
+        """``startup`` (creating the agent if needed, binding it to the project), ``shutdown`` or
+        ``agent_activate``; one announcement of the end state."""
+        with self.store.write():
+            row = self.resolve(agent_id)
+            if row is None:
+                if event != "startup":
+                    raise ApiError(404, "Agent not found.")
+                row = self._create(agent_id, "rackspace", project_id=project_id,
+                                   uuid=agent_id.lower() if UUID_TEXT.match(agent_id) else None)
+            elif row["project_id"] not in (None, project_id):
+                raise ApiError(404, "Agent not found.")
+            if event == "startup" and row["retired"]:
+                raise ApiError(409, "Agent is retired.")
+            if row["project_id"] is None:
+                self.store.update_agent(row["name"], {"project_id": project_id})
+            if event == "agent_activate":
+                self._activate([row["name"]], project_id, mode)
+            else:
+                self.store.add_rackspace_event([row["name"]], project_id, f"agent_{event}", None, utcnow())
+            self._touch(row["name"], ip, shutdown=event == "shutdown")
+        self.changed(row["name"])
+
+    def activate_projects(self, project_id, mode):
+        """``agent_activate`` for every agent of a project (None: of every project)."""
+        with self.store.write():
+            rows = [r for r in self.store.all_agents() if r["project_id"] is not None
+                    and (project_id is None or r["project_id"] == project_id)]
+            for pid in sorted({r["project_id"] for r in rows}):
+                self._activate([r["name"] for r in rows if r["project_id"] == pid], pid, mode)
+
+    def feed(self, project_id, name, marker, limit, descending):
+        return self.store.rackspace_events(project_id, name, marker, limit, descending)
+
+    def _activate(self, names, project_id, mode):
+        expires = utcnow() + self.config.activate_ttl
+        for name in names:
+            self.store.update_agent(name, {"activation_mode": mode, "activation_expires_at": expires})
+        self.store.add_rackspace_event(names, project_id, "agent_activate", mode, utcnow())
+
+
+class Idempotency:
+    """Writes made with an idempotency key (Prefactor's, spec agents.md §2.4): the first request
+    runs, a repeat within a day gets the first answer again, and a repeat while the first is still
+    running gets 409 (the key is claimed in the same transaction that checks it)."""
+
+    TTL = 86400.0
+
+    def __init__(self, store):
+        self.store = store
+
+    def run(self, scope, key, make):
+        """(status, body) of ``make()``, run once per (scope, key) a day."""
+        now = utcnow()
+        seen = self.store.claim_idempotency(scope, key, now, now - self.TTL)
+        if seen is not None:
+            if not seen["status"]:
+                raise ApiError(409, "A request with this idempotency key is still being processed")
+            return seen["status"], seen["body"]
+        try:
+            status, body = make()
+        except BaseException:
+            self.store.forget_idempotency(scope, key)
+            raise
+        self.store.remember_answer(scope, key, status, body, utcnow())
+        return status, body
 
 
 ###############################################################################
@@ -4062,16 +4284,8 @@ def pf_error(status, code, message, errors=None):
     return json_response(body, status)
 
 
-class PfInvalid(Exception):
-    """Field errors of a Prefactor request: {field: [messages]} → 422 validation_errors."""
-
-    def __init__(self, errors):
-        super().__init__(errors)
-        self.errors = errors
-
-
 def pf_page(query, total):
-    """(offset, page size) from pagination[offset] / pagination[page_size], or PfInvalid."""
+    """(offset, page size) from pagination[offset] / pagination[page_size], or Invalid."""
     errors, values = {}, {}
     for key, default, low, high in (("pagination[offset]", 0, 0, None), ("pagination[page_size]", 100, 1, 100)):
         text = query.get(key)
@@ -4083,7 +4297,7 @@ def pf_page(query, total):
         else:
             values[key] = int(text)
     if errors:
-        raise PfInvalid(errors)
+        raise Invalid(errors)
     return values["pagination[offset]"], values["pagination[page_size]"]
 
 
@@ -4100,7 +4314,7 @@ class PrefactorStyle(ApiStyle):
     ``--api-token`` is set; idempotency keys on writes (body or ``Idempotency-Key``, 24 h)."""
 
     name, prefix = "prefactor", "/api"
-    invalid = (PfInvalid,)
+    invalid = (Invalid,)
     CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
              405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 414: "uri_too_long",
              415: "unsupported_media_type", 422: "validation_errors", 431: "headers_too_large"}
@@ -4115,7 +4329,7 @@ class PrefactorStyle(ApiStyle):
         return pf_error(status, code, message or self.TEXTS.get(status) or _status_text(status))
 
     def refused(self, exc):
-        if isinstance(exc, PfInvalid):
+        if isinstance(exc, Invalid):
             return pf_error(422, "validation_errors", "Validation failed", exc.errors)
         return self.error(exc.status, exc.message)
 
@@ -4133,17 +4347,16 @@ class PrefactorStyle(ApiStyle):
         body = self.body()
         key = (body.get("idempotency_key") if isinstance(body, dict) else None) or credential("Idempotency-Key")
         if key is not None and (not isinstance(key, str) or len(key) > 64):
-            raise PfInvalid({"idempotency_key": ["should be at most 64 character(s)"]})
+            raise Invalid({"idempotency_key": ["should be at most 64 character(s)"]})
         if not key:
             return func(body, **kw)
-        store = self.hub.store
-        scope = f"{method} {request.path} {token or ''}"
-        seen = store.idempotent_answer(scope, key, utcnow() - 86400)
-        if seen:
-            return HTTPResponse(seen["body"], seen["status"], {"Content-Type": "application/json"})
-        answer = func(body, **kw)
-        store.remember_answer(scope, key, answer.status_code, answer.body, utcnow())
-        return answer
+        made = []
+
+        def make():
+            made.append(func(body, **kw))
+            return made[0].status_code, made[0].body
+        status, text = self.hub.idempotency.run(f"{method} {request.path} {token or ''}", key, make)
+        return made[0] if made else HTTPResponse(text, status, {"Content-Type": "application/json"})
 
     def body(self):
         """The JSON body: none → {}; not JSON, or not an object → 400."""
@@ -4159,17 +4372,9 @@ class PrefactorStyle(ApiStyle):
 
 def install_prefactor(app, hub):
     """Mount ``/api/v1`` on ``app``; returns its style."""
-    registry, store, config = hub.registry, hub.store, hub.config
+    registry, config = hub.registry, hub.config
     api = PrefactorStyle(app, hub)
     route = api.route
-
-    def agent_or_404(pfid):
-        if not PFID_PATTERN.match(pfid or ""):
-            raise ApiError(400, "Invalid agent_id")
-        row = registry.find("pfid", pfid)
-        if row is None:
-            raise ApiError(404, "Agent not found")
-        return row
 
     def agent_json(row, view, counts=True, environment_id=None):
         out = {"available_actions": view.actions, "current_schema_version_id": row["current_schema_version_id"],
@@ -4185,26 +4390,19 @@ def install_prefactor(app, hub):
     def details(row, **kw):
         return json_response({"status": "success", "details": agent_json(row, registry.view(row), **kw)})
 
-    def check_name(value, errors, current=None):
+    def check_name(value, errors):
+        """The form of a name; whether it is taken is the registry's to say, in its transaction."""
         if value is None or (isinstance(value, str) and not value.strip()):
             errors["details.name"] = ["can't be blank"]
         elif not isinstance(value, str):
             errors["details.name"] = ["is invalid"]
         elif len(value.strip()) > 255:
             errors["details.name"] = ["should be at most 255 character(s)"]
-        elif value.strip() != current and registry.find("name", value.strip()) is not None:
-            errors["details.name"] = ["has already been taken"]
 
     def check_optional_pfid(value, key, errors, partition=None):
         if value is not None and (pfid_partition(value) is None or
                                   (partition is not None and pfid_partition(value) != partition)):
             errors[key] = ["is invalid"]
-
-    def require_action(row, action, verb):
-        """Refuse (409) an action the agent's available_actions do not allow (spec §2.5)."""
-        view = registry.view(row)
-        if not view.actions[action]:
-            raise ApiError(409, f"Agent cannot be {verb} in its current state ({view.status})")
 
     @route("GET", "/api/v1/ping")
     def ping():
@@ -4214,18 +4412,16 @@ def install_prefactor(app, hub):
     def create_agent(body):
         data = body.get("details")
         if not isinstance(data, dict):
-            raise PfInvalid({"details": ["can't be blank"]})
+            raise Invalid({"details": ["can't be blank"]})
         errors = {}
         check_name(data.get("name"), errors)
         check_optional_pfid(data.get("environment_id"), "details.environment_id", errors)
         check_optional_pfid(data.get("id"), "details.id", errors, config.pfid_partition)
-        if data.get("id") and "details.id" not in errors and registry.find("pfid", data["id"]) is not None:
-            errors["details.id"] = ["has already been taken"]
         for key in ("description", "external_identifier"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 errors[f"details.{key}"] = ["is invalid"]
         if errors:
-            raise PfInvalid(errors)
+            raise Invalid(errors)
         row = registry.create(data["name"].strip(), "prefactor", pfid=data.get("id"),
                               environment_id=data.get("environment_id"), description=data.get("description"),
                               external_identifier=data.get("external_identifier"))
@@ -4236,12 +4432,12 @@ def install_prefactor(app, hub):
         query = request.query
         env = query.get("environment_id")
         if env and pfid_partition(env) is None:
-            raise PfInvalid({"environment_id": ["is invalid"]})
+            raise Invalid({"environment_id": ["is invalid"]})
         sorting = query.get("sorting") or "-id"
         field = sorting.lstrip("-")
         if field not in PF_SORT_FIELDS or sorting.count("-") > 1:
-            raise PfInvalid({"sorting": ["is invalid"]})
-        rows = store.all_agents()
+            raise Invalid({"sorting": ["is invalid"]})
+        rows = registry.all()
         if env:
             rows = [r for r in rows if r["environment_id"] == env]
         if any(query.get(k) for k in ("risk_profile_id", "team_id", "owner_person_id")):
@@ -4264,26 +4460,26 @@ def install_prefactor(app, hub):
     def show_agent():
         by_id, by_ext = request.query.get("agent_id"), request.query.get("external_identifier")
         if bool(by_id) == bool(by_ext):
-            raise PfInvalid({"agent_id": ["exactly one of agent_id or external_identifier is required"]})
-        row = agent_or_404(by_id) if by_id else registry.find("external_identifier", by_ext)
+            raise Invalid({"agent_id": ["exactly one of agent_id or external_identifier is required"]})
+        row = registry.agent(by_id) if by_id else registry.find("external_identifier", by_ext)
         if row is None:
             raise ApiError(404, "Agent not found")
         return details(row, environment_id=request.query.get("environment_id"))
 
     @route("GET", "/api/v1/agent/<agent_id>")
     def get_agent(agent_id):
-        return details(agent_or_404(agent_id), environment_id=request.query.get("environment_id"))
+        return details(registry.agent(agent_id), environment_id=request.query.get("environment_id"))
 
     @route("PUT", "/api/v1/agent/<agent_id>")
     def update_agent(body, agent_id):
-        row = agent_or_404(agent_id)
+        registry.agent(agent_id)
         data = body.get("details")
         if not isinstance(data, dict):
-            raise PfInvalid({"details": ["can't be blank"]})
+            raise Invalid({"details": ["can't be blank"]})
         errors, values = {}, {}
         if "name" in data:
-            check_name(data["name"], errors, current=row["name"])
-            if not errors and data["name"].strip() != row["name"]:
+            check_name(data["name"], errors)
+            if not errors:
                 values["name"] = data["name"].strip()
         if "description" in data:
             if data["description"] is not None and not isinstance(data["description"], str):
@@ -4293,36 +4489,21 @@ def install_prefactor(app, hub):
             check_optional_pfid(data["current_version_id"], "details.current_version_id", errors)
             values["current_version_id"] = data["current_version_id"]
         if errors:
-            raise PfInvalid(errors)
-        require_action(row, "update", "updated")
-        if "name" in values and row["tf"]:
-            raise ApiError(409, "Agent name is managed by Testflinger")
-        changed = {k: v for k, v in values.items() if row[k] != v}
-        if changed:
-            store.update_agent(row["name"], {**changed, "record_updated_at": utcnow()})
-        return details(registry.find("pfid", agent_id))
+            raise Invalid(errors)
+        return details(registry.update(agent_id, values))
 
     @route("POST", "/api/v1/agent/<agent_id>/retire")
     def retire_agent(body, agent_id):
-        row = agent_or_404(agent_id)
-        require_action(row, "retire", "retired")
-        registry.set_retired(row["name"], True)
-        return details(registry.find("pfid", agent_id))
+        return details(registry.set_retired(agent_id, True))
 
     @route("POST", "/api/v1/agent/<agent_id>/reinstate")
     def reinstate_agent(body, agent_id):
-        row = agent_or_404(agent_id)
-        require_action(row, "reinstate", "reinstated")
-        registry.set_retired(row["name"], False)
-        return details(registry.find("pfid", agent_id))
+        return details(registry.set_retired(agent_id, False))
 
     @route("DELETE", "/api/v1/agent/<agent_id>")
     def delete_agent(body, agent_id):
-        row = agent_or_404(agent_id)
-        require_action(row, "delete", "deleted")
-        answer = details(row)
-        store.delete_agent(row["name"])
-        return answer
+        row, view = registry.delete(agent_id)
+        return json_response({"status": "success", "details": agent_json(row, view)})
 
     # -- instances --------------------------------------------------------------------------
 
@@ -4338,12 +4519,6 @@ def install_prefactor(app, hub):
             out["job_id"] = inst["job_id"]
         return out
 
-    def instance_or_404(pfid):
-        inst = store.get_instance(pfid) if PFID_PATTERN.match(pfid or "") else None
-        if inst is None:
-            raise ApiError(404, "Agent instance not found")
-        return inst
-
     def timestamp(body):
         value = body.get("timestamp")
         if value is None:
@@ -4351,7 +4526,7 @@ def install_prefactor(app, hub):
         try:
             return parse_iso(value)
         except ValueError:
-            raise PfInvalid({"timestamp": ["is invalid"]})
+            raise Invalid({"timestamp": ["is invalid"]})
 
     @route("POST", "/api/v1/agent_instance/register")
     def register_instance(body):
@@ -4366,57 +4541,34 @@ def install_prefactor(app, hub):
             if body.get(key) is not None and not isinstance(body[key], dict):
                 errors[key] = ["is invalid"]
         if errors:
-            raise PfInvalid(errors)
-        row = agent_or_404(body["agent_id"])
-        if row["retired"]:
-            raise ApiError(409, "Agent cannot register instances in its current state (retired)")
-        if body.get("id") and store.get_instance(body["id"]) is not None:
-            raise PfInvalid({"id": ["has already been taken"]})
-        digest = hashlib.sha256(json.dumps([body.get("agent_version"), body.get("agent_schema_version")],
-                                           sort_keys=True).encode()).hexdigest()
-        version, schema = store.agent_version(row["name"], digest, lambda: (registry.new_pfid(), registry.new_pfid()))
-        if body.get("update_current_version"):
-            store.update_agent(row["name"], {"current_version_id": version, "current_schema_version_id": schema,
-                                             "record_updated_at": utcnow()})
-        now = utcnow()
-        pfid = body.get("id") or registry.new_pfid()
-        store.add_instance({"pfid": pfid, "agent_name": row["name"], "source": "prefactor",
-                            "environment_id": body.get("environment_id") or row["environment_id"],
-                            "agent_version_id": version, "status": "pending", "inserted_at": now, "updated_at": now})
-        registry.contact(row["name"])
-        return json_response({"status": "success", "details": instance_json(store.get_instance(pfid))})
+            raise Invalid(errors)
+        inst = registry.register_instance(body["agent_id"], body.get("agent_version"), body.get("agent_schema_version"),
+                                          body.get("environment_id"), body.get("id"),
+                                          bool(body.get("update_current_version")))
+        return json_response({"status": "success", "details": instance_json(inst)})
 
     @route("POST", "/api/v1/agent_instance/<instance_id>/start")
     def start_instance(body, instance_id):
-        inst = instance_or_404(instance_id)
-        when = timestamp(body)
-        if not store.move_instance(inst["pfid"], ("pending",), {"status": "active", "started_at": when,
-                                                                 "updated_at": utcnow()}):
-            raise ApiError(409, f"Agent instance cannot be started in its current state ({inst['status']})")
-        registry.contact(inst["agent_name"])
-        return json_response({"status": "success", "details": instance_json(store.get_instance(inst["pfid"]))})
+        registry.instance(instance_id)                   # 404 before the body's errors
+        inst = registry.start_instance(instance_id, timestamp(body))
+        return json_response({"status": "success", "details": instance_json(inst)})
 
     @route("POST", "/api/v1/agent_instance/<instance_id>/finish")
     def finish_instance(body, instance_id):
-        inst = instance_or_404(instance_id)
+        registry.instance(instance_id)
         status = body.get("status") or "complete"
         if status not in ("complete", "failed", "cancelled"):
-            raise PfInvalid({"status": ["is invalid"]})
-        when = timestamp(body)
-        if not store.move_instance(inst["pfid"], ("pending", "active"), {"status": status, "finished_at": when,
-                                                                          "updated_at": utcnow()}):
-            raise ApiError(409, f"Agent instance is already in a terminal state ({inst['status']})")
-        registry.contact(inst["agent_name"])
-        return json_response({"status": "success", "details": instance_json(store.get_instance(inst["pfid"]))})
+            raise Invalid({"status": ["is invalid"]})
+        inst = registry.finish_instance(instance_id, status, timestamp(body))
+        return json_response({"status": "success", "details": instance_json(inst)})
 
     @route("GET", "/api/v1/agent_instance/<instance_id>")
     def get_instance(instance_id):
-        return json_response({"status": "success", "details": instance_json(instance_or_404(instance_id))})
+        return json_response({"status": "success", "details": instance_json(registry.instance(instance_id))})
 
     @route("GET", "/api/v1/agent_instance")
     def list_instances():
-        agent_id = request.query.get("agent_id")
-        rows = store.list_instances(agent_or_404(agent_id)["name"] if agent_id else None)
+        rows = registry.instances(request.query.get("agent_id"))
         offset, size = pf_page(request.query, len(rows))
         page = rows[offset:offset + size]
         return json_response({"status": "success", "summaries": [instance_json(r) for r in page],
@@ -4435,7 +4587,6 @@ def install_prefactor(app, hub):
 
 RS_EVENTS = ("startup", "shutdown", "agent_activate")
 RS_MODES = ("idle", "active", "real_time")
-UUID_TEXT = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 
 
 class RsInvalid(Exception):
@@ -4483,7 +4634,7 @@ class RackspaceStyle(ApiStyle):
 
 def install_rackspace(app, hub):
     """Mount ``/v2/<project_id>/…`` (and the seed's literal ``/v2/events``) on ``app``; returns its style."""
-    registry, store, config = hub.registry, hub.store, hub.config
+    registry, config = hub.registry, hub.config
     api = RackspaceStyle(app, hub)
     route = api.route
 
@@ -4493,25 +4644,8 @@ def install_rackspace(app, hub):
             raise RsInvalid("Request body must be a JSON object.")
         return body
 
-    def resolve(agent_id):
-        """By uuid (any case), then by name."""
-        row = registry.find("uuid", agent_id.lower()) if UUID_TEXT.match(agent_id) else None
-        return row or registry.find("name", agent_id)
-
-    def agent_of_project(project_id, agent_id):
-        row = resolve(agent_id)
-        if row is None or row["project_id"] != project_id:
-            raise ApiError(404, "Agent not found.")
-        return row
-
     def accepted():
         return HTTPResponse("", 202, {"Content-Type": "application/json"})
-
-    def activate(names, project_id, mode):
-        expires = utcnow() + config.activate_ttl
-        for name in names:
-            store.update_agent(name, {"activation_mode": mode, "activation_expires_at": expires})
-        store.add_rackspace_event(names, project_id, "agent_activate", mode, utcnow())
 
     def check_mode(body):
         if body.get("mode") not in RS_MODES:
@@ -4523,12 +4657,7 @@ def install_rackspace(app, hub):
         caller = credential("X-Agent-Id").strip()
         if not caller:
             raise RsInvalid("X-Agent-Id header is required.")
-        same = caller.lower() == agent_id.lower() if UUID_TEXT.match(caller) and UUID_TEXT.match(agent_id) \
-            else caller == agent_id
-        if not same:
-            known_caller, known_target = resolve(caller), resolve(agent_id)
-            if known_caller is None or known_target is None or known_caller["name"] != known_target["name"]:
-                raise ApiError(403, "X-Agent-Id does not match the agent in the request URI.")
+        registry.check_caller(caller, agent_id)
         body = body_json()
         event = body.get("event")
         if not event:
@@ -4536,34 +4665,14 @@ def install_rackspace(app, hub):
         if event not in RS_EVENTS:
             raise RsInvalid("event must be one of: startup, shutdown, agent_activate.")
         mode = check_mode(body) if event == "agent_activate" else None
-        row = resolve(agent_id)
-        if row is None:
-            if event != "startup":
-                raise ApiError(404, "Agent not found.")
-            row = registry.create(agent_id, "rackspace", project_id=project_id,
-                                  uuid=agent_id.lower() if UUID_TEXT.match(agent_id) else None)
-        elif row["project_id"] not in (None, project_id):
-            raise ApiError(404, "Agent not found.")
-        if event == "startup" and row["retired"]:
-            raise ApiError(409, "Agent is retired.")
-        if row["project_id"] is None:
-            store.update_agent(row["name"], {"project_id": project_id})
-        if event == "agent_activate":
-            activate([row["name"]], project_id, mode)
-        else:
-            store.add_rackspace_event([row["name"]], project_id, f"agent_{event}", None, utcnow())
-        registry.contact(row["name"], request.remote_addr, shutdown=event == "shutdown")
+        registry.agent_event(project_id, agent_id, event, mode, request.remote_addr)
         return accepted()
 
     def project_events(project_id):
         body = body_json()
         if body.get("event") != "agent_activate":
             raise RsInvalid("event must be agent_activate.")
-        mode = check_mode(body)
-        rows = [r for r in store.all_agents() if r["project_id"] is not None
-                and (project_id is None or r["project_id"] == project_id)]
-        for pid in sorted({r["project_id"] for r in rows}):
-            activate([r["name"] for r in rows if r["project_id"] == pid], pid, mode)
+        registry.activate_projects(project_id, check_mode(body))
         return accepted()
 
     @route("POST", "/v2/<project_id>/events")
@@ -4577,7 +4686,7 @@ def install_rackspace(app, hub):
 
     @route("GET", "/v2/<project_id>/agents/<agent_id>/status")
     def agent_status(project_id, agent_id):
-        view = registry.view(agent_of_project(project_id, agent_id))
+        view = registry.view(registry.project_agent(project_id, agent_id))
         return json_response({"busy": view.busy, "online": view.online})
 
     def feed(project_id, name, default_dir):
@@ -4590,7 +4699,7 @@ def install_rackspace(app, hub):
         marker = query.get("marker")
         # An unknown marker (not an event id) reads as if absent.
         marker = int(marker) if marker and marker.isdigit() and int(marker) < 2 ** 63 else None
-        rows = store.rackspace_events(project_id, name, marker, int(limit_text), direction == "desc")
+        rows = registry.feed(project_id, name, marker, int(limit_text), direction == "desc")
         events = []
         for r in rows:
             item = {"id": str(r["id"]), "time": datetime.datetime.fromtimestamp(
@@ -4609,7 +4718,7 @@ def install_rackspace(app, hub):
 
     @route("GET", "/v2/<project_id>/agents/<agent_id>/events")
     def agent_feed(project_id, agent_id):
-        return feed(project_id, agent_of_project(project_id, agent_id)["name"], "asc")
+        return feed(project_id, registry.project_agent(project_id, agent_id)["name"], "asc")
 
     @route("GET", "/v2/<project_id>/events")
     def project_feed(project_id):
@@ -4626,14 +4735,14 @@ def install_rackspace(app, hub):
 
     @route("GET", "/v2/<project_id>/agents/<agent_id>")
     def get_rs_agent(project_id, agent_id):
-        row = agent_of_project(project_id, agent_id)
+        row = registry.project_agent(project_id, agent_id)
         return json_response(rs_agent(row, registry.view(row)))
 
     @route("GET", "/v2/<project_id>/agents")
     def list_rs_agents(project_id):
         if request.query.get("host_machine_id"):
             return json_response({"agents": []})       # agenthub keeps no host data
-        rows = [r for r in store.all_agents() if r["project_id"] == project_id]
+        rows = [r for r in registry.all() if r["project_id"] == project_id]
         return json_response({"agents": [rs_agent(r, registry.view(r)) for r in rows]})
 
     return api
@@ -5201,6 +5310,7 @@ class Hub:
         self.watchers = Watchers(self.events.buffer)
         self.notifier = Notifier(self.store, config)
         self.registry = Registry(self.store, config, self.notifier, self.events)
+        self.idempotency = Idempotency(self.store)
         self.jobs = JobQueue(self.store, config, self.secrets, self.registry)
         self._stop = threading.Event()
         self._threads = []

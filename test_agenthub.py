@@ -2056,6 +2056,45 @@ def rs_event(test, agent_id, body, caller=None, project="110011", status=202, **
                           headers={**RS, "X-Agent-Id": caller or agent_id, **headers}, status=status)
 
 
+def test_rackspace_startup_that_creates_an_agent_announces_once(anon, app):
+    """One request is one change (agents.md §4.2): the new agent's first announcement is its end state."""
+    rs_event(anon, AGENT_UUID, {"event": "startup"})
+    announced = [json.loads(base64.b64decode(e["Payload"])) for e in anon.get("/v1/event/list?name=agent-status").json]
+    assert [(a["agent_config_state"], a["agent_state"], a["build_state"]) for a in announced] == \
+        [("Enabled", "Idle", "Idle")]
+
+
+def test_a_failing_step_of_a_registry_change_leaves_nothing_half_made(anon, app, monkeypatch):
+    agent = pf_create(anon, "atomic")
+    version = {"name": "v9"}
+
+    def broken(values):
+        raise sqlite3.OperationalError("disk I/O error")
+    monkeypatch.setattr(app.hub.store, "add_instance", broken)       # the last step of register fails
+    with pytest.raises(sqlite3.OperationalError):
+        app.hub.registry.register_instance(agent["id"], version, {}, update_current=True)
+    monkeypatch.undo()
+    after = anon.get(f"/api/v1/agent/{agent['id']}").json["details"]
+    assert after["current_version_id"] is None and after["instance_counts"]["total"] == 0
+    inst = anon.post_json("/api/v1/agent_instance/register", {"agent_id": agent["id"], "agent_version": version,
+                                                               "update_current_version": True}).json["details"]
+    assert anon.get(f"/api/v1/agent/{agent['id']}").json["details"]["current_version_id"] == inst["agent_version_id"]
+
+
+def test_an_idempotency_key_still_in_use_answers_409(anon, app):
+    """The key is claimed in the transaction that checks it: a repeat while the first runs cannot run twice."""
+    scope, runs = "POST /api/v1/agent -", []
+
+    def first():
+        runs.append(1)
+        with pytest.raises(agenthub.ApiError) as refused:
+            app.hub.idempotency.run(scope, "k", lambda: runs.append(2))
+        assert refused.value.status == 409
+        return 200, "{}"
+    assert app.hub.idempotency.run(scope, "k", first) == (200, "{}")
+    assert app.hub.idempotency.run(scope, "k", lambda: runs.append(3)) == (200, "{}") and runs == [1]
+
+
 def test_rackspace_startup_creates_and_reports(anon):
     answer = rs_event(anon, AGENT_UUID, {"event": "startup"})
     assert answer.body == b"" and answer.status_int == 202
