@@ -2198,6 +2198,13 @@ class Notifier:
     def workers(self):
         return [(self._work, f"agenthub-gocd-{n}", url) for n, url in enumerate(self.urls)]
 
+    def health(self):
+        """GoCD's server health messages: the webhooks whose last delivery failed."""
+        return self.store.health()
+
+    def deliveries(self, agent_name=None, limit=100):
+        return self.store.deliveries(agent_name, limit)
+
     def announce(self, agent_name, body):
         delivery = {"uuid": str(uuid.uuid4()), "agent": agent_name, "body": body,
                     "created": time.monotonic(), "created_at": utcnow()}
@@ -2435,6 +2442,26 @@ class JobQueue:
         return [{"job_id": r["job_id"], "created_at": iso(r["created_at"]), "job_state": r["state"],
                  "job_queue": r["job_queue"]} for r in self.store.queue_jobs(queue_name, limit, offset)]
 
+    def get(self, job_id):
+        """The job's row (state, queue, agent, times), or None."""
+        return self.store.get_job(job_id)
+
+    def page(self, state=None, queue_name=None, tag=None, agent_name=None, limit=50, offset=0):
+        """(rows, total) of the newest jobs matching the filters, for people."""
+        return self.store.jobs_page(state, queue_name, tag, agent_name=agent_name, limit=limit, offset=offset)
+
+    def state_counts(self):
+        return self.store.job_state_counts()
+
+    def queue_activity(self):
+        return self.store.queue_activity()
+
+    def forward_status(self, job_id, data):
+        """The agent's job events, forwarded to the job's status webhook (spec §5)."""
+        if self.store.get_job(job_id) is None:
+            raise ApiError(404, "Job not found")
+        return forward_job_status(self.config, data.pop("job_status_webhook"), data)
+
     def wait_times(self, queues):
         return {q: percentiles(v) for q, v in self.store.wait_times(queues).items()}
 
@@ -2516,6 +2543,9 @@ class JobQueue:
             raise
         return size
 
+    def has_file(self, job_id, kind):
+        return self.store.newest_file(job_id, kind) is not None
+
     def open_file(self, job_id, kind):
         """(size, chunk iterator) of the newest stored file, or None."""
         row = self.store.newest_file(job_id, kind)
@@ -2549,6 +2579,41 @@ class JobQueue:
 
     def agents(self, queue_name=None, full=True):
         return [self._agent_out(row, full) for row in self.store.list_agents(queue_name)]
+
+    def queue_agents(self, queue_name):
+        """The agents listening on a queue that exists (404 otherwise)."""
+        if not self.store.queue_exists(queue_name):
+            raise ApiError(404, f"Queue '{queue_name}' does not exist.")
+        return self.agents(queue_name, full=False)
+
+    def advertised_queues(self):
+        return {r["name"]: r["description"] for r in self.store.advertised_queues()}
+
+    def advertise_queues(self, descriptions):
+        self.store.upsert_advertised_queues(descriptions, utcnow())
+
+    def images(self, queue_name):
+        return self.store.images(queue_name)
+
+    def set_images(self, images):
+        self.store.replace_images(images, utcnow())
+
+    def provision_logs(self, agent_name):
+        return self.store.provision_logs(agent_name)
+
+    def queue_summaries(self):
+        """Every queue anyone knows of: advertised, served by an agent, or holding jobs."""
+        advertised = self.advertised_queues()
+        served = {}
+        for agent in self.store.list_agents():
+            for q in json.loads(agent["queues"] or "[]"):
+                served.setdefault(q, []).append(agent["name"])
+        activity = self.store.queue_activity()
+        waits = self.wait_times([])
+        names = sorted(set(advertised) | set(served) | set(activity))
+        return [{"name": n, "description": advertised.get(n, ""), "agents": served.get(n, []),
+                 "waiting": activity.get(n, {}).get("waiting", 0), "running": activity.get(n, {}).get("running", 0),
+                 "wait": waits.get(n, {})} for n in names]
 
     def _agent_out(self, row, full):
         """An agent as the original returns it: only the fields that were ever set."""
@@ -3995,20 +4060,20 @@ def install_testflinger(app, hub):
 
     @route("GET", "/v1/agents/queues", AMC)
     def get_queues():
-        return json_response({r["name"]: r["description"] for r in hub.store.advertised_queues()})
+        return json_response(jobs.advertised_queues())
 
     @route("POST", "/v1/agents/queues", AMA)
     def post_queues():
-        hub.store.upsert_advertised_queues(body(QUEUES_SCHEMA), utcnow())
+        jobs.advertise_queues(body(QUEUES_SCHEMA))
         return text_response("OK")
 
     @route("GET", "/v1/agents/images/<queue_name>", AMC)
     def get_images(queue_name):
-        return json_response(hub.store.images(queue_name))
+        return json_response(jobs.images(queue_name))
 
     @route("POST", "/v1/agents/images", AMA)
     def post_images():
-        hub.store.replace_images(body(IMAGES_SCHEMA), utcnow())
+        jobs.set_images(body(IMAGES_SCHEMA))
         return text_response("OK")
 
     @route("GET", "/v1/agents/data", AMC)
@@ -4038,9 +4103,7 @@ def install_testflinger(app, hub):
 
     @route("GET", "/v1/queues/<queue_name>/agents", AMC)
     def queue_agents(queue_name):
-        if not hub.store.queue_exists(queue_name):
-            return tf_abort(404, f"Queue '{queue_name}' does not exist.")
-        agents = jobs.agents(queue_name, full=False)
+        agents = jobs.queue_agents(queue_name)
         return json_response(agents) if agents else no_content()
 
     @route("GET", "/v1/queues/<queue_name>/jobs", AMC)
@@ -4069,11 +4132,7 @@ def install_testflinger(app, hub):
     @route("POST", "/v1/job/<job_id>/events", AGENT)
     def job_events(job_id):
         data = body(STATUS_UPDATE_SCHEMA)
-        job_id = tf_job_id(job_id)
-        if hub.store.get_job(job_id) is None:
-            return tf_abort(404, "Job not found")
-        url = data.pop("job_status_webhook")
-        status, text = forward_job_status(config, url, data)
+        status, text = jobs.forward_status(tf_job_id(job_id), data)
         return HTTPResponse(text, status, {"Content-Type": "text/html; charset=utf-8"})
 
     # -- restricted queues and client permissions ------------------------------------------
@@ -4768,7 +4827,7 @@ def install_gocd(app, hub):
     @api.route("GET", "/api/server_health_messages")
     def health_messages():
         return json_response([{"message": r["message"], "detail": r["detail"], "level": r["level"],
-                               "time": iso(r["time"])} for r in hub.store.health()])
+                               "time": iso(r["time"])} for r in hub.notifier.health()])
 
     return api
 
@@ -5114,7 +5173,7 @@ class WebStyle(ApiStyle):
 
 def install_web(app, hub):
     """Mount the pages on ``app``; returns their style."""
-    jobs, store, registry, auth, config = hub.jobs, hub.store, hub.registry, hub.auth, hub.config
+    jobs, registry, auth, config = hub.jobs, hub.registry, hub.auth, hub.config
     api = WebStyle(app, hub)
 
     def page(path, roles=AMC, method="GET"):
@@ -5123,20 +5182,19 @@ def install_web(app, hub):
     @page("/")
     def overview(who):
         states = {}
-        for row in store.all_agents():
+        for row in registry.all():
             view = registry.view(row)
             states[view.agent_state] = states.get(view.agent_state, 0) + 1
         return web_page("Overview", "overview", who, agent_states=sorted(states.items()),
-                        job_states=store.job_state_counts(), queues=store.queue_activity(),
-                        events=list(reversed(hub.events.buffer.events()))[:10], health=store.health())
+                        job_states=jobs.state_counts(), queues=jobs.queue_activity(),
+                        events=list(reversed(hub.events.buffer.events()))[:10], health=hub.notifier.health())
 
     @page("/jobs")
     def jobs_list(who):
         query = request.query
         state, queue_name, tag = query.get("state"), query.get("queue"), query.get("tag")
         number = int(query.page) if query.page.isdigit() and 0 < int(query.page) < 10 ** 9 else 1
-        rows, total = store.jobs_page(state, queue_name, tag, limit=WEB_PAGE_SIZE,
-                                      offset=(number - 1) * WEB_PAGE_SIZE)
+        rows, total = jobs.page(state, queue_name, tag, limit=WEB_PAGE_SIZE, offset=(number - 1) * WEB_PAGE_SIZE)
 
         def page_url(n):
             params = {k: v for k, v in (("state", state), ("queue", queue_name), ("tag", tag)) if v}
@@ -5148,7 +5206,7 @@ def install_web(app, hub):
 
     def job_or_none(job_id):
         canonical = parse_job_id(job_id)
-        return (canonical, store.get_job(canonical)) if canonical else (None, None)
+        return (canonical, jobs.get(canonical)) if canonical else (None, None)
 
     @page("/jobs/<job_id>")
     def job_page(who, job_id):
@@ -5161,7 +5219,7 @@ def install_web(app, hub):
         notice = "Cancel requested." if request.query.get("cancelled") else ""
         return web_page(f"Job {job_id}", "job", who, job_id=job_id, result=result, logs=logs, phases=PHASES,
                         position=jobs.position(job_id), agent=row["agent_name"],
-                        has_artifact=store.newest_file(job_id, "artifact") is not None,
+                        has_artifact=jobs.has_file(job_id, "artifact"),
                         cancellable=row["state"] not in JobQueue.ACTIVE_END, notice=notice,
                         definition=json.dumps(definition, indent=2, sort_keys=True))
 
@@ -5205,8 +5263,7 @@ def install_web(app, hub):
 
     @page("/agents")
     def agents_list(who):
-        rows = store.all_agents()
-        rows.sort(key=lambda r: r["name"])
+        rows = sorted(registry.all(), key=lambda r: r["name"])
         now = utcnow()
         return web_page("Agents", "agents", who, agents=[(r, registry.view(r, now)) for r in rows])
 
@@ -5215,31 +5272,19 @@ def install_web(app, hub):
         row = registry.find("name", name)
         if row is None:
             return web_not_found("That agent")
-        recent, _ = store.jobs_page(agent_name=name, limit=20)
+        recent, _ = jobs.page(agent_name=name, limit=20)
         return web_page(f"Agent {name}", "agent", who, row=row, view=registry.view(row), jobs=recent,
-                        provisions=list(reversed(store.provision_logs(name))), deliveries=store.deliveries(name, 50))
-
-    def queue_summaries():
-        advertised = {r["name"]: r["description"] for r in store.advertised_queues()}
-        served = {}
-        for agent in store.list_agents():
-            for q in json.loads(agent["queues"] or "[]"):
-                served.setdefault(q, []).append(agent["name"])
-        activity = store.queue_activity()
-        waits = jobs.wait_times([])
-        names = sorted(set(advertised) | set(served) | set(activity))
-        return [{"name": n, "description": advertised.get(n, ""), "agents": served.get(n, []),
-                 "waiting": activity.get(n, {}).get("waiting", 0), "running": activity.get(n, {}).get("running", 0),
-                 "wait": waits.get(n, {})} for n in names]
+                        provisions=list(reversed(jobs.provision_logs(name))),
+                        deliveries=hub.notifier.deliveries(name, 50))
 
     @page("/queues")
     def queues_list(who):
-        return web_page("Queues", "queues", who, queues=queue_summaries())
+        return web_page("Queues", "queues", who, queues=jobs.queue_summaries())
 
     @page("/queues/<name>")
     def queue_page(who, name):
-        summary = next((q for q in queue_summaries() if q["name"] == name), None)
-        rows, total = store.jobs_page(queue_name=name, limit=100)
+        summary = next((q for q in jobs.queue_summaries() if q["name"] == name), None)
+        rows, total = jobs.page(queue_name=name, limit=100)
         if summary is None and not total:
             return web_not_found("That queue")
         return web_page(f"Queue {name}", "queue", who, name=name,
