@@ -557,12 +557,16 @@ class Store:
     # -- jobs ------------------------------------------------------------------
 
     def insert_job(self, db, job):
+        """Store a new waiting job; False when its id is taken."""
+        if db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job["job_id"],)).fetchone():
+            return False
         db.execute(
             "INSERT INTO jobs (job_id, created_at, job_priority, job_queue, state, attachments_status,"
             " exclude_agents, client_id, job_data) VALUES (?, ?, ?, ?, 'waiting', ?, ?, ?, ?)",
             (job["job_id"], job["created_at"], job["job_priority"], job["job_queue"],
              job["attachments_status"], json.dumps(job["exclude_agents"]), job["client_id"],
              json.dumps(job["job_data"])))
+        return True
 
     def get_job(self, job_id):
         return self.read_one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
@@ -719,9 +723,11 @@ class Store:
                               (job_id, kind, now)).lastrowid
 
     def add_file_chunk(self, file_id, seq, data):
-        """One chunk per short transaction, so a slow upload never holds the writer lock."""
+        """One chunk per short transaction, so a slow upload never holds the writer lock; False when
+        the file is gone (purged as abandoned while it was still arriving)."""
         with self.write() as db:
-            db.execute("INSERT INTO file_chunks (file_id, seq, data) VALUES (?, ?, ?)", (file_id, seq, data))
+            return db.execute("INSERT INTO file_chunks (file_id, seq, data) SELECT ?, ?, ? WHERE EXISTS"
+                              " (SELECT 1 FROM files WHERE id = ?)", (file_id, seq, data, file_id)).rowcount > 0
 
     def drop_file(self, file_id):
         with self.write() as db:
@@ -2367,12 +2373,10 @@ class JobQueue:
                "job_queue": queue_name, "attachments_status": "waiting" if has_attachments else None,
                "exclude_agents": data.get("exclude_agents", []), "client_id": identity.client_id,
                "job_data": job_data}
-        try:
-            with self.store.write() as db:
-                self.store.insert_job(db, job)
-        except sqlite3.IntegrityError:
-            # The original stores a second document for a re-used id; one id is one job here.
-            raise ApiError(409, f"Job {job_id} already exists")
+        with self.store.write() as db:
+            if not self.store.insert_job(db, job):
+                # The original stores a second document for a re-used id; one id is one job here.
+                raise ApiError(409, f"Job {job_id} already exists")
         return job_id
 
     def check_permissions(self, permissions, data):
@@ -2529,9 +2533,7 @@ class JobQueue:
         size = 0
         try:
             for seq, chunk in enumerate(chunks):
-                try:
-                    self.store.add_file_chunk(file_id, seq, chunk)
-                except sqlite3.IntegrityError:        # purged as abandoned while still arriving
+                if not self.store.add_file_chunk(file_id, seq, chunk):   # purged as abandoned meanwhile
                     raise ApiError(408, "Upload took too long")
                 size += len(chunk)
             with self.store.write() as db:
