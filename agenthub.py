@@ -2994,6 +2994,11 @@ class Watchers:
             self._poked = True
             self._cond.notify()
 
+    def parked(self):
+        """How many blocking queries are waiting now."""
+        with self._cond:
+            return len(self._parked)
+
     def park(self, watch):
         with self._cond:
             self._parked.append(watch)

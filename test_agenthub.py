@@ -1715,7 +1715,7 @@ def test_blocking_list_wakes_on_a_new_event(server):
                 threading.Thread(target=watcher, args=("named", f"name=test&index={index}&wait=30s"))]
     for thread in watchers:
         thread.start()
-    time.sleep(0.2)          # let them block (not a timing assertion: the outcome is checked below)
+    assert _wait_for(lambda: app.hub.watchers.parked() == 2)        # both are blocked now
     call_http(base, "PUT", "/v1/event/fire/other", b"")       # wakes "named" but its index is unchanged
     second = json.loads(call_http(base, "PUT", "/v1/event/fire/test", b"2")[2])
     for thread in watchers:
@@ -1741,7 +1741,7 @@ def test_blocking_on_an_empty_list_waits_for_the_first_event(server):
     thread = threading.Thread(target=lambda: results.update(
         answer=call_http(base, "GET", "/v1/event/list?name=first&index=1&wait=30s")))
     thread.start()
-    time.sleep(0.2)
+    assert _wait_for(lambda: app.hub.watchers.parked() == 1)
     event = json.loads(call_http(base, "PUT", "/v1/event/fire/first", b"")[2])
     thread.join(timeout=30)
     status, headers, body = results["answer"]
