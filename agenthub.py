@@ -157,20 +157,37 @@ def _coerce(kind, text, name):
         raise SystemExit(f"agenthub: {name}={text!r} is not a valid {getattr(kind, '__name__', kind)}")
 
 
+###############################################################################
+# Errors and identifiers ######################################################
+###############################################################################
+#
+# What every layer below shares: the one clock, the timestamp formats, the
+# domain's refusal (ApiError, which each API renders in its own style), the
+# limits on what is stored, and the ids (PFIDs, UUIDs).
+
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1     # what an SQLite INTEGER holds
+AGENT_NAME_MAX = 200
+
+
 def utcnow():
     """The one clock of the program: seconds since the epoch, UTC."""
     return time.time()
 
 
-def iso(ts):
-    """Seconds-precision ISO-8601 with exactly one zone designator ("Z").
+def iso(ts, digits=0, zone="Z"):
+    """ISO-8601 in UTC with exactly one zone designator: every timestamp the hub writes.
 
-    The original server renders aware datetimes as ``+00:00Z`` in one place,
-    which the agent cannot parse; we always emit ``…Z``.
+    Seconds and "Z" by default (the original server renders aware datetimes as ``+00:00Z`` in one
+    place, which the agent cannot parse); GoCD wants ``digits=3, zone="+0000"``, Rackspace's event
+    feed ``digits=6`` and its agents ``zone="+00:00"``.
     """
     if ts is None:
         return None
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    moment = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if digits:
+        text += "." + f"{moment.microsecond:06d}"[:digits]
+    return text + zone
 
 
 def parse_iso(text):
@@ -181,6 +198,60 @@ def parse_iso(text):
     if value.tzinfo is None:
         value = value.replace(tzinfo=datetime.timezone.utc)
     return value.timestamp()
+
+
+class ApiError(Exception):
+    """A domain rule refused a request: an HTTP status and a message.
+
+    Each HTTP section turns it into its own API's error style.
+    """
+
+    def __init__(self, status, message, text=False):
+        super().__init__(message)
+        self.status, self.message, self.text = status, message, text
+
+
+# -- PFIDs: 10 chars of milliseconds, 6 of partition, 16 random, Crockford base32 ------------------
+
+CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+PFID_PATTERN = re.compile(r"^[0-7][0-9abcdefghjkmnpqrstvwxyz]{31}$")
+UUID_TEXT = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+
+
+def _b32(number, width):
+    return "".join(CROCKFORD[(number >> (5 * i)) & 31] for i in reversed(range(width)))
+
+
+def new_pfid(partition, ms=None):
+    """A Prefactor id for a given millisecond (now when None), with a random part."""
+    ms = int(time.time() * 1000) if ms is None else ms
+    return _b32(ms, 10) + _b32(partition, 6) + _b32(secrets.randbits(80), 16)
+
+
+class PfidClock:
+    """K-sortable PFIDs of one hub: ids made in the same millisecond (or with a clock that stepped
+    back) continue from the previous random part plus one, so they sort in the order they were made."""
+
+    def __init__(self, partition):
+        self.partition, self._last, self._lock = partition, (0, 0), threading.Lock()
+
+    def __call__(self):
+        with self._lock:
+            ms, rand = int(time.time() * 1000), secrets.randbits(79)
+            if ms <= self._last[0]:
+                ms, rand = self._last[0], self._last[1] + 1
+            self._last = (ms, rand)
+        return _b32(ms, 10) + _b32(self.partition, 6) + _b32(rand, 16)
+
+
+def pfid_partition(pfid):
+    """The partition of a valid PFID, or None."""
+    if not isinstance(pfid, str) or not PFID_PATTERN.match(pfid):
+        return None
+    value = 0
+    for char in pfid[10:16]:
+        value = value * 32 + CROCKFORD.index(char)
+    return value
 
 
 ###############################################################################
@@ -392,48 +463,7 @@ def _migrate_registry(db):
     db.execute("CREATE UNIQUE INDEX agents_uuid ON agents (uuid)")
 
 
-# -- PFIDs: 10 chars of milliseconds, 6 of partition, 16 random, Crockford base32 ------------------
-
-CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
-PFID_PATTERN = re.compile(r"^[0-7][0-9abcdefghjkmnpqrstvwxyz]{31}$")
-UUID_TEXT = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
-
-
-def _b32(number, width):
-    return "".join(CROCKFORD[(number >> (5 * i)) & 31] for i in reversed(range(width)))
-
-
-_pfid_lock = threading.Lock()
-_pfid_last = [0, 0]          # (milliseconds, random part) of the newest PFID made by this process
-
-
-def new_pfid(partition, ms=None):
-    """A k-sortable Prefactor id.  Ids made in the same millisecond (or with a clock that
-    stepped back) continue from the previous random part plus one, so the ids this process
-    makes always sort in the order they were made."""
-    if ms is not None:
-        return _b32(ms, 10) + _b32(partition, 6) + _b32(secrets.randbits(80), 16)
-    with _pfid_lock:
-        ms, rand = int(time.time() * 1000), secrets.randbits(79)
-        if ms <= _pfid_last[0]:
-            ms, rand = _pfid_last[0], _pfid_last[1] + 1
-        _pfid_last[:] = [ms, rand]
-    return _b32(ms, 10) + _b32(partition, 6) + _b32(rand, 16)
-
-
-def pfid_partition(pfid):
-    """The partition of a valid PFID, or None."""
-    if not isinstance(pfid, str) or not PFID_PATTERN.match(pfid):
-        return None
-    value = 0
-    for char in pfid[10:16]:
-        value = value * 32 + CROCKFORD.index(char)
-    return value
-
-
 CHUNK_SIZE = 1024 * 1024   # bytes per stored file chunk and per streamed read
-INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1     # what an SQLite INTEGER holds
-AGENT_NAME_MAX = 200
 
 
 def _read_text(data):
@@ -1694,17 +1724,6 @@ IMAGES_SCHEMA = Schema({}, unknown="include", checks=(_images_check,))
 ###############################################################################
 # Auth ########################################################################
 ###############################################################################
-
-class ApiError(Exception):
-    """A domain rule refused a request: an HTTP status and a message.
-
-    Each HTTP section turns it into its own API's error style.
-    """
-
-    def __init__(self, status, message, text=False):
-        super().__init__(message)
-        self.status, self.message, self.text = status, message, text
-
 
 def hash_secret(secret):
     """A slow salted hash (scrypt) so a leaked database does not give away client secrets."""
@@ -3134,18 +3153,12 @@ def derive_agent(row, counts, cancel_requested, now, lost_after):
     return AgentView(config, runtime, status, full)
 
 
-def gocd_time(ts):
-    """GoCD's transition_time: UTC, milliseconds, "+0000"."""
-    moment = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03d+0000" % (moment.microsecond // 1000)
-
-
 def gocd_body(row, view, now):
     """GoCD's agent-status request body: its keys, in its order, compact."""
     return json.dumps({
         "uuid": row["uuid"], "host_name": row["name"], "is_elastic": False, "ip_address": row["last_ip"],
         "operating_system": None, "free_space": "Unknown", "agent_config_state": view.config,
-        "agent_state": view.agent_state, "build_state": view.build_state, "transition_time": gocd_time(now),
+        "agent_state": view.agent_state, "build_state": view.build_state, "transition_time": iso(now, 3, "+0000"),
     }, separators=(",", ":"))
 
 
@@ -3154,6 +3167,7 @@ class Registry:
 
     def __init__(self, store, config, notifier, events):
         self.store, self.config, self.notifier, self.events = store, config, notifier, events
+        self._pfids = PfidClock(config.pfid_partition)
         self.environment_id = config.default_environment_id or store.setting(
             "default_environment_id", self.new_pfid)
         self.account_id = store.setting("account_id", self.new_pfid)
@@ -3166,7 +3180,7 @@ class Registry:
         return _b32(digest >> 209, 10) + _b32(self.config.pfid_partition, 6) + _b32(digest & (2 ** 80 - 1), 16)
 
     def new_pfid(self):
-        return new_pfid(self.config.pfid_partition)
+        return self._pfids()
 
     def new_ids(self):
         return {"pfid": self.new_pfid(), "uuid": str(uuid.uuid4()), "environment_id": self.environment_id}
@@ -4768,8 +4782,7 @@ def install_rackspace(app, hub):
         rows = registry.feed(project_id, name, marker, int(limit_text), direction == "desc")
         events = []
         for r in rows:
-            item = {"id": str(r["id"]), "time": datetime.datetime.fromtimestamp(
-                r["time"], datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "event": r["event"],
+            item = {"id": str(r["id"]), "time": iso(r["time"], 6), "event": r["event"],
                 "agent": {"id": r["agent_uuid"], "name": r["agent_name"]}, "request_id": r["request_id"]}
             if r["mode"]:
                 item["mode"] = r["mode"]
@@ -4794,8 +4807,7 @@ def install_rackspace(app, hub):
         base = request.url.split("/v2/")[0] + f"/v2/{row['project_id']}/agents/{row['uuid']}"
         return {"project_id": row["project_id"], "id": row["uuid"], "name": row["name"], "version": None,
                 "enabled": view.config == "Enabled",
-                "registered_time": datetime.datetime.fromtimestamp(row["inserted_at"], datetime.timezone.utc)
-                .isoformat(timespec="seconds"),
+                "registered_time": iso(row["inserted_at"], zone="+00:00"),
                 "links": [{"href": base, "rel": "self"}, {"href": base + "/events", "rel": "events"},
                           {"href": base + "/status", "rel": "status"}]}
 

@@ -1837,6 +1837,9 @@ def pf_create(test, name, **details):
 
 def test_pfid_format():
     assert agenthub._b32(1234567890000, 10) + agenthub._b32(123456789, 6) == "013xrzp12g3nqk8n"
+    clock = agenthub.PfidClock(123456789)
+    made = [clock() for _ in range(500)]
+    assert made == sorted(made) and len(set(made)) == 500          # k-sortable within one hub
     pfid = agenthub.new_pfid(123456789)
     assert agenthub.PFID_PATTERN.match(pfid) and agenthub.pfid_partition(pfid) == 123456789
     assert agenthub.pfid_partition("013xrzp12g3nqk8nx0y2vfkg4s3jp2qr") == 123456789
@@ -2246,7 +2249,10 @@ def test_gocd_state_derivation():
 
 
 def test_gocd_time_and_body():
-    assert agenthub.gocd_time(1518676288.998) == "2018-02-15T06:31:28.998+0000"
+    assert agenthub.iso(1518676288.998, 3, "+0000") == "2018-02-15T06:31:28.998+0000"
+    assert agenthub.iso(1518676288.998) == "2018-02-15T06:31:28Z"
+    assert agenthub.iso(1518676288.5, 6) == "2018-02-15T06:31:28.500000Z"
+    assert agenthub.iso(1518676288, zone="+00:00") == "2018-02-15T06:31:28+00:00"
     row = {"uuid": "u", "name": "h", "last_ip": None}
     view = agenthub.AgentView("Enabled", "Cancelled", "active", {})
     body = agenthub.gocd_body(row, view, 1518676288.998)
