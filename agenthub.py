@@ -13,10 +13,11 @@ It speaks existing public HTTP APIs so that their real clients work unchanged:
 * web pages for people.
 
 The module is read top to bottom in the order data flows through it, like
-``bottle.py``: configuration, storage (the only place with SQL), validation,
-auth, secrets, webhooks, the job queue, the event buffer, the agent registry,
-HTTP sections (one per API), the web UI, the application factory, the
-threaded server, the command line and the benchmark.  Every section opens
+``bottle.py``: configuration, errors and identifiers, storage (the only place
+with SQL), validation, auth, secrets, webhooks, the job queue, the event
+buffer, the agent registry, the HTTP boundary (every request passes it before
+any API code runs), HTTP sections (one per API), the web UI, the application
+factory, the threaded server, the command line and the benchmark.  Every section opens
 with a banner comment.
 
 Run it with ``python agenthub.py`` (see ``--help``); embed it with
