@@ -260,9 +260,15 @@ def pfid_partition(pfid):
 ###############################################################################
 #
 # SQLite is the only store.  Every SQL statement of the program lives in this
-# section.  Writes are serialised by one lock in the process (SQLite allows a
-# single writer anyway, and its busy handler stalls for seconds under many
-# writer threads); reads run in parallel on pooled WAL connections.
+# section, and no rule: the domain above decides, the stores only read and
+# write.  One ``Database`` owns the connections and the writer; writes are
+# serialised by one lock in the process (SQLite allows a single writer anyway,
+# and its busy handler stalls for seconds under many writer threads), reads run
+# in parallel on pooled WAL connections.  Over it, one store per domain, each a
+# method per query: JobStore (jobs, logs, files, queues), AgentStore (the
+# registry), DeliveryStore (GoCD deliveries), AuthStore (clients, tokens,
+# restricted queues, secrets), EventStore (user events).  These are the seams a
+# second storage engine plugs into.
 
 MIGRATIONS = [
     # 1: the Testflinger job queue, its agents and auth.
@@ -471,8 +477,8 @@ def _read_text(data):
     return data.decode("utf-8", "backslashreplace")
 
 
-class Store:
-    """The SQLite database: a pool of connections and one method per query.
+class Database:
+    """The SQLite database: a pool of connections, ``write()`` and the migrations.
 
     A file database gets WAL connections from a pool that grows on demand;
     ``:memory:`` is a single connection (an in-memory database is private to
@@ -499,8 +505,6 @@ class Store:
                     for statement in _split_sql(step):
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
-
-    # -- connections ---------------------------------------------------------
 
     def _open(self):
         conn = sqlite3.connect(":memory:" if self.memory else self.path,
@@ -585,7 +589,29 @@ class Store:
             except queue.Empty:
                 break
 
-    # -- jobs ------------------------------------------------------------------
+
+class _DomainStore:
+    """Base of the per-domain stores: one query a method, over the one Database (its connections
+    and its writer), so a domain operation that uses several of them is still one transaction."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def connection(self):
+        return self.db.connection()
+
+    def write(self):
+        return self.db.write()
+
+    def read(self, sql, args=()):
+        return self.db.read(sql, args)
+
+    def read_one(self, sql, args=()):
+        return self.db.read_one(sql, args)
+
+
+class JobStore(_DomainStore):
+    """Jobs, their results, logs and files, queues and images; the purge."""
 
     def insert_job(self, db, job):
         """Store a new waiting job; False when its id is taken."""
@@ -719,8 +745,6 @@ class Store:
             grouped.setdefault(row["queue"], []).append(row["seconds"])
         return grouped
 
-    # -- logs ------------------------------------------------------------------
-
     def add_log_fragment(self, job_id, log_type, phase, number, timestamp, data, now):
         with self.write() as db:
             db.execute("INSERT INTO log_fragments (job_id, log_type, phase, fragment_number, timestamp,"
@@ -745,8 +769,6 @@ class Store:
     def all_log_fragments(self, job_id):
         return self.read("SELECT log_type, phase, log_data FROM log_fragments WHERE job_id = ?"
                          " ORDER BY fragment_number, id", (job_id,))
-
-    # -- files (artifacts, attachments) -----------------------------------------
 
     def begin_file(self, job_id, kind, now):
         with self.write() as db:
@@ -778,9 +800,88 @@ class Store:
         row = self.read_one("SELECT data FROM file_chunks WHERE file_id = ? AND seq = ?", (file_id, seq))
         return None if row is None else row[0]
 
-    # -- agents ------------------------------------------------------------------
+    def job_state_counts(self):
+        return {r[0]: r[1] for r in self.read("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")}
+
+    def queue_activity(self):
+        """{queue: {"waiting": n, "running": n}} over unfinished jobs."""
+        out = {}
+        for row in self.read("SELECT job_queue, state = 'waiting' AS waiting, count(*) FROM jobs"
+                             " WHERE state NOT IN ('cancelled', 'complete', 'completed') GROUP BY 1, 2"):
+            out.setdefault(row[0], {"waiting": 0, "running": 0})["waiting" if row[1] else "running"] = row[2]
+        return out
+
+    def jobs_page(self, state=None, queue_name=None, tag=None, agent_name=None, limit=50, offset=0):
+        """(rows, total) of jobs newest first, filtered."""
+        where, args = [], []
+        for column, value in (("state", state), ("job_queue", queue_name), ("agent_name", agent_name)):
+            if value:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if tag:
+            where.append("EXISTS (SELECT 1 FROM json_each(job_data, '$.tags') WHERE value = ?)")
+            args.append(tag)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        with self.connection() as db:
+            total = db.execute(f"SELECT count(*) FROM jobs{clause}", args).fetchone()[0]
+            rows = db.execute(f"SELECT job_id, created_at, started_at, state, job_queue, job_priority, agent_name,"
+                              f" json_extract(job_data, '$.name') AS name, json_extract(job_data, '$.tags') AS tags"
+                              f" FROM jobs{clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
+                              (*args, limit, offset)).fetchall()
+        return rows, total
+
+    def upsert_advertised_queues(self, queues, now):
+        with self.write() as db:
+            db.executemany("INSERT INTO advertised_queues (name, description, updated_at) VALUES (?, ?, ?)"
+                           " ON CONFLICT (name) DO UPDATE SET description = excluded.description,"
+                           " updated_at = excluded.updated_at", [(k, v, now) for k, v in queues.items()])
+
+    def advertised_queues(self):
+        return self.read("SELECT name, description FROM advertised_queues ORDER BY name")
+
+    def replace_images(self, images, now):
+        with self.write() as db:
+            db.executemany("INSERT INTO queue_images (queue, images, updated_at) VALUES (?, ?, ?)"
+                           " ON CONFLICT (queue) DO UPDATE SET images = excluded.images,"
+                           " updated_at = excluded.updated_at",
+                           [(q, json.dumps(m), now) for q, m in images.items()])
+
+    def images(self, queue_name):
+        row = self.read_one("SELECT images FROM queue_images WHERE queue = ?", (queue_name,))
+        return json.loads(row[0]) if row else {}
+
+    def purge(self, now, cutoff, token_cutoff, stale_upload_cutoff):
+        """Delete what expired before ``cutoff``; waiting jobs are kept however old they are."""
+        with self.write() as db:
+            done = db.execute("DELETE FROM jobs WHERE created_at < ? AND state != 'waiting' RETURNING job_id",
+                              (cutoff,)).fetchall()
+            db.execute("DELETE FROM log_fragments WHERE inserted_at < ?", (cutoff,))
+            # Files expire with their age; an upload that never finished (client gone, crash)
+            # is dropped after a day.
+            db.execute("DELETE FROM files WHERE uploaded_at < ? OR (complete = 0 AND uploaded_at < ?)",
+                       (cutoff, stale_upload_cutoff))
+            db.execute("DELETE FROM agents WHERE origin = 'testflinger' AND updated_at < ? AND NOT EXISTS"
+                       " (SELECT 1 FROM instances WHERE agent_name = agents.name AND status IN ('pending', 'active'))",
+                       (cutoff,))
+            db.execute("DELETE FROM idempotency WHERE created_at < ?", (now - 86400,))
+            db.execute("DELETE FROM advertised_queues WHERE updated_at < ?", (cutoff,))
+            db.execute("DELETE FROM queue_images WHERE updated_at < ?", (cutoff,))
+            db.execute("DELETE FROM wait_times WHERE popped_at < ?", (cutoff,))
+            db.execute("DELETE FROM refresh_tokens WHERE last_accessed < ?", (token_cutoff,))
+            db.execute("DELETE FROM secrets WHERE expires_at < ?", (now,))
+            return len(done)
+
+
+class AgentStore(_DomainStore):
+    """The agent registry: agents (Testflinger's agent data too), instances, versions, Rackspace
+    events, idempotency keys, settings."""
 
     AGENT_FIELDS = ("state", "queues", "location", "job_id", "provision_type", "identifier", "comment")
+
+    def queue_exists(self, queue_name):
+        """Whether an agent listens on the queue."""
+        return self.read_one("SELECT 1 FROM agents, json_each(agents.queues) WHERE value = ? LIMIT 1",
+                             (queue_name,)) is not None
 
     def upsert_agent(self, name, fields, log_lines, now, new_ids, ip):
         """Set the given Testflinger fields of an agent (creating it with ``new_ids``), append log
@@ -832,40 +933,6 @@ class Store:
     def provision_logs(self, agent_name):
         return self.read("SELECT job_id, exit_code, detail, timestamp FROM provision_logs WHERE agent_name = ?"
                          " ORDER BY id", (agent_name,))
-
-    # -- web pages ---------------------------------------------------------------
-
-    def job_state_counts(self):
-        return {r[0]: r[1] for r in self.read("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")}
-
-    def queue_activity(self):
-        """{queue: {"waiting": n, "running": n}} over unfinished jobs."""
-        out = {}
-        for row in self.read("SELECT job_queue, state = 'waiting' AS waiting, count(*) FROM jobs"
-                             " WHERE state NOT IN ('cancelled', 'complete', 'completed') GROUP BY 1, 2"):
-            out.setdefault(row[0], {"waiting": 0, "running": 0})["waiting" if row[1] else "running"] = row[2]
-        return out
-
-    def jobs_page(self, state=None, queue_name=None, tag=None, agent_name=None, limit=50, offset=0):
-        """(rows, total) of jobs newest first, filtered."""
-        where, args = [], []
-        for column, value in (("state", state), ("job_queue", queue_name), ("agent_name", agent_name)):
-            if value:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if tag:
-            where.append("EXISTS (SELECT 1 FROM json_each(job_data, '$.tags') WHERE value = ?)")
-            args.append(tag)
-        clause = (" WHERE " + " AND ".join(where)) if where else ""
-        with self.connection() as db:
-            total = db.execute(f"SELECT count(*) FROM jobs{clause}", args).fetchone()[0]
-            rows = db.execute(f"SELECT job_id, created_at, started_at, state, job_queue, job_priority, agent_name,"
-                              f" json_extract(job_data, '$.name') AS name, json_extract(job_data, '$.tags') AS tags"
-                              f" FROM jobs{clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
-                              (*args, limit, offset)).fetchall()
-        return rows, total
-
-    # -- the registry ------------------------------------------------------------
 
     def setting(self, key, make_default):
         """Read a setting, storing ``make_default()`` the first time."""
@@ -993,6 +1060,10 @@ class Store:
             db.execute("INSERT OR REPLACE INTO idempotency (scope, key, status, body, created_at) VALUES (?, ?, ?, ?, ?)",
                        (scope, key, status, body, now))
 
+
+class DeliveryStore(_DomainStore):
+    """GoCD notification deliveries and the server health messages they leave."""
+
     def record_delivery(self, values, keep=1000):
         """Record one notification delivery; keep the newest ``keep`` per webhook."""
         with self.write() as db:
@@ -1018,31 +1089,9 @@ class Store:
     def health(self):
         return self.read("SELECT * FROM health ORDER BY time DESC")
 
-    # -- queues ------------------------------------------------------------------
 
-    def upsert_advertised_queues(self, queues, now):
-        with self.write() as db:
-            db.executemany("INSERT INTO advertised_queues (name, description, updated_at) VALUES (?, ?, ?)"
-                           " ON CONFLICT (name) DO UPDATE SET description = excluded.description,"
-                           " updated_at = excluded.updated_at", [(k, v, now) for k, v in queues.items()])
-
-    def advertised_queues(self):
-        return self.read("SELECT name, description FROM advertised_queues ORDER BY name")
-
-    def replace_images(self, images, now):
-        with self.write() as db:
-            db.executemany("INSERT INTO queue_images (queue, images, updated_at) VALUES (?, ?, ?)"
-                           " ON CONFLICT (queue) DO UPDATE SET images = excluded.images,"
-                           " updated_at = excluded.updated_at",
-                           [(q, json.dumps(m), now) for q, m in images.items()])
-
-    def images(self, queue_name):
-        row = self.read_one("SELECT images FROM queue_images WHERE queue = ?", (queue_name,))
-        return json.loads(row[0]) if row else {}
-
-    def queue_exists(self, queue_name):
-        return self.read_one("SELECT 1 FROM agents, json_each(agents.queues) WHERE value = ? LIMIT 1",
-                             (queue_name,)) is not None
+class AuthStore(_DomainStore):
+    """Clients, refresh tokens, restricted queues and secrets."""
 
     def restricted_owners(self, queues):
         """{queue: [client ids allowed]} for the restricted ones among ``queues`` that have owners."""
@@ -1060,8 +1109,6 @@ class Store:
 
     def is_restricted(self, queue_name):
         return self.read_one("SELECT 1 FROM restricted_queues WHERE name = ?", (queue_name,)) is not None
-
-    # -- clients and tokens --------------------------------------------------------
 
     def upsert_client(self, client_id, secret_hash, role, now):
         with self.write() as db:
@@ -1166,7 +1213,9 @@ class Store:
             return db.execute("UPDATE refresh_tokens SET last_accessed = ? WHERE token_hash = ? RETURNING *",
                               (now, token_hash)).fetchone()
 
-    # -- events ------------------------------------------------------------------------
+
+class EventStore(_DomainStore):
+    """User events and their ACL tokens."""
 
     def add_event(self, event, keep, now):
         """Store a fired event and drop all but the newest ``keep``, in one transaction."""
@@ -1195,29 +1244,6 @@ class Store:
 
     def event_token(self, token_hash):
         return self.read_one("SELECT * FROM event_tokens WHERE token_hash = ?", (token_hash,))
-
-    # -- purge -------------------------------------------------------------------------
-
-    def purge(self, now, cutoff, token_cutoff, stale_upload_cutoff):
-        """Delete what expired before ``cutoff``; waiting jobs are kept however old they are."""
-        with self.write() as db:
-            done = db.execute("DELETE FROM jobs WHERE created_at < ? AND state != 'waiting' RETURNING job_id",
-                              (cutoff,)).fetchall()
-            db.execute("DELETE FROM log_fragments WHERE inserted_at < ?", (cutoff,))
-            # Files expire with their age; an upload that never finished (client gone, crash)
-            # is dropped after a day.
-            db.execute("DELETE FROM files WHERE uploaded_at < ? OR (complete = 0 AND uploaded_at < ?)",
-                       (cutoff, stale_upload_cutoff))
-            db.execute("DELETE FROM agents WHERE origin = 'testflinger' AND updated_at < ? AND NOT EXISTS"
-                       " (SELECT 1 FROM instances WHERE agent_name = agents.name AND status IN ('pending', 'active'))",
-                       (cutoff,))
-            db.execute("DELETE FROM idempotency WHERE created_at < ?", (now - 86400,))
-            db.execute("DELETE FROM advertised_queues WHERE updated_at < ?", (cutoff,))
-            db.execute("DELETE FROM queue_images WHERE updated_at < ?", (cutoff,))
-            db.execute("DELETE FROM wait_times WHERE popped_at < ?", (cutoff,))
-            db.execute("DELETE FROM refresh_tokens WHERE last_accessed < ?", (token_cutoff,))
-            db.execute("DELETE FROM secrets WHERE expires_at < ?", (now,))
-            return len(done)
 
 
 def _insert(db, table, values):
@@ -1834,8 +1860,9 @@ SYSTEM_ADMIN = "testflinger-admin"
 class Auth:
     """Clients, their secrets and tokens; the role of each request."""
 
-    def __init__(self, store, config, key=None):
-        self.store, self.config = store, config
+    def __init__(self, store, config, key=None, agents=None):
+        """``store``: clients, tokens, restricted queues; ``agents``: which queues exist."""
+        self.store, self.config, self.agents = store, config, agents
         self.key = key or server_key(config)
         # Tokens whose signature was verified: an agent sends the same token for ten minutes, and
         # checking the signature once is enough (the times are still checked on every request).
@@ -1934,7 +1961,7 @@ class Auth:
             if row is None:
                 return None
             entry = {"client_id": row["client_id"]}
-            for key in Store.CLIENT_JSON:
+            for key in AuthStore.CLIENT_JSON:
                 if row[key] is not None:
                     entry[key] = json.loads(row[key])
             entry["role"] = row["role"] or "contributor"
@@ -1990,7 +2017,7 @@ class Auth:
             raise ApiError(400, "Error: Missing client ID.")
         if self.store.get_client(client_id) is None:
             raise ApiError(404, "Error: Specified client_id does not exist.")
-        if not self.store.queue_exists(queue_name):
+        if not self.agents.queue_exists(queue_name):
             raise ApiError(404, "Error: No agent is associated with the specified queue.")
         self.store.restrict_queue(queue_name, client_id)
 
@@ -2360,8 +2387,10 @@ class JobQueue:
 
     ACTIVE_END = ("cancelled", "complete", "completed")
 
-    def __init__(self, store, config, secrets_store, registry):
-        self.store, self.config, self.secrets, self.registry = store, config, secrets_store, registry
+    def __init__(self, store, agents, access, config, secrets_store, registry):
+        """``store``: jobs and files; ``agents``: the agents table; ``access``: restricted queues."""
+        self.store, self.agent_store, self.access, self.config = store, agents, access, config
+        self.secrets, self.registry = secrets_store, registry
 
     # -- jobs ----------------------------------------------------------------------
 
@@ -2369,7 +2398,7 @@ class JobQueue:
         """Store a validated job; apply the rules of spec §2.2 in the original's order."""
         queue_name = data["job_queue"]
         if data.get("exclude_agents"):
-            allowed = [a for a in self.store.list_agents(queue_name) if a["name"] not in data["exclude_agents"]]
+            allowed = [a for a in self.agent_store.list_agents(queue_name) if a["name"] not in data["exclude_agents"]]
             if not allowed:
                 raise ApiError(422, "There are no agents on the specified queue that are allowed to run this job")
         uses_secrets = "secrets" in data.get("test_data", {})
@@ -2409,7 +2438,7 @@ class JobQueue:
             allowed = permissions.get("max_priority") or {}
             if priority > max(allowed.get("*", 0), allowed.get(queue_name, 0)):
                 raise ApiError(403, f"Not enough permissions to push to {queue_name} with priority {priority}")
-        if self.store.is_restricted(queue_name):
+        if self.access.is_restricted(queue_name):
             if not permissions:
                 raise ApiError(401, f"Authentication required to push to restricted queue: {queue_name}")
             if queue_name not in (permissions.get("allowed_queues") or []):
@@ -2590,21 +2619,21 @@ class JobQueue:
     def post_agent(self, name, data, ip=None):
         if len(name) > AGENT_NAME_MAX:             # the name travels in the agent_name cookie
             raise ApiError(400, f"Agent name too long (at most {AGENT_NAME_MAX} characters)")
-        fields = {k: v for k, v in data.items() if k in Store.AGENT_FIELDS}
-        self.store.upsert_agent(name, fields, data.get("log", []), utcnow(), self.registry.new_ids(), ip)
+        fields = {k: v for k, v in data.items() if k in AgentStore.AGENT_FIELDS}
+        self.agent_store.upsert_agent(name, fields, data.get("log", []), utcnow(), self.registry.new_ids(), ip)
         self.registry.changed(name)
 
     def agent(self, name, full=True):
         """An agent as GET /v1/agents/data/<name> shows it (``full``) or as queue listings do."""
-        row = self.store.get_agent(name)
+        row = self.agent_store.get_agent(name)
         return None if row is None or not row["tf"] else self._agent_out(row, full)
 
     def agents(self, queue_name=None, full=True):
-        return [self._agent_out(row, full) for row in self.store.list_agents(queue_name)]
+        return [self._agent_out(row, full) for row in self.agent_store.list_agents(queue_name)]
 
     def queue_agents(self, queue_name):
         """The agents listening on a queue that exists (404 otherwise)."""
-        if not self.store.queue_exists(queue_name):
+        if not self.agent_store.queue_exists(queue_name):
             raise ApiError(404, f"Queue '{queue_name}' does not exist.")
         return self.agents(queue_name, full=False)
 
@@ -2621,13 +2650,13 @@ class JobQueue:
         self.store.replace_images(images, utcnow())
 
     def provision_logs(self, agent_name):
-        return self.store.provision_logs(agent_name)
+        return self.agent_store.provision_logs(agent_name)
 
     def queue_summaries(self):
         """Every queue anyone knows of: advertised, served by an agent, or holding jobs."""
         advertised = self.advertised_queues()
         served = {}
-        for agent in self.store.list_agents():
+        for agent in self.agent_store.list_agents():
             for q in json.loads(agent["queues"] or "[]"):
                 served.setdefault(q, []).append(agent["name"])
         activity = self.store.queue_activity()
@@ -2640,7 +2669,7 @@ class JobQueue:
     def _agent_out(self, row, full):
         """An agent as the original returns it: only the fields that were ever set."""
         out = {"name": row["name"]}
-        names = Store.AGENT_FIELDS + ("updated_at", "provision_streak_type", "provision_streak_count") if full \
+        names = AgentStore.AGENT_FIELDS + ("updated_at", "provision_streak_type", "provision_streak_count") if full \
             else AGENT_OUT_FIELDS
         for key in names:
             value = row[key]
@@ -2651,11 +2680,11 @@ class JobQueue:
             # Retired through /api/v1: reads say offline, the stored state is kept for reinstating.
             out["state"], out["comment"] = "offline", "retired"
         if full:
-            out["restricted_to"] = self.store.restricted_owners(out.get("queues", []))
+            out["restricted_to"] = self.access.restricted_owners(out.get("queues", []))
         return out
 
     def provision_log(self, agent_name, data):
-        if not self.store.add_provision_log(agent_name, data["job_id"], data["exit_code"],
+        if not self.agent_store.add_provision_log(agent_name, data["job_id"], data["exit_code"],
                                             data.get("detail"), utcnow()):
             raise ApiError(404, "Agent not found\n", text=True)
         self.registry.contact(agent_name)
@@ -5365,18 +5394,19 @@ class Hub:
 
     def __init__(self, config):
         self.config = config
-        self.store = Store(config.db)
+        self.db = Database(config.db)
+        jobs, agents, access, events = JobStore(self.db), AgentStore(self.db), AuthStore(self.db), EventStore(self.db)
         key = server_key(config)
-        self.auth = Auth(self.store, config, key)
-        self.secrets = Secrets(self.store, SecretBox(key))
-        self.event_acl = EventAcl(self.store, config.event_acl_default)
-        self.events = UserEvents(EventBuffer(self.store, config.event_buffer_size, config.event_max_bytes),
+        self.auth = Auth(access, config, key, agents)
+        self.secrets = Secrets(access, SecretBox(key))
+        self.event_acl = EventAcl(events, config.event_acl_default)
+        self.events = UserEvents(EventBuffer(events, config.event_buffer_size, config.event_max_bytes),
                                  self.event_acl, config)
         self.watchers = Watchers(self.events.buffer)
-        self.notifier = Notifier(self.store, config)
-        self.registry = Registry(self.store, config, self.notifier, self.events)
-        self.idempotency = Idempotency(self.store)
-        self.jobs = JobQueue(self.store, config, self.secrets, self.registry)
+        self.notifier = Notifier(DeliveryStore(self.db), config)
+        self.registry = Registry(agents, config, self.notifier, self.events)
+        self.idempotency = Idempotency(agents)
+        self.jobs = JobQueue(jobs, agents, access, config, self.secrets, self.registry)
         self._stop = threading.Event()
         self._threads = []
 
@@ -5421,7 +5451,7 @@ class Hub:
         self.notifier.close()
         for thread in self._threads:
             thread.join(timeout=10)
-        self.store.close()
+        self.db.close()
 
 
 def create_app(config=None, **overrides):
@@ -5769,7 +5799,7 @@ def _command_store(args, command):
     if args.db in (":memory:", ""):
         print(f"agenthub: {command} needs a database file (--db PATH)", file=sys.stderr)
         return None
-    return Store(args.db)
+    return Database(args.db)
 
 
 def add_event_token_command(args):
@@ -5777,7 +5807,7 @@ def add_event_token_command(args):
     if store is None:
         return 2
     try:
-        secret = EventAcl(store, "deny").add_token(args.token_name, args.read, args.write, args.secret)
+        secret = EventAcl(EventStore(store), "deny").add_token(args.token_name, args.read, args.write, args.secret)
         print(f"name: {args.token_name}\nread: {' '.join(repr(p) for p in args.read) or '-'}\n"
               f"write: {' '.join(repr(p) for p in args.write) or '-'}\nsecret: {secret}")
     finally:
@@ -5790,7 +5820,7 @@ def add_client_command(args):
     if store is None:
         return 2
     try:
-        auth = Auth(store, Config(db=args.db))
+        auth = Auth(AuthStore(store), Config(db=args.db))
         secret = auth.add_client(args.client_id, args.role, args.secret)
         print(f"client_id: {args.client_id}\nrole: {args.role}\nsecret: {secret}")
         if args.token_file:
@@ -5818,8 +5848,8 @@ class _BenchServer:
     def __init__(self, workdir):
         import subprocess
         self.db = os.path.join(workdir, "bench.db")
-        store = Store(self.db)
-        auth = Auth(store, Config(db=self.db))
+        store = Database(self.db)
+        auth = Auth(AuthStore(store), Config(db=self.db))
         self.secret = auth.add_client("bench-agent", "agent", "bench-agent-secret-000")
         store.close()
         self.proc = subprocess.Popen(

@@ -50,7 +50,7 @@ def token_headers(app, role, client_id=None, **perms):
     client_id = client_id or f"{role}-{uuid.uuid4().hex[:6]}"
     secret = app.hub.auth.add_client(client_id, role)
     if perms:
-        with app.hub.store.write() as db:
+        with app.hub.db.write() as db:
             for key, value in perms.items():
                 db.execute(f"UPDATE clients SET {key} = ? WHERE client_id = ?", (json.dumps(value), client_id))
     basic = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
@@ -164,7 +164,7 @@ def test_migrating_an_older_database_gives_existing_agents_their_ids(tmp_path):
     conn.close()
     app = create_app(db=path, purge_interval=0)
     try:
-        row = app.hub.store.get_agent("old-agent")
+        row = app.hub.registry.find("name", "old-agent")
         assert agenthub.PFID_PATTERN.match(row["pfid"]) and uuid.UUID(row["uuid"]) and row["tf"] == 1
         test = webtest.TestApp(app)
         assert test.get("/v1/agents/data/old-agent").json["state"] == "waiting"
@@ -174,14 +174,14 @@ def test_migrating_an_older_database_gives_existing_agents_their_ids(tmp_path):
         agent = Client(app, token_headers(app, "agent", "old-agent"))
         assert agent.get("/v1/job?queue=q", headers={"Cookie": "agent_name=old-agent"}).json["job_id"] == job_id
         assert test.get(f"/api/v1/agent/{row['pfid']}").json["details"]["instance_counts"]["active"] == 1
-        version = app.hub.store.read_one("PRAGMA user_version")[0]
+        version = app.hub.db.read_one("PRAGMA user_version")[0]
         assert version == len(agenthub.MIGRATIONS)
     finally:
         app.close()
 
 
 def test_failed_write_transaction_leaves_nothing(app):
-    store = app.hub.store
+    store = app.hub.db
     with pytest.raises(RuntimeError):
         with store.write() as db:
             db.execute("INSERT INTO restricted_queues (name) VALUES ('x')")
@@ -193,7 +193,7 @@ def test_failed_write_transaction_leaves_nothing(app):
 def test_a_read_inside_a_write_sees_it_and_a_write_inside_a_write_joins_it(tmp_path, where):
     """Borrowing is re-entrant per thread: the same on :memory: (a pool of one) as on a file."""
     app = create_app(db=where if where == ":memory:" else str(tmp_path / "hub.db"), purge_interval=0)
-    store = app.hub.store
+    store = app.hub.db
     try:
         done = threading.Event()
 
@@ -269,7 +269,7 @@ def test_url_field_needs_a_tld_or_ip():
 
 def test_client_secret_is_stored_hashed(app):
     secret = app.hub.auth.add_client("someone", "contributor", "a-secret-of-some-length")
-    stored = app.hub.store.get_client("someone")["secret_hash"]
+    stored = app.hub.auth.store.get_client("someone")["secret_hash"]
     assert secret not in stored and stored.startswith("scrypt$")
     assert agenthub.check_secret(secret, stored) and not agenthub.check_secret("wrong", stored)
 
@@ -284,7 +284,7 @@ def test_token_and_refresh_flow(app, anon):
     assert claims["sub"] == "access_token" and claims["permissions"]["role"] == "manager"
     assert claims["exp"] - claims["iat"] == 600
     # The database holds only a hash of the refresh token.
-    stored = app.hub.store.read("SELECT token_hash FROM refresh_tokens")
+    stored = app.hub.db.read("SELECT token_hash FROM refresh_tokens")
     assert [r[0] for r in stored] == [hashlib.sha256(answer["refresh_token"].encode()).hexdigest()]
     refreshed = anon.post_json("/v1/oauth2/refresh", {"refresh_token": answer["refresh_token"]}).json
     assert set(refreshed) == {"access_token", "token_type", "expires_in"}
@@ -319,7 +319,7 @@ def test_refresh_errors(app, anon):
     assert anon.post_json("/v1/oauth2/refresh", {"refresh_token": token},
                           status=400).json["message"] == "Refresh token expired"
     token = app.hub.auth.refresh_token("c3")
-    with app.hub.store.write() as db:
+    with app.hub.db.write() as db:
         db.execute("UPDATE refresh_tokens SET revoked = 1")
     assert anon.post_json("/v1/oauth2/refresh", {"refresh_token": token},
                           status=400).json["message"] == "Refresh token revoked."
@@ -527,7 +527,7 @@ def test_revoke_refresh_tokens(app):
     token = app.hub.auth.refresh_token("agent9")
     anon = webtest.TestApp(app)
     anon.post_json("/v1/oauth2/refresh", {"refresh_token": token})
-    last = app.hub.store.read_one("SELECT last_accessed FROM refresh_tokens WHERE client_id = 'agent9'")[0]
+    last = app.hub.db.read_one("SELECT last_accessed FROM refresh_tokens WHERE client_id = 'agent9'")[0]
     assert last > time.time() - 5
     assert admin.post_json("/v1/oauth2/revoke", {"refresh_token": token}).json == {"status": "OK"}
     assert anon.post_json("/v1/oauth2/refresh", {"refresh_token": token}, status=400).json["message"] == \
@@ -552,7 +552,7 @@ def test_secrets_lifecycle(app, anon):
     assert alice.put_json("/v1/secrets/alice/lab/forever", {"value": "v", "expire_after": None}).json == {
         "expires_at": None}
     # Stored encrypted: neither the value nor its bytes are in the row.
-    stored = app.hub.store.read_one("SELECT value FROM secrets WHERE path = 'lab/token'")[0]
+    stored = app.hub.db.read_one("SELECT value FROM secrets WHERE path = 'lab/token'")[0]
     assert b"s3cr3t-value" not in stored and stored != b"s3cr3t-value"
     job_id = submit(alice, test_data={"secrets": {"TOKEN": "lab/token", "ONCE": "lab/once"}})
     definition = alice.get(f"/v1/job/{job_id}").json
@@ -578,7 +578,7 @@ def test_secrets_lifecycle(app, anon):
     alice.put_json("/v1/secrets/alice/a", {"value": "x", "expire_after": 0}, status=422)
     # Expiry and delete.
     alice.put_json("/v1/secrets/alice/short", {"value": "x", "expire_after": 1})
-    with app.hub.store.write() as db:
+    with app.hub.db.write() as db:
         db.execute("UPDATE secrets SET expires_at = ? WHERE path = 'short'", (time.time() - 1,))
     assert alice.post_json("/v1/job", {"job_queue": "q1", "test_data": {"secrets": {"S": "short"}}},
                            status=422).json["message"] == "Inaccessible secret paths: short"
@@ -865,7 +865,7 @@ def test_reservation_permissions(app, anon):
 
 
 def test_restricted_queue_permissions(app, anon):
-    with app.hub.store.write() as db:
+    with app.hub.db.write() as db:
         db.execute("INSERT INTO restricted_queues (name) VALUES ('secret-q')")
     assert anon.post_json("/v1/job", {"job_queue": "secret-q"}, status=401).json["message"] == \
         "Authentication required to push to restricted queue: secret-q"
@@ -921,11 +921,11 @@ def test_pop_skips_excluded_agents_and_jobs_awaiting_attachments(app, anon, agen
 
 def test_pop_shows_client_id_and_blanks_secrets(app):
     user = Client(app, token_headers(app, "contributor", "submitter"))
-    with app.hub.store.write() as db:
+    with app.hub.db.write() as db:
         job = {"job_id": ANY_UUID, "created_at": time.time(), "job_priority": 0, "job_queue": "q1",
                "attachments_status": None, "exclude_agents": [], "client_id": "submitter",
                "job_data": {"job_queue": "q1", "test_data": {"secrets": {"TOKEN": "a/b"}}}}
-        app.hub.store.insert_job(db, job)
+        app.hub.jobs.store.insert_job(db, job)
     agent = Client(app, token_headers(app, "agent", "agent1"))
     agent.post_json("/v1/agents/data/agent1", {"queues": ["q1"]})
     popped = agent.get("/v1/job?queue=q1").json
@@ -1084,7 +1084,7 @@ def test_artifact_round_trip(anon, agent):
     assert answer.headers["Content-Type"] == "application/x-tar"
     assert answer.headers["Content-Disposition"] == "inline; filename=artifact.tar.gz"
     assert answer.headers["Content-Length"] == str(len(second))
-    assert len(agent.test.app.hub.store.read("SELECT id FROM files")) == 1
+    assert len(agent.test.app.hub.db.read("SELECT id FROM files")) == 1
 
 
 def test_artifact_errors(agent):
@@ -1096,7 +1096,7 @@ def test_artifact_errors(agent):
     truncated = (b"--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\nabc")
     agent.post(f"/v1/result/{ANY_UUID}/artifact", truncated, content_type="multipart/form-data; boundary=XX",
                status=400)
-    assert agent.test.app.hub.store.read("SELECT id FROM files") == []      # nothing half-stored
+    assert agent.test.app.hub.db.read("SELECT id FROM files") == []      # nothing half-stored
 
 
 def test_multipart_with_several_parts(agent, anon):
@@ -1137,7 +1137,7 @@ def test_agent_data(app, anon, agent):
     assert data["state"] == "waiting" and data["queues"] == ["q9"] and data["restricted_to"] == {}
     assert "log" not in data and data["updated_at"].endswith("Z")
     agent.post_json("/v1/agents/data/agent9", {"log": [f"x{i}" for i in range(150)], "comment": ""})
-    stored = json.loads(app.hub.store.get_agent("agent9")["log"])
+    stored = json.loads(app.hub.registry.find("name", "agent9")["log"])
     assert len(stored) == 100 and stored[-1] == "x149"
     assert anon.get("/v1/agents/data/agent9").json["location"] == "lab"    # fields merge
     assert anon.get("/v1/agents/data/ghost", status=404).json == {}
@@ -1148,7 +1148,7 @@ def test_agent_data(app, anon, agent):
 
 def test_restricted_to_lists_owners(app, anon, agent):
     app.hub.auth.add_client("owner", "contributor")
-    with app.hub.store.write() as db:
+    with app.hub.db.write() as db:
         db.execute("INSERT INTO restricted_queues (name) VALUES ('q2')")
         db.execute("UPDATE clients SET allowed_queues = '[\"q2\"]' WHERE client_id = 'owner'")
     assert anon.get("/v1/agents/data/agent1").json["restricted_to"] == {"q2": ["owner"]}
@@ -1161,8 +1161,8 @@ def test_provision_logs_and_streaks(app, anon, agent):
         agent.post_json("/v1/agents/provision_logs/agent1", {"job_id": "j", "exit_code": code, "detail": "d"})
     data = anon.get("/v1/agents/data/agent1").json
     assert (data["provision_streak_type"], data["provision_streak_count"]) == ("fail", 1)
-    assert len(app.hub.store.provision_logs("agent1")) == 3
-    assert len(app.hub.store.provision_logs("ghost")) == 1       # kept, as the original does
+    assert len(app.hub.jobs.provision_logs("agent1")) == 3
+    assert len(app.hub.jobs.provision_logs("ghost")) == 1       # kept, as the original does
     agent.post_json("/v1/agents/provision_logs/agent1", {"job_id": "j"}, status=422)
 
 
@@ -1196,7 +1196,7 @@ def test_queue_agents_and_jobs(anon, agent):
 
 def test_wait_times(app, anon, agent):
     assert anon.get("/v1/queues/wait_times").json == {}
-    with app.hub.store.write() as db:
+    with app.hub.db.write() as db:
         for n in (1, 2, 3, 4, 5):
             db.execute("INSERT INTO wait_times (queue, seconds, popped_at) VALUES ('a', ?, ?)", (n, time.time()))
         db.execute("INSERT INTO wait_times (queue, seconds, popped_at) VALUES ('b', ?, ?)",
@@ -1237,7 +1237,7 @@ def test_purge_keeps_waiting_jobs(app, anon, agent):
                                                           "timestamp": "2026-01-01T00:00:00", "log_data": "x"})
     agent.post_json(f"/v1/result/{old_done}", {"job_state": "complete"})   # an agent running a job is kept
     long_ago = time.time() - 8 * 86400
-    with app.hub.store.write() as db:
+    with app.hub.db.write() as db:
         db.execute("UPDATE jobs SET created_at = ? WHERE job_id IN (?, ?)", (long_ago, old_waiting, old_done))
         db.execute("UPDATE log_fragments SET inserted_at = ?", (long_ago,))
         db.execute("UPDATE agents SET updated_at = ?", (long_ago,))
@@ -1245,7 +1245,7 @@ def test_purge_keeps_waiting_jobs(app, anon, agent):
     anon.get(f"/v1/job/{old_done}", status=204)
     assert anon.get(f"/v1/job/{old_waiting}").json["job_id"] == old_waiting
     anon.get(f"/v1/job/{fresh}", status=200)
-    assert app.hub.store.read("SELECT * FROM log_fragments") == []
+    assert app.hub.db.read("SELECT * FROM log_fragments") == []
     anon.get("/v1/agents/data/agent1", status=404)
 
 
@@ -1677,7 +1677,7 @@ def test_event_acl_list(acl_app):
 
 def test_event_token_secrets_are_stored_hashed(acl_app):
     app, secrets = acl_app
-    stored = [r["token_hash"] for r in app.hub.store.read("SELECT token_hash FROM event_tokens")]
+    stored = [r["token_hash"] for r in app.hub.db.read("SELECT token_hash FROM event_tokens")]
     assert secrets["deployer"] not in stored
     assert hashlib.sha256(secrets["deployer"].encode()).hexdigest() in stored
 
@@ -2073,7 +2073,7 @@ def test_a_failing_step_of_a_registry_change_leaves_nothing_half_made(anon, app,
 
     def broken(values):
         raise sqlite3.OperationalError("disk I/O error")
-    monkeypatch.setattr(app.hub.store, "add_instance", broken)       # the last step of register fails
+    monkeypatch.setattr(app.hub.registry.store, "add_instance", broken)       # the last step of register fails
     with pytest.raises(sqlite3.OperationalError):
         app.hub.registry.register_instance(agent["id"], version, {}, update_current=True)
     monkeypatch.undo()
@@ -2155,14 +2155,14 @@ def test_rackspace_project_events_and_tokens():
                           status=400).json["errors"] == ["event must be agent_activate."]
     test.post_json("/v2/110011/events", {"event": "agent_activate", "mode": "real_time"},
                    headers={"X-Auth-Token": "tok-a"}, status=202)
-    assert app.hub.store.get_agent("a1")["activation_mode"] == "real_time"
-    assert app.hub.store.get_agent("b1")["activation_mode"] is None
+    assert app.hub.registry.find("name", "a1")["activation_mode"] == "real_time"
+    assert app.hub.registry.find("name", "b1")["activation_mode"] is None
     test.post_json("/v2/events", {"event": "agent_activate", "mode": "active"}, headers={"X-Auth-Token": "tok-a"},
                    status=202)                               # the seed's path: the token's project
-    assert app.hub.store.get_agent("b1")["activation_mode"] is None
+    assert app.hub.registry.find("name", "b1")["activation_mode"] is None
     test.post_json("/v2/events", {"event": "agent_activate", "mode": "idle"}, headers={"X-Auth-Token": "tok-b"},
                    status=202)                               # an unbound token: every project
-    assert {app.hub.store.get_agent(n)["activation_mode"] for n in ("a1", "b1")} == {"idle"}
+    assert {app.hub.registry.find("name", n)["activation_mode"] for n in ("a1", "b1")} == {"idle"}
     feed = test.get("/v2/110011/events", headers={"X-Auth-Token": "tok-a"}).json["events"]
     assert feed[0]["event"] == "agent_activate" and feed[0]["mode"] == "idle"
     app.close()
@@ -2294,15 +2294,15 @@ def test_gocd_notifications_idle_building_idle_then_lost_contact():
         body = json.loads(data)
         assert list(body) == ["uuid", "host_name", "is_elastic", "ip_address", "operating_system", "free_space",
                               "agent_config_state", "agent_state", "build_state", "transition_time"]
-        assert body["host_name"] == "agent7" and body["uuid"] == app.hub.store.get_agent("agent7")["uuid"]
+        assert body["host_name"] == "agent7" and body["uuid"] == app.hub.registry.find("name", "agent7")["uuid"]
         assert (body["agent_config_state"], body["agent_state"], body["build_state"]) == ("Enabled", "Idle", "Idle")
         assert json.dumps(body, separators=(",", ":")).encode() == data          # compact, in this key order
         events = anon.get("/v1/event/list?name=agent-status&node=agent7").json
         assert [json.loads(base64.b64decode(e["Payload"]))["agent_state"] for e in events][:3] == [
             "Idle", "Building", "Idle"]
         assert events[0]["NodeFilter"] == "^agent7$"
-        assert _wait_for(lambda: len(app.hub.store.deliveries()) >= 4)
-        assert {d["outcome"] for d in app.hub.store.deliveries()} == {"success"}
+        assert _wait_for(lambda: len(app.hub.notifier.deliveries()) >= 4)
+        assert {d["outcome"] for d in app.hub.notifier.deliveries()} == {"success"}
         assert anon.get("/api/server_health_messages").json == []
         # Contact again: back from LostContact.
         agent.get("/v1/agents/data/agent7", headers={"Cookie": "agent_name=agent7"})
@@ -2319,8 +2319,8 @@ def test_gocd_worker_survives_an_unusable_webhook_url():
         agent = Client(app, token_headers(app, "agent", "a1"))
         agent.post_json("/v1/agents/data/a1", {"state": "waiting"})
         agent.post_json("/v1/agents/data/a1", {"state": "test"})
-        assert _wait_for(lambda: len(app.hub.store.deliveries()) == 2)       # the second still went through
-        assert {d["outcome"] for d in app.hub.store.deliveries()} == {"error"}
+        assert _wait_for(lambda: len(app.hub.notifier.deliveries()) == 2)       # the second still went through
+        assert {d["outcome"] for d in app.hub.notifier.deliveries()} == {"error"}
     finally:
         app.close()
 
@@ -2339,8 +2339,8 @@ def test_gocd_delivery_outcomes(status, body, outcome, detail):
     app = create_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0)
     try:
         Client(app, token_headers(app, "agent", "a1")).post_json("/v1/agents/data/a1", {"state": "waiting"})
-        assert _wait_for(lambda: app.hub.store.deliveries())
-        delivery = app.hub.store.deliveries()[0]
+        assert _wait_for(lambda: app.hub.notifier.deliveries())
+        delivery = app.hub.notifier.deliveries()[0]
         assert delivery["outcome"] == outcome and len(receiver.requests) == 1     # a redirect is not followed
         health = webtest.TestApp(app).get("/api/server_health_messages").json
         if detail is None:
@@ -2381,8 +2381,8 @@ def test_gocd_retries_a_500_then_succeeds_and_clears_health():
                      gocd_retry_delays=(0.1, 0.1))
     try:
         Client(app, token_headers(app, "agent", "a1")).post_json("/v1/agents/data/a1", {"state": "waiting"})
-        assert _wait_for(lambda: app.hub.store.deliveries())
-        delivery = app.hub.store.deliveries()[0]
+        assert _wait_for(lambda: app.hub.notifier.deliveries())
+        delivery = app.hub.notifier.deliveries()[0]
         assert (delivery["outcome"], delivery["attempts"]) == ("success", 2) and len(receiver.requests) == 2
         assert receiver.requests[1][2]["X-Agenthub-Delivery"] == delivery["delivery_uuid"]
         assert webtest.TestApp(app).get("/api/server_health_messages").json == []
@@ -2399,8 +2399,8 @@ def test_gocd_timeout_is_recorded_and_never_slows_the_api():
         agent = Client(app, token_headers(app, "agent", "a1"))
         for state in ("waiting", "test", "waiting", "test"):
             agent.post_json("/v1/agents/data/a1", {"state": state})       # answered while the receiver hangs
-        assert _wait_for(lambda: len(app.hub.store.deliveries()) >= 1)
-        delivery = app.hub.store.deliveries()[-1]
+        assert _wait_for(lambda: len(app.hub.notifier.deliveries()) >= 1)
+        delivery = app.hub.notifier.deliveries()[-1]
         assert delivery["outcome"] == "error" and delivery["attempts"] == 3
         assert "timed out" in json.loads(delivery["messages"])[0]
         assert webtest.TestApp(app).get("/api/server_health_messages").json[0]["level"] == "ERROR"
@@ -2419,8 +2419,8 @@ def test_gocd_queued_deliveries_are_recorded_on_close(tmp_path):
         agent.post_json("/v1/agents/data/a1", {"state": state})
     app.hub.notifier.close(drain_seconds=0)
     app.close()
-    reopened = agenthub.Store(db)
-    outcomes = [r["outcome"] for r in reopened.read("SELECT outcome FROM deliveries")]
+    reopened = create_app(db=db, purge_interval=0, lost_contact_seconds=0)
+    outcomes = [r["outcome"] for r in reopened.hub.notifier.deliveries()]
     reopened.close()
     receiver.close()
     assert len(outcomes) == 5 and "undelivered" in outcomes
