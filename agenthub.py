@@ -628,7 +628,7 @@ class JobStore(_DomainStore):
     def get_job(self, job_id):
         return self.read_one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
 
-    def pop_job(self, queues, agent_name, now, instance_pfid):
+    def pop_job(self, queues, agent_name, now):
         """Atomically take the best waiting job of ``queues`` for ``agent_name``.
 
         Highest priority first; equal priorities strictly first-in first-out
@@ -642,17 +642,11 @@ class JobStore(_DomainStore):
                 f" SELECT seq FROM jobs WHERE state = 'waiting' AND job_queue IN ({marks})"
                 "  AND (attachments_status IS NULL OR attachments_status = 'complete')"
                 "  AND NOT EXISTS (SELECT 1 FROM json_each(jobs.exclude_agents) WHERE value = ?)"
-                "  AND NOT EXISTS (SELECT 1 FROM agents WHERE name = ? AND retired = 1)"
                 "  ORDER BY job_priority DESC, seq ASC LIMIT 1) RETURNING *",
-                (now, agent_name, *queues, agent_name, agent_name)).fetchone()
+                (now, agent_name, *queues, agent_name)).fetchone()
             if row is not None:
                 db.execute("INSERT INTO wait_times (queue, seconds, popped_at) VALUES (?, ?, ?)",
                            (row["job_queue"], now - row["created_at"], now))
-                # The job becomes a running instance of the agent that took it (registry).
-                db.execute("INSERT INTO instances (pfid, agent_name, source, job_id, environment_id, status,"
-                           " inserted_at, updated_at, started_at) SELECT ?, name, 'testflinger', ?, environment_id,"
-                           " 'active', ?, ?, ? FROM agents WHERE name = ?",
-                           (instance_pfid, row["job_id"], now, now, now, agent_name))
             return row
 
     def job_position(self, job_id):
@@ -883,24 +877,22 @@ class AgentStore(_DomainStore):
         return self.read_one("SELECT 1 FROM agents, json_each(agents.queues) WHERE value = ? LIMIT 1",
                              (queue_name,)) is not None
 
-    def upsert_agent(self, name, fields, log_lines, now, new_ids, ip):
-        """Set the given Testflinger fields of an agent (creating it with ``new_ids``), append log
-        lines (last 100 kept), and record the contact.  An agent that posts ``job_id: ""`` while
-        still holding a running job abandoned it: that instance fails."""
+    def upsert_agent(self, name, fields, log, now, new_ids, ip):
+        """Set the given Testflinger fields and log of an agent (creating it with ``new_ids`` when it
+        is new), and record the contact."""
         with self.write() as db:
-            row = db.execute("SELECT log FROM agents WHERE name = ?", (name,)).fetchone()
-            log = (json.loads(row["log"]) if row else []) + list(log_lines)
             values = {k: (json.dumps(v) if k == "queues" else v) for k, v in fields.items()}
-            values.update(updated_at=now, log=json.dumps(log[-100:]), tf=1, last_seen_at=now, last_ip=ip,
-                          shutdown_at=None)
-            if row is None:
+            values.update(updated_at=now, log=json.dumps(log), tf=1, last_seen_at=now, last_ip=ip, shutdown_at=None)
+            if db.execute("SELECT 1 FROM agents WHERE name = ?", (name,)).fetchone() is None:
                 values.update(name=name, origin="testflinger", inserted_at=now, record_updated_at=now, **new_ids)
                 _insert(db, "agents", values)
             else:
                 db.execute(f"UPDATE agents SET {_assignments(values)} WHERE name = ?", (*values.values(), name))
-            if fields.get("job_id") == "":
-                db.execute("UPDATE instances SET status = 'failed', finished_at = ?, updated_at = ?"
-                           " WHERE agent_name = ? AND source = 'testflinger' AND status = 'active'", (now, now, name))
+
+    def fail_active_instances(self, name, source, now):
+        with self.write() as db:
+            db.execute("UPDATE instances SET status = 'failed', finished_at = ?, updated_at = ?"
+                       " WHERE agent_name = ? AND source = ? AND status = 'active'", (now, now, name, source))
 
     def get_agent(self, name):
         return self.read_one("SELECT * FROM agents WHERE name = ?", (name,))
@@ -2454,7 +2446,18 @@ class JobQueue:
                                     f"with reservation timeout {timeout}")
 
     def pop(self, queues, agent_name):
-        row = self.store.pop_job(list(dict.fromkeys(queues)), agent_name, utcnow(), self.registry.new_pfid())
+        now = utcnow()
+        with self.store.write():
+            agent = self.agent_store.get_agent(agent_name)
+            row = None
+            if agent is None or not agent["retired"]:             # a retired agent takes no jobs
+                row = self.store.pop_job(list(dict.fromkeys(queues)), agent_name, now)
+            if row is not None and agent is not None:
+                # The job becomes a running instance of the agent that took it (the registry's view).
+                self.agent_store.add_instance({
+                    "pfid": self.registry.new_pfid(), "agent_name": agent_name, "source": "testflinger",
+                    "job_id": row["job_id"], "environment_id": agent["environment_id"], "status": "active",
+                    "inserted_at": now, "updated_at": now, "started_at": now})
         self.registry.contact(agent_name, throttle=1.0)
         if row is None:
             return None
@@ -2620,7 +2623,15 @@ class JobQueue:
         if len(name) > AGENT_NAME_MAX:             # the name travels in the agent_name cookie
             raise ApiError(400, f"Agent name too long (at most {AGENT_NAME_MAX} characters)")
         fields = {k: v for k, v in data.items() if k in AgentStore.AGENT_FIELDS}
-        self.agent_store.upsert_agent(name, fields, data.get("log", []), utcnow(), self.registry.new_ids(), ip)
+        now = utcnow()
+        with self.agent_store.write():
+            row = self.agent_store.get_agent(name)
+            log = (json.loads(row["log"]) if row and row["log"] else []) + list(data.get("log", []))
+            self.agent_store.upsert_agent(name, fields, log[-100:], now, self.registry.new_ids() if row is None else {},
+                                          ip)
+            if fields.get("job_id") == "":
+                # Posting job_id "" while still holding a running job abandons it: that instance fails.
+                self.agent_store.fail_active_instances(name, "testflinger", now)
         self.registry.changed(name)
 
     def agent(self, name, full=True):
