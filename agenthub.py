@@ -2167,6 +2167,9 @@ class Secrets:
 ###############################################################################
 # Webhooks ####################################################################
 ###############################################################################
+#
+# Outgoing HTTP: one request with a timeout and without following redirects.
+# The job-status proxy uses it (Job queue), and so do the GoCD notifications.
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """A redirect is the receiver's answer, passed back as it is, never followed."""
@@ -2198,154 +2201,6 @@ def http_send(method, url, body, headers, timeout):
         raise OSError(f"{exc.__class__.__name__}: {exc}") from exc
 
 
-def forward_job_status(config, job_url, payload):
-    """PUT the agent's job events to the job's webhook (spec §5); (status, text) to answer with."""
-    if not config.webhook_url:
-        # A server without a webhook configured cannot serve this: the original's 500.
-        raise ApiError(500, "Webhook URL not configured")
-    allowed, given = urllib.parse.urlsplit(config.webhook_url), urllib.parse.urlsplit(job_url)
-    if (given.scheme, given.netloc) != (allowed.scheme, allowed.netloc):
-        raise ApiError(403, "Invalid job_status_webhook URL specified")
-    headers = {"Content-Type": "application/json"}
-    if config.webhook_auth:
-        headers["Authorization"] = f"Bearer {config.webhook_auth}"
-    body = json.dumps(payload).encode()
-    for attempt in (1, 2):                       # one retry on a connection failure
-        try:
-            status, text = http_send("PUT", job_url, body, headers, timeout=config.webhook_timeout)
-            break
-        except TimeoutError:
-            raise ApiError(504, "Webhook Timeout")
-        except OSError:
-            if attempt == 2:
-                raise ApiError(502, "Webhook unreachable")
-    if status in (401, 403):
-        raise ApiError(500, "Webhook authentication failed")
-    return status, text
-
-
-class Notifier:
-    """GoCD agent-status deliveries: one worker thread and FIFO queue per webhook (spec §4.2).
-
-    A dead or slow receiver only delays its own queue, never an API request.
-    Every delivery is recorded; failures become server health messages.
-    """
-
-    TTL = 120.0
-
-    def __init__(self, store, config):
-        self.store, self.config = store, config
-        self.urls = [u for u in re.split(r"[\s,]+", config.gocd_webhooks) if u]
-        self.queues = {url: queue.Queue() for url in self.urls}
-        self._closing = threading.Event()
-        self._drain_until = None
-
-    def workers(self):
-        return [(self._work, f"agenthub-gocd-{n}", url) for n, url in enumerate(self.urls)]
-
-    def health(self):
-        """GoCD's server health messages: the webhooks whose last delivery failed."""
-        return self.store.health()
-
-    def deliveries(self, agent_name=None, limit=100):
-        return self.store.deliveries(agent_name, limit)
-
-    def announce(self, agent_name, body):
-        delivery = {"uuid": str(uuid.uuid4()), "agent": agent_name, "body": body,
-                    "created": time.monotonic(), "created_at": utcnow()}
-        for url in self.urls:
-            self.queues[url].put(delivery)
-
-    def close(self, drain_seconds=5.0):
-        """Stop the workers: queued deliveries get ``drain_seconds`` to go out, then the rest are
-        recorded as undelivered — none vanish silently."""
-        deadline = time.monotonic() + drain_seconds
-        if self._drain_until is None or deadline < self._drain_until:     # a second close never extends it
-            self._drain_until = deadline
-        if not self._closing.is_set():
-            self._closing.set()
-            for q in self.queues.values():
-                q.put(None)
-
-    def _work(self, url):
-        q = self.queues[url]
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            try:
-                if self._drain_until is not None and time.monotonic() > self._drain_until:
-                    self._record(url, item, 0, "undelivered", None, None, [], "agenthub stopped before delivery")
-                    continue
-                self._deliver(url, item)
-            except Exception as exc:         # the worker must outlive any one delivery
-                print(f"agenthub: notification to {url} failed: {exc!r}", file=sys.stderr)
-
-    def _deliver(self, url, item):
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "agenthub",
-                   "X-Agenthub-Notification": "agent-status", "X-Agenthub-Api-Version": "4.0",
-                   "X-Agenthub-Delivery": item["uuid"]}
-        if self.config.gocd_webhook_auth:
-            headers["Authorization"] = f"Bearer {self.config.gocd_webhook_auth}"
-        attempts, status, text, error = 0, None, None, None
-        for delay in (0.0,) + tuple(self.config.gocd_retry_delays):
-            if delay and (self._closing.wait(delay) and self._drain_until and time.monotonic() > self._drain_until):
-                break
-            if time.monotonic() - item["created"] > self.TTL:
-                self._record(url, item, attempts, "expired", status, text, [], "Notification expired after 120 s")
-                return
-            attempts += 1
-            try:
-                status, text = http_send("POST", url, item["body"].encode(), headers, self.config.gocd_timeout)
-                error = None
-            except (TimeoutError, OSError) as exc:
-                status, text, error = None, None, str(exc) or exc.__class__.__name__
-                continue
-            if status != 429 and status < 500:
-                break
-        self._record(url, item, attempts, *self._judge(status, text, error))
-
-    @staticmethod
-    def _judge(status, text, error):
-        """(outcome, status, text, messages, error text) of an answer, by GoCD's rules."""
-        if error is not None:
-            return "error", None, None, [], error
-        if not 200 <= status < 300:
-            return ("error", status, text, [], "The webhook sent a response that could not be understood. It "
-                    f"returned code '{status}' and the following response: '{(text or '')[:1000]}'")
-        if not (text or "").strip():
-            return "success", status, text, [], None           # leniency: a bodyless 2xx is success
-        try:
-            answer = load_json(text)
-        except ValueError:
-            return "error", status, text, [], "Unable to de-serialize json response. Invalid JSON"
-        if not isinstance(answer, dict) or not isinstance(answer.get("status"), str) or not answer["status"]:
-            return ("error", status, text, [],
-                    "Unable to de-serialize json response. Notify result 'status' is a required field")
-        messages = answer.get("messages", [])
-        if not isinstance(messages, list) or not all(isinstance(m, str) for m in messages):
-            return ("error", status, text, [], "Unable to de-serialize json response. "
-                    "Notify result 'messages' should be of type list of string")
-        if answer["status"].lower() == "success":
-            return "success", status, text, messages, None
-        return "failure", status, text, messages, None
-
-    def _record(self, url, item, attempts, outcome, status, text, messages, error):
-        now = utcnow()
-        self.store.record_delivery({
-            "delivery_uuid": item["uuid"], "webhook_url": url, "agent_name": item["agent"], "body": item["body"],
-            "attempts": attempts, "outcome": outcome, "http_status": status,
-            "response_body": (text or "")[:4096] if text is not None else None,
-            "messages": json.dumps(messages if outcome != "error" else [error]),
-            "created_at": item["created_at"], "finished_at": now})
-        scope = f"gocd:{url}"
-        if outcome == "success":
-            self.store.set_health(scope)
-        else:
-            detail = ", ".join(messages) if outcome == "failure" else (error or outcome)
-            self.store.set_health(scope, f"Notification update failed for webhook: {url}", detail, "ERROR", now)
-
-
 ###############################################################################
 # Job queue ###################################################################
 ###############################################################################
@@ -2372,6 +2227,32 @@ def percentiles(values):
 
 # The original's AgentOut schema: what queue listings show of an agent (no identifier, no times).
 AGENT_OUT_FIELDS = ("state", "queues", "location", "job_id", "provision_type", "comment")
+
+
+def forward_job_status(config, job_url, payload):
+    """PUT the agent's job events to the job's webhook (spec §5); (status, text) to answer with."""
+    if not config.webhook_url:
+        # A server without a webhook configured cannot serve this: the original's 500.
+        raise ApiError(500, "Webhook URL not configured")
+    allowed, given = urllib.parse.urlsplit(config.webhook_url), urllib.parse.urlsplit(job_url)
+    if (given.scheme, given.netloc) != (allowed.scheme, allowed.netloc):
+        raise ApiError(403, "Invalid job_status_webhook URL specified")
+    headers = {"Content-Type": "application/json"}
+    if config.webhook_auth:
+        headers["Authorization"] = f"Bearer {config.webhook_auth}"
+    body = json.dumps(payload).encode()
+    for attempt in (1, 2):                       # one retry on a connection failure
+        try:
+            status, text = http_send("PUT", job_url, body, headers, timeout=config.webhook_timeout)
+            break
+        except TimeoutError:
+            raise ApiError(504, "Webhook Timeout")
+        except OSError:
+            if attempt == 2:
+                raise ApiError(502, "Webhook unreachable")
+    if status in (401, 403):
+        raise ApiError(500, "Webhook authentication failed")
+    return status, text
 
 
 class JobQueue:
@@ -3194,15 +3075,6 @@ def derive_agent(row, counts, cancel_requested, now, lost_after):
     return AgentView(config, runtime, status, full)
 
 
-def gocd_body(row, view, now):
-    """GoCD's agent-status request body: its keys, in its order, compact."""
-    return json.dumps({
-        "uuid": row["uuid"], "host_name": row["name"], "is_elastic": False, "ip_address": row["last_ip"],
-        "operating_system": None, "free_space": "Unknown", "agent_config_state": view.config,
-        "agent_state": view.agent_state, "build_state": view.build_state, "transition_time": iso(now, 3, "+0000"),
-    }, separators=(",", ":"))
-
-
 class Registry:
     """The agents of every API, their derived state and its announcements."""
 
@@ -3490,6 +3362,146 @@ class Idempotency:
             raise
         self.store.remember_answer(scope, key, status, body, utcnow())
         return status, body
+
+
+###############################################################################
+# GoCD notifications ##########################################################
+###############################################################################
+#
+# GoCD's agent-status notifications (spec agents.md §4.2): the body of one
+# state change, and the Notifier that delivers them, one worker and FIFO queue
+# per webhook, recording every delivery and failing webhooks as health
+# messages (served by "HTTP: GoCD server health").
+
+def gocd_body(row, view, now):
+    """GoCD's agent-status request body: its keys, in its order, compact."""
+    return json.dumps({
+        "uuid": row["uuid"], "host_name": row["name"], "is_elastic": False, "ip_address": row["last_ip"],
+        "operating_system": None, "free_space": "Unknown", "agent_config_state": view.config,
+        "agent_state": view.agent_state, "build_state": view.build_state, "transition_time": iso(now, 3, "+0000"),
+    }, separators=(",", ":"))
+
+
+class Notifier:
+    """GoCD agent-status deliveries: one worker thread and FIFO queue per webhook (spec §4.2).
+
+    A dead or slow receiver only delays its own queue, never an API request.
+    Every delivery is recorded; failures become server health messages.
+    """
+
+    TTL = 120.0
+
+    def __init__(self, store, config):
+        self.store, self.config = store, config
+        self.urls = [u for u in re.split(r"[\s,]+", config.gocd_webhooks) if u]
+        self.queues = {url: queue.Queue() for url in self.urls}
+        self._closing = threading.Event()
+        self._drain_until = None
+
+    def workers(self):
+        return [(self._work, f"agenthub-gocd-{n}", url) for n, url in enumerate(self.urls)]
+
+    def health(self):
+        """GoCD's server health messages: the webhooks whose last delivery failed."""
+        return self.store.health()
+
+    def deliveries(self, agent_name=None, limit=100):
+        return self.store.deliveries(agent_name, limit)
+
+    def announce(self, agent_name, body):
+        delivery = {"uuid": str(uuid.uuid4()), "agent": agent_name, "body": body,
+                    "created": time.monotonic(), "created_at": utcnow()}
+        for url in self.urls:
+            self.queues[url].put(delivery)
+
+    def close(self, drain_seconds=5.0):
+        """Stop the workers: queued deliveries get ``drain_seconds`` to go out, then the rest are
+        recorded as undelivered — none vanish silently."""
+        deadline = time.monotonic() + drain_seconds
+        if self._drain_until is None or deadline < self._drain_until:     # a second close never extends it
+            self._drain_until = deadline
+        if not self._closing.is_set():
+            self._closing.set()
+            for q in self.queues.values():
+                q.put(None)
+
+    def _work(self, url):
+        q = self.queues[url]
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            try:
+                if self._drain_until is not None and time.monotonic() > self._drain_until:
+                    self._record(url, item, 0, "undelivered", None, None, [], "agenthub stopped before delivery")
+                    continue
+                self._deliver(url, item)
+            except Exception as exc:         # the worker must outlive any one delivery
+                print(f"agenthub: notification to {url} failed: {exc!r}", file=sys.stderr)
+
+    def _deliver(self, url, item):
+        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "agenthub",
+                   "X-Agenthub-Notification": "agent-status", "X-Agenthub-Api-Version": "4.0",
+                   "X-Agenthub-Delivery": item["uuid"]}
+        if self.config.gocd_webhook_auth:
+            headers["Authorization"] = f"Bearer {self.config.gocd_webhook_auth}"
+        attempts, status, text, error = 0, None, None, None
+        for delay in (0.0,) + tuple(self.config.gocd_retry_delays):
+            if delay and (self._closing.wait(delay) and self._drain_until and time.monotonic() > self._drain_until):
+                break
+            if time.monotonic() - item["created"] > self.TTL:
+                self._record(url, item, attempts, "expired", status, text, [], "Notification expired after 120 s")
+                return
+            attempts += 1
+            try:
+                status, text = http_send("POST", url, item["body"].encode(), headers, self.config.gocd_timeout)
+                error = None
+            except (TimeoutError, OSError) as exc:
+                status, text, error = None, None, str(exc) or exc.__class__.__name__
+                continue
+            if status != 429 and status < 500:
+                break
+        self._record(url, item, attempts, *self._judge(status, text, error))
+
+    @staticmethod
+    def _judge(status, text, error):
+        """(outcome, status, text, messages, error text) of an answer, by GoCD's rules."""
+        if error is not None:
+            return "error", None, None, [], error
+        if not 200 <= status < 300:
+            return ("error", status, text, [], "The webhook sent a response that could not be understood. It "
+                    f"returned code '{status}' and the following response: '{(text or '')[:1000]}'")
+        if not (text or "").strip():
+            return "success", status, text, [], None           # leniency: a bodyless 2xx is success
+        try:
+            answer = load_json(text)
+        except ValueError:
+            return "error", status, text, [], "Unable to de-serialize json response. Invalid JSON"
+        if not isinstance(answer, dict) or not isinstance(answer.get("status"), str) or not answer["status"]:
+            return ("error", status, text, [],
+                    "Unable to de-serialize json response. Notify result 'status' is a required field")
+        messages = answer.get("messages", [])
+        if not isinstance(messages, list) or not all(isinstance(m, str) for m in messages):
+            return ("error", status, text, [], "Unable to de-serialize json response. "
+                    "Notify result 'messages' should be of type list of string")
+        if answer["status"].lower() == "success":
+            return "success", status, text, messages, None
+        return "failure", status, text, messages, None
+
+    def _record(self, url, item, attempts, outcome, status, text, messages, error):
+        now = utcnow()
+        self.store.record_delivery({
+            "delivery_uuid": item["uuid"], "webhook_url": url, "agent_name": item["agent"], "body": item["body"],
+            "attempts": attempts, "outcome": outcome, "http_status": status,
+            "response_body": (text or "")[:4096] if text is not None else None,
+            "messages": json.dumps(messages if outcome != "error" else [error]),
+            "created_at": item["created_at"], "finished_at": now})
+        scope = f"gocd:{url}"
+        if outcome == "success":
+            self.store.set_health(scope)
+        else:
+            detail = ", ".join(messages) if outcome == "failure" else (error or outcome)
+            self.store.set_health(scope, f"Notification update failed for webhook: {url}", detail, "ERROR", now)
 
 
 ###############################################################################
@@ -4870,6 +4882,9 @@ def install_rackspace(app, hub):
 ###############################################################################
 # HTTP: GoCD server health ####################################################
 ###############################################################################
+#
+# GoCD's /api/server_health_messages: the webhooks whose last notification
+# failed, as recorded by the Notifier (section "GoCD notifications").
 
 class GocdStyle(ApiStyle):
     """GoCD's API errors: ``{"message": …}``."""
