@@ -207,9 +207,9 @@ class ApiError(Exception):
     Each HTTP section turns it into its own API's error style.
     """
 
-    def __init__(self, status, message, text=False):
+    def __init__(self, status, message, text=False, code=None):
         super().__init__(message)
-        self.status, self.message, self.text = status, message, text
+        self.status, self.message, self.text, self.code = status, message, text, code
 
 
 # -- PFIDs: 10 chars of milliseconds, 6 of partition, 16 random, Crockford base32 ------------------
@@ -2063,11 +2063,83 @@ class Auth:
             raise ApiError(403, "Specified action requires role: " + ", ".join(roles))
 
 
+# -- Consul ACL tokens of the event API -------------------------------------------------
+
+@dataclasses.dataclass
+class EventToken:
+    name: str
+    read: list
+    write: list
+
+    def allows(self, access, event_name):
+        prefixes = self.write if access == "write" else self.read + self.write   # write implies read
+        return any(event_name.startswith(prefix) for prefix in prefixes)
+
+
+class EventAcl:
+    """Who may fire or read which events: tokens with name prefixes, then the default policy."""
+
+    def __init__(self, store, default):
+        self.store, self.default = store, default
+
+    def add_token(self, name, read, write, secret=None):
+        secret = secret or str(uuid.uuid4())
+        self.store.upsert_event_token(name, _sha256(secret), list(read), list(write), utcnow())
+        return secret
+
+    def resolve(self, secret):
+        """The token for ``secret`` (None when no token was given); unknown → ApiError 403."""
+        if not secret:
+            return None
+        row = self.store.event_token(_sha256(secret))
+        if row is None:
+            raise ApiError(403, "ACL not found")
+        return EventToken(row["name"], json.loads(row["read_prefixes"]), json.loads(row["write_prefixes"]))
+
+    def allows(self, token, access, event_name):
+        if token is not None and token.allows(access, event_name):
+            return True
+        return self.default == "allow"
+
+
+# -- bearer tokens, Prefactor's API tokens, Rackspace's X-Auth-Token ------------------------
+
 def bearer_token(authorization):
     """The token of an ``Authorization: Bearer …`` header (every API reads bearer tokens here), or None."""
     if authorization and authorization.startswith("Bearer "):
         return authorization[7:].strip() or None
     return None
+
+
+class ApiTokens:
+    """The static tokens of the registry's APIs: Prefactor's bearer tokens (``--api-token``) and
+    Rackspace's ``X-Auth-Token`` values (``--rackspace-token token[:project]``)."""
+
+    def __init__(self, config):
+        self.prefactor = {t.strip() for t in config.api_tokens.split(",") if t.strip()}
+        self.rackspace = {}
+        for entry in config.rackspace_tokens.split(","):
+            token, _, project = entry.strip().partition(":")
+            if token:
+                self.rackspace[token] = project or None
+
+    def check_prefactor(self, authorization):
+        """The caller's token (None when none is configured); 401 ApiErrors in Prefactor's words."""
+        if not self.prefactor:
+            return None
+        token = bearer_token(authorization)
+        if token is None:
+            raise ApiError(401, "Missing or invalid Authorization header")
+        if token not in self.prefactor:
+            raise ApiError(401, "Invalid API token", code="bad_authtoken")
+        return token
+
+    def rackspace_project(self, token):
+        """The project a Rackspace token is bound to (None: any); 401 for a missing or unknown token."""
+        token = token.strip()
+        if not token or (self.rackspace and token not in self.rackspace):
+            raise ApiError(401, "Unauthorized.")
+        return self.rackspace.get(token)
 
 
 def _sha256(text):
@@ -2706,43 +2778,6 @@ def parse_go_duration(text):
         total += float(match.group(1)) * _GO_UNITS[match.group(2)]
         pos = match.end()
     return sign * total
-
-
-@dataclasses.dataclass
-class EventToken:
-    name: str
-    read: list
-    write: list
-
-    def allows(self, access, event_name):
-        prefixes = self.write if access == "write" else self.read + self.write   # write implies read
-        return any(event_name.startswith(prefix) for prefix in prefixes)
-
-
-class EventAcl:
-    """Who may fire or read which events: tokens with name prefixes, then the default policy."""
-
-    def __init__(self, store, default):
-        self.store, self.default = store, default
-
-    def add_token(self, name, read, write, secret=None):
-        secret = secret or str(uuid.uuid4())
-        self.store.upsert_event_token(name, _sha256(secret), list(read), list(write), utcnow())
-        return secret
-
-    def resolve(self, secret):
-        """The token for ``secret`` (None when no token was given); unknown → ApiError 403."""
-        if not secret:
-            return None
-        row = self.store.event_token(_sha256(secret))
-        if row is None:
-            raise ApiError(403, "ACL not found")
-        return EventToken(row["name"], json.loads(row["read_prefixes"]), json.loads(row["write_prefixes"]))
-
-    def allows(self, token, access, event_name):
-        if token is not None and token.allows(access, event_name):
-            return True
-        return self.default == "allow"
 
 
 class EventView:
@@ -4453,10 +4488,6 @@ class PrefactorStyle(ApiStyle):
              415: "unsupported_media_type", 422: "validation_errors", 431: "headers_too_large"}
     TEXTS = {404: "Not found", 405: "Method not allowed", 500: "Internal error"}
 
-    def __init__(self, app, hub):
-        super().__init__(app, hub)
-        self.tokens = {t.strip() for t in self.config.api_tokens.split(",") if t.strip()}
-
     def error(self, status, message=None, code=None):
         code = code or self.CODES.get(status, "internal_error" if status >= 500 else "bad_request")
         return pf_error(status, code, message or self.TEXTS.get(status) or _status_text(status))
@@ -4464,17 +4495,11 @@ class PrefactorStyle(ApiStyle):
     def refused(self, exc):
         if isinstance(exc, Invalid):
             return pf_error(422, "validation_errors", "Validation failed", exc.errors)
-        return self.error(exc.status, exc.message)
+        return self.error(exc.status, exc.message, code=exc.code)
 
     def call(self, func, kw):
         method = request.method
-        token = None
-        if self.tokens:
-            token = bearer_token(credential("Authorization"))
-            if token is None:
-                return self.error(401, "Missing or invalid Authorization header")
-            if token not in self.tokens:
-                return self.error(401, "Invalid API token", code="bad_authtoken")
+        token = self.hub.api_tokens.check_prefactor(credential("Authorization"))
         if method in ("GET", "HEAD"):
             return func(**kw)
         body = self.body()
@@ -4741,14 +4766,6 @@ class RackspaceStyle(ApiStyle):
     invalid = (RsInvalid,)
     TEXTS = {404: "Not found.", 405: "Method not allowed.", 500: "Internal error."}
 
-    def __init__(self, app, hub):
-        super().__init__(app, hub)
-        self.tokens = {}
-        for entry in self.config.rackspace_tokens.split(","):
-            token, _, project = entry.strip().partition(":")
-            if token:
-                self.tokens[token] = project or None
-
     def error(self, status, message=None):
         return rs_error(status, message or self.TEXTS.get(status) or _status_text(status) + ".")
 
@@ -4758,10 +4775,7 @@ class RackspaceStyle(ApiStyle):
         return self.error(exc.status, exc.message)
 
     def call(self, func, kw):
-        token = credential("X-Auth-Token").strip()
-        if not token or (self.tokens and token not in self.tokens):
-            return self.error(401, "Unauthorized.")
-        request.environ["agenthub.rs_project"] = self.tokens.get(token)
+        request.environ["agenthub.rs_project"] = self.hub.api_tokens.rackspace_project(credential("X-Auth-Token"))
         return func(**kw)
 
 
@@ -5424,6 +5438,7 @@ class Hub:
         jobs, agents, access, events = JobStore(self.db), AgentStore(self.db), AuthStore(self.db), EventStore(self.db)
         key = server_key(config)
         self.auth = Auth(access, config, key, agents)
+        self.api_tokens = ApiTokens(config)
         self.secrets = Secrets(access, SecretBox(key))
         self.event_acl = EventAcl(events, config.event_acl_default)
         self.events = UserEvents(EventBuffer(events, config.event_buffer_size, config.event_max_bytes),
