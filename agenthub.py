@@ -1858,7 +1858,7 @@ class Auth:
         self.key = key or server_key(config)
         # Tokens whose signature was verified: an agent sends the same token for ten minutes, and
         # checking the signature once is enough (the times are still checked on every request).
-        self._verified = {}
+        self._verified, self._verified_lock = {}, threading.Lock()
 
     def add_client(self, client_id, role, secret=None):
         """Create or reset a client; returns its (new) secret."""
@@ -2042,9 +2042,10 @@ class Auth:
         claims = self._verified.get(token)
         if claims is None:
             claims = jwt_decode(token, self.key, self.config.jwt_leeway, now)
-            if len(self._verified) >= 4096:
-                self._verified.clear()
-            self._verified[token] = claims
+            with self._verified_lock:
+                if len(self._verified) >= 4096:
+                    self._verified.clear()
+                self._verified[token] = claims
         else:
             jwt_check_times(claims, self.config.jwt_leeway, now)
         permissions = claims.get("permissions")
@@ -3120,7 +3121,7 @@ class Registry:
             "default_environment_id", self.new_pfid)
         self.account_id = store.setting("account_id", self.new_pfid)
         store.fill_environment(self.environment_id)     # agents that predate the registry
-        self._last_contact = {}
+        self._last_contact, self._contact_lock = {}, threading.Lock()    # name → last contact written
 
     def derived_pfid(self, *parts):
         """A PFID that is always the same for the same ``parts`` (deployments, job versions)."""
@@ -3165,9 +3166,12 @@ class Registry:
         With ``throttle``, a contact less than that many seconds after the last
         recorded one is not written again (agents call many times a second)."""
         now = utcnow()
-        if throttle and now - self._last_contact.get(name, 0) < throttle:
-            return
-        self._last_contact[name] = now
+        with self._contact_lock:
+            if throttle and now - self._last_contact.get(name, 0) < throttle:
+                return                     # another request of this agent just recorded it
+            if len(self._last_contact) >= 65536:
+                self._last_contact.clear()     # bounded, whatever names callers make up
+            self._last_contact[name] = now
         if self.store.touch_agent(name, now, ip, shutdown):
             self.changed(name)
 
@@ -3186,7 +3190,8 @@ class Registry:
         return self.store.get_agent(name)
 
     def _touch(self, name, ip=None, shutdown=False):
-        now = self._last_contact[name] = utcnow()
+        with self._contact_lock:
+            now = self._last_contact[name] = utcnow()
         self.store.touch_agent(name, now, ip, shutdown)
 
     # -- Prefactor agents (spec agents.md §2); each change is one write transaction -----------------
