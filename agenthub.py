@@ -170,6 +170,15 @@ INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1     # what an SQLite INTEGER holds
 AGENT_NAME_MAX = 200
 
 
+def parse_uint(text, high=INT64_MAX):
+    """A non-negative integer written in ASCII digits and at most ``high``, else None.
+    (``str.isdigit`` also accepts "²", which ``int`` refuses, and ``int`` accepts other scripts.)"""
+    if not isinstance(text, str) or not text.isascii() or not text.isdigit() or len(text) > 20:
+        return None
+    value = int(text)
+    return value if value <= high else None
+
+
 def utcnow():
     """The one clock of the program: seconds since the epoch, UTC."""
     return time.time()
@@ -184,7 +193,10 @@ def iso(ts, digits=0, zone="Z"):
     """
     if ts is None:
         return None
-    moment = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    try:
+        moment = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return None          # a time no calendar shows (stored by an older version): shown as unknown
     text = moment.strftime("%Y-%m-%dT%H:%M:%S")
     if digits:
         text += "." + f"{moment.microsecond:06d}"[:digits]
@@ -198,7 +210,12 @@ def parse_iso(text):
     value = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     if value.tzinfo is None:
         value = value.replace(tzinfo=datetime.timezone.utc)
-    return value.timestamp()
+    try:
+        # In UTC it must still be a date between years 1 and 9999, or it could never be shown again.
+        value.astimezone(datetime.timezone.utc)
+        return value.timestamp()
+    except (OverflowError, OSError, ValueError):
+        raise ValueError("out of range")
 
 
 class ApiError(Exception):
@@ -1032,12 +1049,12 @@ class AgentStore(_DomainStore):
         sql += f" ORDER BY e.id {'DESC' if descending else 'ASC'} LIMIT ?"
         return self.read(sql, (*args, limit))
 
-    def claim_idempotency(self, scope, key, now, since):
-        """The answer stored for (scope, key) after ``since`` (status 0: still running), or None
-        after claiming the key for the caller."""
+    def claim_idempotency(self, scope, key, now, since, claim_since):
+        """The answer stored for (scope, key) after ``since`` (status 0: a claim made after
+        ``claim_since``, still running), or None after claiming the key for the caller."""
         with self.write() as db:
-            row = db.execute("SELECT status, body FROM idempotency WHERE scope = ? AND key = ? AND created_at > ?",
-                             (scope, key, since)).fetchone()
+            row = db.execute("SELECT status, body FROM idempotency WHERE scope = ? AND key = ? AND created_at > ?"
+                             " AND (status != 0 OR created_at > ?)", (scope, key, since, claim_since)).fetchone()
             if row is None:
                 db.execute("INSERT OR REPLACE INTO idempotency (scope, key, status, body, created_at)"
                            " VALUES (?, ?, 0, '', ?)", (scope, key, now))
@@ -1392,8 +1409,8 @@ class Duration(Field):
             raise Invalid(["Invalid duration format: Duration cannot be empty"])
         if text.startswith("-"):
             raise Invalid(["Invalid duration format: Duration cannot be negative"])
-        if text.isdigit():
-            return int(text)
+        if parse_uint(text) is not None:
+            return parse_uint(text)
         parts = self.PART.findall(text)
         if not parts or "".join(n + u for n, u in parts) != re.sub(r"\s+", "", text):
             raise Invalid([f"Invalid duration format: Invalid duration format: '{text}'"])
@@ -1568,6 +1585,8 @@ def load_json(text):
     """Strict JSON: ValueError when it is not JSON, JsonRefused when it is JSON the hub refuses."""
     if isinstance(text, bytes):
         text = text.decode("utf-8")        # strictly: json.loads(bytes) would let surrogates through
+    if text.startswith("\ufeff"):
+        text = text[1:]                    # a UTF-8 byte order mark, as json.loads(bytes) allowed
     try:
         value = json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
     except RecursionError:
@@ -2714,6 +2733,8 @@ _RE2_REJECTS = [
 
 
 REGEX_MAX = 256             # characters of one event filter
+REGEX_REPEATS = 3           # unbounded or long repetitions in one filter
+VIEW_NAME_MAX = 128         # characters of a name a hub view matches filters against
 
 
 def re2_error(pattern):
@@ -2723,8 +2744,12 @@ def re2_error(pattern):
     groups and possessive quantifiers, which Python accepts and RE2 does not,
     are refused explicitly so Go clients see the same answer.  RE2 matches in
     linear time and Python's ``re`` backtracks, so agenthub also refuses what
-    could take exponential time here: a repetition inside a repetition (``(a+)+``)
-    and patterns over REGEX_MAX characters (an agenthub rule; Consul accepts both).
+    could take exponential or high polynomial time here (agenthub rules; Consul
+    accepts all of these): a repetition of something that itself repeats
+    (``(a+)+``) or of an alternation (``(.|a)*``: use a class, ``[ab]*``), more
+    than REGEX_REPEATS repetitions (``a*a*a*a*``), and over REGEX_MAX characters.
+    With hub-view names of at most VIEW_NAME_MAX characters, a match then stays
+    within milliseconds.
     """
     for regex, reason in _RE2_REJECTS:
         if regex.search(pattern):
@@ -2732,8 +2757,12 @@ def re2_error(pattern):
     if len(pattern) > REGEX_MAX:
         return f"error parsing regexp: expression longer than {REGEX_MAX} characters"
     try:
-        if _nested_repeat(_sre_parse.parse(pattern)):
+        parsed = _sre_parse.parse(pattern)
+        if _nested_repeat(parsed):
             return f"error parsing regexp: nested repetition is refused by agenthub: `{pattern}`"
+        if _count_repeats(parsed) > REGEX_REPEATS:
+            return (f"error parsing regexp: more than {REGEX_REPEATS} repetitions are refused by agenthub: "
+                    f"`{pattern}`")
         _compiled(pattern)
     except re.error as exc:
         return f"error parsing regexp: {exc.msg}: `{pattern}`"
@@ -2742,14 +2771,48 @@ def re2_error(pattern):
     return None
 
 
+def _subpatterns(op, arg):
+    """The parsed sub-patterns of one regex node (groups, alternatives, assertions, repetitions)."""
+    name = str(op)
+    if name.endswith("_REPEAT"):
+        return [arg[2]]
+    if name == "SUBPATTERN":
+        return [arg[-1]]
+    if name == "BRANCH":
+        return list(arg[1])
+    if name in ("ASSERT", "ASSERT_NOT"):
+        return [arg[1]]
+    return []
+
+
+def _many(arg):
+    return arg[1] is _sre_parse.MAXREPEAT or arg[1] > 1
+
+
+def _variable(arg):
+    """A repetition that can match different numbers of times (``*``, ``+``, ``?``, ``{1,3}``)."""
+    return arg[0] != arg[1]
+
+
+def _count_repeats(parsed):
+    return sum((str(op).endswith("_REPEAT") and _variable(arg)) + sum(_count_repeats(p) for p in _subpatterns(op, arg))
+               for op, arg in parsed)
+
+
+def _has_branch(parsed):
+    return any(str(op) == "BRANCH" or any(_has_branch(p) for p in _subpatterns(op, arg)) for op, arg in parsed)
+
+
 def _nested_repeat(parsed, inside=False):
-    """Whether a parsed pattern repeats (more than once) something that itself repeats."""
+    """Whether a parsed pattern repeats (more than once) something that itself repeats, or an
+    alternation."""
     for op, arg in parsed:
         name = str(op)
         if name.endswith("_REPEAT"):
-            low, high, sub = arg
-            many = high is _sre_parse.MAXREPEAT or high > 1
-            if (many and inside) or _nested_repeat(sub, inside or many):
+            many = _many(arg)
+            if many and _has_branch(arg[2]):
+                return True
+            if (_variable(arg) and inside) or _nested_repeat(arg[2], inside or many):
                 return True
         elif name == "SUBPATTERN" and _nested_repeat(arg[-1], inside):
             return True
@@ -2923,6 +2986,9 @@ class UserEvents:
         With ``park``, a query that would block is not waited for here: a Watch
         is returned instead, for the Watchers thread to answer (see Watchers).
         """
+        for label, given in (("node", node), ("service", service), ("tag", tag)):
+            if given and len(given) > VIEW_NAME_MAX:       # bounds the time any stored filter takes
+                raise ApiError(400, f"Invalid {label}: longer than {VIEW_NAME_MAX} characters")
         token = self.acl.resolve(secret)
 
         def select(events):
@@ -3383,6 +3449,7 @@ class Idempotency:
     running gets 409 (the key is claimed in the same transaction that checks it)."""
 
     TTL = 86400.0
+    CLAIM_TTL = 300.0           # a claim whose request died (the process stopped) frees the key after this
 
     def __init__(self, store):
         self.store = store
@@ -3390,7 +3457,7 @@ class Idempotency:
     def run(self, scope, key, make):
         """(status, body) of ``make()``, run once per (scope, key) a day."""
         now = utcnow()
-        seen = self.store.claim_idempotency(scope, key, now, now - self.TTL)
+        seen = self.store.claim_idempotency(scope, key, now, now - self.TTL, now - self.CLAIM_TTL)
         if seen is not None:
             if not seen["status"]:
                 raise ApiError(409, "A request with this idempotency key is still being processed")
@@ -3568,13 +3635,15 @@ class Notifier:
 #   and is logged once, with that id.
 
 MAX_TARGET = 16 * 1024          # path + query string (414 beyond)
-MAX_HEADER = 8 * 1024           # one header value (431 beyond)
-MAX_HEADERS = 32 * 1024         # all header values together (431 beyond)
+MAX_HEADER = 32 * 1024          # one header value (431 beyond): a token with many permissions is ~18 KiB
+MAX_HEADERS = 64 * 1024         # all header values together (431 beyond)
 MAX_FORM = 64 * 1024            # a web form's urlencoded body (413 beyond)
 MAX_QUERY_FIELDS = 1000
 CREDENTIAL_HEADERS = ("HTTP_AUTHORIZATION", "HTTP_X_AUTH_TOKEN", "HTTP_X_CONSUL_TOKEN", "HTTP_X_AGENT_ID",
                       "HTTP_IDEMPOTENCY_KEY")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_COOKIE_ESCAPE = re.compile(r"\\(?:([0-3][0-7][0-7])|(.))")
+_HOST = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 class BadCredential(ApiError):
@@ -3619,8 +3688,14 @@ def check_request(environ):
     if total > MAX_HEADERS:
         raise ApiError(431, "Request Header Fields Too Large")
     environ["agenthub.bad_headers"] = bad
+    # Bottle builds URLs (redirects, links) from these: a malformed one must not reach it.
+    for key in ("HTTP_HOST", "HTTP_X_FORWARDED_HOST"):
+        if key in environ and not _HOST.fullmatch(environ[key]):
+            raise ApiError(400, "Invalid Host header")
+    if environ.get("HTTP_X_FORWARDED_PROTO", "http") not in ("http", "https"):
+        raise ApiError(400, "Invalid X-Forwarded-Proto header")
     length = environ.get("CONTENT_LENGTH") or ""
-    if length and not (length.isdigit() and len(length) <= 18):
+    if length and parse_uint(length) is None:
         raise ApiError(400, "Invalid Content-Length header")
     coding = environ.get("HTTP_TRANSFER_ENCODING", "").strip().lower()
     if coding and coding != "chunked":
@@ -3628,7 +3703,10 @@ def check_request(environ):
     if coding and length:
         raise ApiError(400, "Content-Length and a chunked body together")
     try:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, encoding="utf-8", errors="strict",
+        text = _utf8(query)                 # bytes sent raw, not %-escaped, must be UTF-8 as well
+        if text is None:
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "raw query bytes")
+        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict",
                                        max_num_fields=MAX_QUERY_FIELDS)
     except UnicodeDecodeError:
         raise ApiError(400, "The query string is not valid UTF-8")
@@ -3639,6 +3717,12 @@ def check_request(environ):
     for key, value in pairs:
         fields.append(key, value)
     environ["bottle.request.query"] = fields
+
+
+def client_addr():
+    """The address of the peer that sent the request.  ``X-Forwarded-For`` is not believed: any
+    client can write it, and the address is stored and shown as the agent's."""
+    return request.environ.get("REMOTE_ADDR") or None
 
 
 def credential(name):
@@ -3660,24 +3744,30 @@ def cookie(name):
                 key, sep, value = item.partition("=")
                 value = value.strip()
                 if len(value) > 1 and value[0] == value[-1] == '"':
-                    value = value[1:-1]
-                if sep and key.strip() and key.strip() not in jar:
-                    jar[key.strip()] = value
+                    # A quoted value, as Bottle's set_cookie writes "," or "é": \054, \351, \"
+                    value = _COOKIE_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)) if m.group(1) else m.group(2),
+                                               value[1:-1])
+                if sep and key.strip():
+                    jar[key.strip()] = value           # the last of a repeated name, as http.cookies
     return jar.get(name) or None
 
 
 def form():
     """A web form (urlencoded, UTF-8) as a dict of its last values; anything else is refused."""
-    if not (request.content_type or "").lower().startswith("application/x-www-form-urlencoded"):
-        raise ApiError(415, "Forms must be sent as application/x-www-form-urlencoded")
     data = body_stream().read(MAX_FORM + 1)
     if len(data) > MAX_FORM:
         raise ApiError(413, "Payload too large")
+    if not data.strip():
+        return {}
+    if not (request.content_type or "").lower().startswith("application/x-www-form-urlencoded"):
+        raise ApiError(415, "Forms must be sent as application/x-www-form-urlencoded")
     try:
-        return dict(urllib.parse.parse_qsl(data.decode("ascii"), keep_blank_values=True, encoding="utf-8",
+        return dict(urllib.parse.parse_qsl(data.decode("utf-8"), keep_blank_values=True, encoding="utf-8",
                                            errors="strict", max_num_fields=MAX_QUERY_FIELDS))
-    except (UnicodeDecodeError, ValueError):
+    except UnicodeDecodeError:
         raise ApiError(400, "The form is not valid UTF-8")
+    except ValueError:
+        raise ApiError(400, "Too many form fields")
 
 
 NO_BODY, NOT_JSON = object(), object()
@@ -4042,7 +4132,7 @@ class TestflingerStyle(ApiStyle):
             agent_name = cookie("agent_name")
             if agent_name and identity.role == "agent":
                 # Whatever an agent asks is a sign of life (spec agents.md §5.2).
-                self.hub.registry.contact(agent_name, request.remote_addr, throttle=1.0)
+                self.hub.registry.contact(agent_name, client_addr(), throttle=1.0)
         return func(**kw)
 
 
@@ -4201,7 +4291,7 @@ def install_testflinger(app, hub):
 
     @route("POST", "/v1/agents/data/<agent_name>", AMA)
     def post_agent(agent_name):
-        jobs.post_agent(agent_name, body(AGENT_SCHEMA), request.remote_addr)
+        jobs.post_agent(agent_name, body(AGENT_SCHEMA), client_addr())
         answer = json_response({"status": "OK"})
         answer.set_cookie("agent_name", agent_name, httponly=True, samesite="strict", path="/")
         return answer
@@ -4401,9 +4491,9 @@ def install_consul(app, hub):
                 return error(400, "Invalid wait time")
         if request.query.get("index"):
             text = request.query.get("index")
-            if not text.isdigit() or int(text) >= 2 ** 64:
+            index = parse_uint(text, 2 ** 64 - 1)
+            if index is None:
                 return error(400, "Invalid index")
-            index = int(text)
         name, node, service, tag = filters("name", "node", "service", "tag")
         answer_raw = request.environ.get("agenthub.answer_raw")      # only agenthub's own server has it
         park = answer_raw is not None and "pretty" not in request.query
@@ -4423,8 +4513,10 @@ def install_consul(app, hub):
     def parked(watch, answer_raw):
         """Sleep until the Watchers thread has written this request's answer (the blocking query
         of spec §4, answered from one thread for all watchers)."""
+        rid = request.environ.get("agenthub.request_id")
+
         def answer_now(view):
-            fields = headers(**{"Content-Type": "application/json"}, **list_headers(view))
+            fields = headers(**{"Content-Type": "application/json", "X-Request-Id": rid}, **list_headers(view))
             answer_raw("200 OK", list(fields.items()), view.json())
         watch.answer = answer_now
         hub.watchers.park(watch)
@@ -4817,7 +4909,7 @@ def install_rackspace(app, hub):
         if event not in RS_EVENTS:
             raise RsInvalid("event must be one of: startup, shutdown, agent_activate.")
         mode = check_mode(body) if event == "agent_activate" else None
-        registry.agent_event(project_id, agent_id, event, mode, request.remote_addr)
+        registry.agent_event(project_id, agent_id, event, mode, client_addr())
         return accepted()
 
     def project_events(project_id):
@@ -4844,13 +4936,13 @@ def install_rackspace(app, hub):
     def feed(project_id, name, default_dir):
         query = request.query
         limit_text, direction = query.get("limit", "100"), query.get("sort_dir", default_dir)
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+        if not 1 <= (parse_uint(limit_text) or 0) <= 1000:
             raise RsInvalid("limit must be an integer between 1 and 1000.")
         if direction not in ("asc", "desc"):
             raise RsInvalid("sort_dir must be asc or desc.")
         marker = query.get("marker")
         # An unknown marker (not an event id) reads as if absent.
-        marker = int(marker) if marker and marker.isdigit() and int(marker) < 2 ** 63 else None
+        marker = parse_uint(marker or "")
         rows = registry.feed(project_id, name, marker, int(limit_text), direction == "desc")
         events = []
         for r in rows:
@@ -5287,7 +5379,7 @@ def install_web(app, hub):
     def jobs_list(who):
         query = request.query
         state, queue_name, tag = query.get("state"), query.get("queue"), query.get("tag")
-        number = int(query.page) if query.page.isdigit() and 0 < int(query.page) < 10 ** 9 else 1
+        number = parse_uint(query.page, 10 ** 9) or 1
         rows, total = jobs.page(state, queue_name, tag, limit=WEB_PAGE_SIZE, offset=(number - 1) * WEB_PAGE_SIZE)
 
         def page_url(n):
@@ -5324,7 +5416,7 @@ def install_web(app, hub):
             return json_response({"message": "Job not found"}, 404)
         def start(kind):
             text = request.query.get(kind, "0")
-            return int(text) if text.isdigit() else 0
+            return parse_uint(text) or 0
         result = jobs.result(job_id)
         return json_response({"job_state": result["job_state"],
                               "status": {p: result[f"{p}_status"] for p in PHASES if f"{p}_status" in result},
@@ -5614,9 +5706,10 @@ class _RequestHandler(WSGIRequestHandler):
         self.answered_raw = False
         environ["agenthub.answer_raw"] = self.answer_raw
         declared = environ.get("CONTENT_LENGTH") or "0"
-        length = int(declared) if declared.isdigit() else 0
+        length = parse_uint(declared)
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-        if not declared.isdigit() or (chunked and "CONTENT_LENGTH" in environ):
+        if length is None or (chunked and "CONTENT_LENGTH" in environ):
+            length = 0
             self.close_connection = True       # the application refuses it (400); the body's end is unknown
         # A chunked body has no length: the application (Bottle) reads and de-chunks the raw stream.
         body = self.rfile if chunked else _Limited(self.rfile, length)

@@ -2989,8 +2989,8 @@ def test_the_boundary_answers_in_each_apis_style(app, path, expect):
                                            body=b"{}", environ={"CONTENT_LENGTH": "12abc"})
     assert status == 400 and expect in body and headers["X-Request-Id"] and log == ""
     assert wsgi_call(app, "GET", path + "/" + "x" * 20000)[0] == 414
-    assert wsgi_call(app, "GET", path, headers={"X-Big": "y" * 9000})[0] == 431
-    assert wsgi_call(app, "GET", path, headers={"X-" + str(n): "y" * 8000 for n in range(5)})[0] == 431
+    assert wsgi_call(app, "GET", path, headers={"X-Big": "y" * 33000})[0] == 431
+    assert wsgi_call(app, "GET", path, headers={"X-" + str(n): "y" * 30000 for n in range(3)})[0] == 431
     assert wsgi_call(app, "GET", path, "a=%ff")[0] == 400
     assert wsgi_call(app, "POST", path, headers={"Transfer-Encoding": "chunked"}, body=b"0\r\n\r\n",
                      environ={"CONTENT_LENGTH": "5"})[0] == 400
@@ -3062,7 +3062,7 @@ def test_protocol_limits_on_a_real_server(server):
         sock.sendall(b"GET /v1 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 70000 + b"\r\n\r\n")
         assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 431")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"GET /v1 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 9000 + b"\r\n\r\n")
+        sock.sendall(b"GET /v1 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 33000 + b"\r\n\r\n")
         assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 431")
     with socket.create_connection((host, int(port))) as sock:
         # A Content-Length that is not a number: 400, and the connection closes (the body's end is unknown).
