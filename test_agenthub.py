@@ -2658,7 +2658,8 @@ def test_browser_follows_a_running_jobs_log(server, tmp_path):
 SURROGATE = "\ud800"
 HOSTILE_VALUES = [SURROGATE, "a\udfffb", {SURROGATE: 1}, 2 ** 63, -2 ** 63 - 1, 2 ** 64, 10 ** 30, -1, 0, 1.5,
                   "x" * 70000, "", None, [], {}, True, "\x00", "../..", "<script>alert(1)</script>", "😀" * 50,
-                  [[[[]]]], "%ff", "a/b/", "9" * 30, "1e999", "-0", "NaN", "2026-13-45T99:99:99Z"]
+                  [[[[]]]], "%ff", "a/b/", "9" * 30, "1e999", "-0", "NaN", "2026-13-45T99:99:99Z", "\u00b2", "\u0663",
+                  "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59"]
 RAW_VALUES = [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"1" * 5000, b"1." + b"0" * 5000,
               b'"\\ud800"', b'"\\udc00x"', b'"\xff\xfe"', b'"\xed\xa0\x80"', b"[" * 100 + b"]" * 100,
               b"[" * 100000 + b"]" * 100000, b'{"a":' * 5000 + b"1" + b"}" * 5000, b"123456789012345678901234567890"]
@@ -2710,9 +2711,16 @@ HOSTILE_QUERIES = [
     "pagination%5Boffset%5D=99999999999999999999", "sorting=---", "sorting=%ff", "marker=" + "9" * 40,
     "limit=0&marker=x&sort_dir=x", "page=-3&queue=%ff&state=%00", "page=99999999999999999999",
     "queue=" + "q" * 5000, "tag=" + "t" * 3000 + "&state=waiting", "next=//evil&next=%ff", "token=%ff",
-    "a=" * 2000, "=%%%", "%ff=%ff", "pretty&index=1&wait=1ms", "x=" + "y" * 20000]
+    "a=" * 2000, "=%%%", "%ff=%ff", "pretty&index=1&wait=1ms", "x=" + "y" * 20000,
+    # digits that str.isdigit() accepts and int() refuses, or that are not ASCII
+    "index=%C2%B2&wait=%C2%B2s", "limit=%C2%B2&marker=%C2%B2&offset=%D9%A3", "page=%C2%B2&output=%C2%B2&serial=%C2%B2",
+    "output=99999999999999999999&serial=-1", "start_fragment=%C2%B2&start_timestamp=0001-01-01T00:00:00%2B23:59",
+    # bytes sent raw, not %-escaped
+    "node=\xff&name=\xc3\xa9", "name=\xed\xa0\x80", "node=(.|a)*c", "node=a*a*a*a*a*c", "node=(a%3F){128}",
+    "node=" + "a" * 200 + "&service=" + "b" * 200]
 ODD_METHODS = ["PATCH", "OPTIONS", "HEAD", "PROPFIND", "TRACE", "CONNECT", "get", "X" * 100]
-BAD_CONTENT_LENGTHS = ["abc", "-1", "1e3", " 5", "99999999999999999999999", "10", "+4", "0x10", "5, 5"]
+BAD_CONTENT_LENGTHS = ["abc", "-1", "1e3", " 5", "99999999999999999999999", "10", "+4", "0x10", "5, 5", "\xb2",
+                       "\u0663"]
 
 
 def wsgi_call(app, method, path, query="", headers=None, body=b"", environ=None):
@@ -2801,7 +2809,12 @@ def _hostile_credentials(app, roles):
                                   "Idempotency-Key": value})]
     for raw in (b"\xff:\xfe", b"nocolon", b":", b"a:\xed\xa0\x80", b"x" * 3000 + b":y"):
         sets.append(("basic base64", {"Authorization": "Basic " + base64.b64encode(raw).decode()}))
-    sets += [("basic not base64", {"Authorization": "Basic !!!==="}),
+    for host in ("[", "::1]", "a b", "x" * 300 + ":99999999", "\xff"):
+        sets.append(("odd host", {"Host": host, "X-Forwarded-Host": host}))
+    sets += [("odd forwarding", {"X-Forwarded-For": "<b>x</b>" + "x" * 7000, "X-Forwarded-Proto": "javascript",
+                                 "X-Forwarded-Host": "[::1"}),
+             ("escaped cookie", {"Cookie": 'agent_name="lab\\054rack\\351"; agent_name="x\\"'}),
+             ("basic not base64", {"Authorization": "Basic !!!==="}),
              ("odd cookies", {"Cookie": 'agent_name="unterminated; a=b=c; ;;; agenthub_session="\\"'})]
     now = int(agenthub.utcnow())
     for claims in [
@@ -2889,7 +2902,8 @@ def fuzz_every_route(app, seed):
                      {**rng.choice(list(roles.values())), "Content-Type": content_type}, data)
     # Afterwards every page and listing still answers (a stored value never breaks a read).
     pages = () if app.hub.config.require_auth else (   # the pages would ask for a login
-        "/", "/jobs", "/jobs?queue=q", "/agents", "/agents/ag", "/queues", "/queues/q", "/events", f"/jobs/{job_id}")
+        "/", "/jobs", "/jobs?queue=q", "/agents", "/agents/ag", "/queues", "/queues/q", "/events", f"/jobs/{job_id}",
+        f"/jobs/{job_id}/logs.json?output=99999999999999999999")
     for page in pages + ("/v1/job/search", "/v1/agents/data", "/v1/queues/q/jobs", "/v1/agents/queues",
                  "/api/v1/agent", "/api/v1/agent_instance", "/api/server_health_messages", "/v1/event/list"):
         status, _, data, _ = wsgi_call(app, "GET", page.split("?")[0], page.partition("?")[2], roles["admin"]
