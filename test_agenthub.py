@@ -19,6 +19,7 @@ import tarfile
 import threading
 import time
 import tracemalloc
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -3056,6 +3057,73 @@ def test_a_multipart_boundary_out_of_rfc_limits_is_refused(app, anon):
         status, _, body, _ = wsgi_call(app, "POST", f"/v1/result/{job_id}/artifact",
                                        headers={**agent, "Content-Type": content_type}, body=b"--x--")
         assert (status, json.loads(body)["message"]) == (400, "Invalid multipart boundary")
+
+
+def test_review_findings_on_the_boundary(app, anon):
+    """Each answered 500, broke a later read, or misread valid input before."""
+    agent = token_headers(app, "agent", "ag")
+    # digits that str.isdigit() accepts and int() refuses
+    assert wsgi_call(app, "GET", "/v1/event/list", "index=%C2%B2")[0] == 400
+    assert wsgi_call(app, "POST", "/v1/job", headers={"Content-Type": "application/json"}, body=b"{}",
+                     environ={"CONTENT_LENGTH": "\xb2"})[0] == 400
+    assert anon.post_json("/v1/job", {"job_queue": "q", "reserve_data": {"timeout": "\u00b2"}}, status=422)
+    # a start time whose UTC date is outside the calendar is refused, so the listing keeps working
+    pf = pf_create(anon, "timely")
+    inst = anon.post_json("/api/v1/agent_instance/register", {"agent_id": pf["id"]}).json["details"]
+    anon.post_json(f"/api/v1/agent_instance/{inst['id']}/start", {"timestamp": "9999-12-31T23:59:59-23:59"},
+                   status=422)
+    assert anon.get("/api/v1/agent_instance").json["status"] == "success"
+    # Host and forwarding headers
+    assert wsgi_call(app, "GET", "/jobs", headers={"Host": "["})[0] == 400
+    assert wsgi_call(app, "POST", "/v1/job", headers={"X-Forwarded-Host": "::1]"}, body=b"{}")[0] == 400
+    wsgi_call(app, "POST", "/v1/agents/data/ag", headers={**agent, "X-Forwarded-For": "<b>x</b>",
+                                                          "Content-Type": "application/json"}, body=b"{}")
+    assert app.hub.registry.find("name", "ag")["last_ip"] == "127.0.0.1"        # the peer, not the header
+    assert wsgi_call(app, "GET", f"/jobs/{submit(anon)}/logs.json", "output=99999999999999999999")[0] == 200
+    # raw UTF-8 in a query is read as UTF-8
+    anon.put("/v1/event/fire/caf%C3%A9")
+    status, _, body, _ = wsgi_call(app, "GET", "/v1/event/list", "name=caf\xc3\xa9")
+    assert status == 200 and [e["Name"] for e in json.loads(body)] == ["café"]
+    assert wsgi_call(app, "GET", "/v1/event/list", "name=\xff")[0] == 400
+    # the cookie Bottle itself writes for a name with "," is read back as that name
+    answer = wsgi_call(app, "POST", "/v1/agents/data/lab,rack1", headers={**agent, "Content-Type": "application/json"},
+                       body=b'{"queues": ["q9"]}')
+    cookie = answer[1]["Set-Cookie"].split(";")[0]
+    assert cookie == 'agent_name="lab\\054rack1"'
+    job_id = submit(anon, job_queue="q9")
+    assert json.loads(wsgi_call(app, "GET", "/v1/job", "queue=q9", {**agent, "Cookie": cookie})[2])["job_id"] == job_id
+    assert [i["agent_id"] for i in anon.get("/api/v1/agent_instance").json["summaries"]
+            if i.get("job_id") == job_id] == [app.hub.registry.find("name", "lab,rack1")["pfid"]]
+    # a UTF-8 byte order mark, and a token with many permissions
+    assert wsgi_call(app, "POST", "/v1/job", headers={"Content-Type": "application/json"},
+                     body=b'\xef\xbb\xbf{"job_queue": "q"}')[0] == 200
+    many = {f"queue-{n}": 10 for n in range(250)}
+    big = token_headers(app, "contributor", "big", max_priority=many, max_reservation_time=many)
+    assert len(big["Authorization"]) > 8192
+    anon.post_json("/v1/job", {"job_queue": "queue-1"}, headers=big, status=200)
+
+
+def test_web_login_reads_utf8_forms(tmp_path):
+    app = create_app(db=str(tmp_path / "hub.db"), require_auth=True, purge_interval=0)
+    try:
+        secret = app.hub.auth.add_client("café", "contributor")
+        test = webtest.TestApp(app)
+        body = "client_id=café&secret=" + urllib.parse.quote(secret) + "&next=/jobs"
+        answer = test.post("/login", body.encode(), headers={"Content-Type": "application/x-www-form-urlencoded"},
+                           status=303)
+        assert answer.headers["Location"].endswith("/jobs")
+        assert test.post("/login", b"", status=401)                # an empty form is a failed login, not a 415
+    finally:
+        app.close()
+
+
+def test_an_idempotency_claim_of_a_request_that_died_frees_its_key(app, monkeypatch):
+    idem = app.hub.idempotency
+    idem.store.claim_idempotency("POST /x -", "k", agenthub.utcnow(), 0, 0)      # claimed, never answered
+    with pytest.raises(agenthub.ApiError):
+        idem.run("POST /x -", "k", lambda: (200, "{}"))
+    monkeypatch.setattr(agenthub, "utcnow", lambda: time.time() + idem.CLAIM_TTL + 1)
+    assert idem.run("POST /x -", "k", lambda: (201, "{}")) == (201, "{}")
 
 
 def test_event_filters_that_could_backtrack_for_ever_are_refused(anon):
