@@ -4093,7 +4093,7 @@ def tf_job_id(job_id, text=False):
     """The canonical id, or the endpoint's 400 (JSON or plain text, as the original)."""
     canonical = parse_job_id(job_id)
     if canonical is None:
-        raise text_response("Invalid job id\n", 400) if text else tf_abort(400, "Invalid job_id specified")
+        raise ApiError(400, "Invalid job id\n", text=True) if text else ApiError(400, "Invalid job_id specified")
     return canonical
 
 
@@ -4164,10 +4164,10 @@ def install_testflinger(app, hub):
     def pop_job():
         queues = request.query.getall("queue")
         if not queues:
-            return tf_abort(400, "No queue(s) specified in request")
+            raise ApiError(400, "No queue(s) specified in request")
         agent_name = cookie("agent_name")
         if not agent_name:
-            return tf_abort(401, "Agent not identified")
+            raise ApiError(401, "Agent not identified")
         job = jobs.pop(queues, agent_name)
         return no_content() if job is None else json_response(job)
 
@@ -4197,14 +4197,14 @@ def install_testflinger(app, hub):
     def job_position(job_id):
         position = jobs.position(tf_job_id(job_id))
         if position is None:
-            return text_response("Job not found or already started\n", 410)
+            raise ApiError(410, "Job not found or already started\n", text=True)
         return text_response(str(position))
 
     @route("POST", "/v1/job/<job_id>/action", AMC)
     def job_action(job_id):
         body(ACTION_SCHEMA)
         if not jobs.cancel(tf_job_id(job_id, text=True)):
-            return text_response("The job is already completed or cancelled", 400)
+            raise ApiError(400, "The job is already completed or cancelled", text=True)
         return text_response("OK")
 
     # -- results, logs, artifacts ------------------------------------------------------
@@ -4214,7 +4214,7 @@ def install_testflinger(app, hub):
         # The original validates, then checks the id, then refuses >= 16 MiB; the size is checked
         # first here so that a huge body is never read into memory just to be refused.
         if request.content_length >= 16 * 1024 * 1024:
-            return tf_abort(413, "Payload too large")
+            raise ApiError(413, "Payload too large")
         data = tf_load(RESULT_SCHEMA, read_json(16 * 1024 * 1024))
         jobs.post_result(tf_job_id(job_id), data)
         return text_response("OK")
@@ -4236,7 +4236,7 @@ def install_testflinger(app, hub):
         try:
             query = LOG_QUERY_SCHEMA.load(tf_query())
         except Invalid as exc:
-            return tf_abort(400, exc.errors)
+            raise ApiError(400, exc.errors)
         return json_response(jobs.logs(tf_job_id(job_id), log_type, query.get("start_fragment", 0),
                                        query.get("start_timestamp"), query.get("phase")))
 
@@ -4252,7 +4252,7 @@ def install_testflinger(app, hub):
     def receive_file(job_id, kind):
         part = multipart_part("file", request.environ.get("CONTENT_TYPE", ""), body_stream())
         if part is None:
-            return tf_abort(400, "Bad Request")
+            raise ApiError(400, "Bad Request")
         jobs.save_file(job_id, kind, part)
         return text_response("OK")
 
@@ -4367,7 +4367,7 @@ def install_testflinger(app, hub):
     def client_permissions(client_id):
         found = auth.client_permissions(client_id)
         if found is None:
-            return tf_abort(404, "Error: Specified client_id does not exist.")
+            raise ApiError(404, "Error: Specified client_id does not exist.")
         return json_response(found)
 
     @route("PUT", "/v1/client-permissions/<client_id>", ("admin", "manager"))
@@ -4461,7 +4461,7 @@ def install_consul(app, hub):
             return refused
         length = request.content_length
         if length > config.event_max_bytes:       # never read a body we are going to refuse
-            return error(413, "error broadcasting event: user event exceeds configured limit of "
+            raise ApiError(413, "error broadcasting event: user event exceeds configured limit of "
                               f"{config.event_max_bytes} bytes before encoding")
         # Consul reads the body only when Content-Length > 0: chunked bodies are ignored.
         payload = request.environ["wsgi.input"].read(length) if length > 0 else None
@@ -4488,12 +4488,12 @@ def install_consul(app, hub):
             try:
                 wait = parse_go_duration(request.query.get("wait"))
             except ValueError:
-                return error(400, "Invalid wait time")
+                raise ApiError(400, "Invalid wait time")
         if request.query.get("index"):
             text = request.query.get("index")
             index = parse_uint(text, 2 ** 64 - 1)
             if index is None:
-                return error(400, "Invalid index")
+                raise ApiError(400, "Invalid index")
         name, node, service, tag = filters("name", "node", "service", "tag")
         answer_raw = request.environ.get("agenthub.answer_raw")      # only agenthub's own server has it
         park = answer_raw is not None and "pretty" not in request.query
@@ -4526,7 +4526,7 @@ def install_consul(app, hub):
 
     @api.route("ANY", "/v1/event/<rest:path>")
     def unknown(rest):
-        return error(404, CONSUL_NOT_FOUND)
+        raise ApiError(404, CONSUL_NOT_FOUND)
 
     return api
 
