@@ -35,10 +35,23 @@ ANY_UUID = "00000000-0000-4000-8000-000000000000"
 # -- fixtures ------------------------------------------------------------------------------------
 
 @pytest.fixture
-def app():
-    app = create_app(purge_interval=0)
-    yield app
-    app.close()
+def make_app():
+    """``create_app`` with the tests' defaults (no purger); every app a test makes is closed after it,
+    whether it passed or not (closing twice is harmless, so a test may also close its own early)."""
+    made = []
+
+    def make(**overrides):
+        overrides.setdefault("purge_interval", 0)
+        made.append(create_app(**overrides))
+        return made[-1]
+    yield make
+    for app in made:
+        app.close()
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
 
 
 @pytest.fixture
@@ -137,9 +150,9 @@ def test_iso_has_exactly_one_zone_designator():
 
 # == Storage ========================================================================================
 
-def test_file_database_is_wal_and_migrated(tmp_path):
+def test_file_database_is_wal_and_migrated(tmp_path, make_app):
     path = str(tmp_path / "hub.db")
-    app = create_app(db=path, purge_interval=0)
+    app = make_app(db=path, purge_interval=0)
     submit(webtest.TestApp(app))
     app.close()
     conn = sqlite3.connect(path)
@@ -147,12 +160,12 @@ def test_file_database_is_wal_and_migrated(tmp_path):
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(agenthub.MIGRATIONS)
     assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 1
     # Reopening keeps the data and runs no migration twice.
-    app = create_app(db=path, purge_interval=0)
+    app = make_app(db=path, purge_interval=0)
     assert len(webtest.TestApp(app).get("/v1/job/search").json) == 1
     app.close()
 
 
-def test_migrating_an_older_database_gives_existing_agents_their_ids(tmp_path):
+def test_migrating_an_older_database_gives_existing_agents_their_ids(tmp_path, make_app):
     path = str(tmp_path / "old.db")
     conn = sqlite3.connect(path)
     for script in agenthub.MIGRATIONS[:3]:                     # a database from before the registry
@@ -163,7 +176,7 @@ def test_migrating_an_older_database_gives_existing_agents_their_ids(tmp_path):
                  (time.time(),))
     conn.commit()
     conn.close()
-    app = create_app(db=path, purge_interval=0)
+    app = make_app(db=path, purge_interval=0)
     try:
         row = app.hub.registry.find("name", "old-agent")
         assert agenthub.PFID_PATTERN.match(row["pfid"]) and uuid.UUID(row["uuid"]) and row["tf"] == 1
@@ -191,9 +204,9 @@ def test_failed_write_transaction_leaves_nothing(app):
 
 
 @pytest.mark.parametrize("where", [":memory:", "file"])
-def test_a_read_inside_a_write_sees_it_and_a_write_inside_a_write_joins_it(tmp_path, where):
+def test_a_read_inside_a_write_sees_it_and_a_write_inside_a_write_joins_it(tmp_path, where, make_app):
     """Borrowing is re-entrant per thread: the same on :memory: (a pool of one) as on a file."""
-    app = create_app(db=where if where == ":memory:" else str(tmp_path / "hub.db"), purge_interval=0)
+    app = make_app(db=where if where == ":memory:" else str(tmp_path / "hub.db"), purge_interval=0)
     store = app.hub.db
     try:
         done = threading.Event()
@@ -219,19 +232,19 @@ def test_a_read_inside_a_write_sees_it_and_a_write_inside_a_write_joins_it(tmp_p
         app.close()
 
 
-def test_secret_key_is_kept_beside_the_database_not_in_it(tmp_path):
+def test_secret_key_is_kept_beside_the_database_not_in_it(tmp_path, make_app):
     path = str(tmp_path / "hub.db")
-    first = create_app(db=path, purge_interval=0)
+    first = make_app(db=path, purge_interval=0)
     key = first.hub.auth.key
     first.close()
     key_file = tmp_path / "hub.db.key"
     assert key_file.read_text().strip() == key and len(key) == 64
     assert oct(key_file.stat().st_mode & 0o777) == "0o600"
     assert key.encode() not in (tmp_path / "hub.db").read_bytes()
-    second = create_app(db=path, purge_interval=0)
+    second = make_app(db=path, purge_interval=0)
     assert second.hub.auth.key == key
     second.close()
-    configured = create_app(db=path, secret_key="given", purge_interval=0)
+    configured = make_app(db=path, secret_key="given", purge_interval=0)
     assert configured.hub.auth.key == "given"
     configured.close()
 
@@ -381,14 +394,21 @@ ROUTES = [
 PUBLIC = [("GET", "/v1"), ("POST", "/v1/oauth2/token"), ("POST", "/v1/oauth2/refresh")]
 
 
-@pytest.mark.parametrize("require_auth", [False, True], ids=["default", "require-auth"])
-@pytest.mark.parametrize("method,path,roles", ROUTES, ids=[f"{m} {p}" for m, p, _ in ROUTES])
-def test_role_matrix(method, path, roles, require_auth):
-    app = create_app(require_auth=require_auth, purge_interval=0)
-    callers = {role: token_headers(app, role) for role in ALL}
+@pytest.fixture(scope="module", params=[False, True], ids=["default", "require-auth"])
+def matrix(request):
+    """One app per mode for the whole matrix, with an access token minted directly for each role."""
+    app = create_app(require_auth=request.param, purge_interval=0, lost_contact_seconds=0)
+    callers = {role: {"Authorization": "Bearer " + app.hub.auth.access_token({"client_id": f"{role}-m",
+                                                                                "role": role})} for role in ALL}
     callers["anonymous"] = {}
     callers["not-bearer"] = {"Authorization": "Token abc"}
-    test = webtest.TestApp(app)
+    yield webtest.TestApp(app), callers, request.param
+    app.close()
+
+
+@pytest.mark.parametrize("method,path,roles", ROUTES, ids=[f"{m} {p}" for m, p, _ in ROUTES])
+def test_role_matrix(matrix, method, path, roles):
+    test, callers, require_auth = matrix
     for who, headers in callers.items():
         answer = test.request(path, method=method, headers=headers, expect_errors=True)
         allowed = who in roles or (who == "anonymous" and "contributor" in roles and not require_auth)
@@ -404,11 +424,10 @@ def test_role_matrix(method, path, roles, require_auth):
     for method, path in PUBLIC:            # public in both modes: never a role error
         answer = test.request(path, method=method, expect_errors=True)
         assert "requires role" not in answer.text and "Authentication is required" not in answer.text
-    app.close()
 
 
-def test_require_auth_mode_refuses_anonymous(tmp_path):
-    app = create_app(require_auth=True, purge_interval=0)
+def test_require_auth_mode_refuses_anonymous(tmp_path, make_app):
+    app = make_app(require_auth=True, purge_interval=0)
     test = webtest.TestApp(app)
     assert test.post_json("/v1/job", {"job_queue": "q"}, status=401).json["message"] == \
         "Authentication is required for specified endpoint"
@@ -642,9 +661,9 @@ def _events_body(url):
     (200, b"thanks", 200, "thanks"), (201, b"made", 201, "made"), (404, b"no such hook", 404, "no such hook"),
     (401, b"who?", 500, None), (403, b"no", 500, None),
 ])
-def test_job_status_webhook_forwarding(status, body, expect_status, expect_text):
+def test_job_status_webhook_forwarding(status, body, expect_status, expect_text, make_app):
     receiver = Receiver(status, body)
-    app = create_app(webhook_url=receiver.url + "/base", webhook_auth="hook-secret", purge_interval=0)
+    app = make_app(webhook_url=receiver.url + "/base", webhook_auth="hook-secret", purge_interval=0)
     try:
         anon = webtest.TestApp(app)
         agent = Client(app, token_headers(app, "agent", "agent1"))
@@ -664,10 +683,10 @@ def test_job_status_webhook_forwarding(status, body, expect_status, expect_text)
         receiver.close()
 
 
-def test_job_status_webhook_errors():
+def test_job_status_webhook_errors(make_app):
     slow = Receiver(delay=5)
     redirect = Receiver(status=302, body=b"moved", location="http://example.com/elsewhere")
-    app = create_app(webhook_url=slow.url, purge_interval=0, webhook_timeout=0.3)
+    app = make_app(webhook_url=slow.url, purge_interval=0, webhook_timeout=0.3)
     try:
         anon = webtest.TestApp(app)
         agent = Client(app, token_headers(app, "agent", "agent1"))
@@ -704,7 +723,7 @@ def test_job_status_webhook_errors():
         redirect.close()
 
 
-def test_a_receiver_that_does_not_speak_http_is_unreachable():
+def test_a_receiver_that_does_not_speak_http_is_unreachable(make_app):
     import socket
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -718,7 +737,7 @@ def test_a_receiver_that_does_not_speak_http_is_unreachable():
             conn.sendall(b"this is not HTTP\r\n\r\n")
             conn.close()
     threading.Thread(target=babble, daemon=True).start()
-    app = create_app(webhook_url=url, purge_interval=0)
+    app = make_app(webhook_url=url, purge_interval=0)
     try:
         agent = Client(app, token_headers(app, "agent", "agent1"))
         job_id = submit(webtest.TestApp(app))
@@ -1558,11 +1577,11 @@ def test_fire_bad_filters_are_400_not_500(anon, params, text):
     assert anon.get("/v1/event/list").json == []            # nothing stored
 
 
-def test_fire_size_limit_is_413(app, anon):
+def test_fire_size_limit_is_413(app, anon, make_app):
     fire(anon, "n", b"x" * 511)
     answer = fire(anon, "n", b"x" * 512, status=413)
     assert answer.text == "error broadcasting event: user event exceeds configured limit of 512 bytes before encoding"
-    small = create_app(event_max_bytes=10, purge_interval=0)
+    small = make_app(event_max_bytes=10, purge_interval=0)
     fire(webtest.TestApp(small), "abcde", b"x" * 6, status=413)
     small.close()
 
@@ -1683,14 +1702,14 @@ def test_event_token_secrets_are_stored_hashed(acl_app):
     assert hashlib.sha256(secrets["deployer"].encode()).hexdigest() in stored
 
 
-def test_restart_keeps_ids_ltime_and_index(tmp_path):
+def test_restart_keeps_ids_ltime_and_index(tmp_path, make_app):
     path = str(tmp_path / "events.db")
-    first = create_app(db=path, purge_interval=0)
+    first = make_app(db=path, purge_interval=0)
     test = webtest.TestApp(first)
     fired = [fire(test, f"e{n}").json["ID"] for n in range(3)]
     before = test.get("/v1/event/list")
     first.close()
-    second = create_app(db=path, purge_interval=0)
+    second = make_app(db=path, purge_interval=0)
     test = webtest.TestApp(second)
     after = test.get("/v1/event/list")
     assert after.json == before.json and [e["ID"] for e in after.json] == fired
@@ -1698,7 +1717,7 @@ def test_restart_keeps_ids_ltime_and_index(tmp_path):
     fire(test, "next")
     assert test.get("/v1/event/list").json[-1]["LTime"] == 4
     second.close()
-    small = create_app(db=path, event_buffer_size=2, purge_interval=0)   # a smaller ring keeps the newest
+    small = make_app(db=path, event_buffer_size=2, purge_interval=0)   # a smaller ring keeps the newest
     assert [e["LTime"] for e in webtest.TestApp(small).get("/v1/event/list").json] == [3, 4]
     small.close()
 
@@ -1777,8 +1796,8 @@ def test_many_parked_watchers_are_answered_by_one_fire_and_keep_their_connection
     assert app.hub.watchers._parked == []
 
 
-def test_closing_the_app_answers_parked_watchers():
-    app = create_app(purge_interval=0)
+def test_closing_the_app_answers_parked_watchers(make_app):
+    app = make_app(purge_interval=0)
     httpd = agenthub.make_server(app, "127.0.0.1", 0)
     threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -1820,11 +1839,11 @@ def test_concurrent_fires_lose_nothing(server):
     assert len({e["ID"] for e in events}) == 160
 
 
-def test_add_event_token_command(tmp_path, capsys):
+def test_add_event_token_command(tmp_path, capsys, make_app):
     db = str(tmp_path / "hub.db")
     assert agenthub.main(["add-event-token", "ops", "--write", "deploy", "--read", "", "--db", db]) == 0
     secret = capsys.readouterr().out.split("secret: ")[1].split()[0]
-    app = create_app(db=db, event_acl_default="deny", purge_interval=0)
+    app = make_app(db=db, event_acl_default="deny", purge_interval=0)
     fire(webtest.TestApp(app), "deploy-x", token=secret)
     app.close()
     assert agenthub.main(["add-event-token", "ops", "--db", ":memory:"]) == 2
@@ -1903,8 +1922,8 @@ def test_prefactor_errors(anon):
     anon.get("/api/v1/agent/show?agent_id=a&external_identifier=b", status=422)
 
 
-def test_prefactor_bearer_tokens():
-    app = create_app(api_tokens="tok-1,tok-2", purge_interval=0)
+def test_prefactor_bearer_tokens(make_app):
+    app = make_app(api_tokens="tok-1,tok-2", purge_interval=0)
     test = webtest.TestApp(app)
     assert test.get("/api/v1/ping", status=401).json["code"] == "unauthorized"
     assert test.get("/api/v1/ping", headers={"Authorization": "Basic x"}, status=401).json["code"] == "unauthorized"
@@ -1914,7 +1933,7 @@ def test_prefactor_bearer_tokens():
     app.close()
 
 
-def test_prefactor_list_pagination_and_sorting(anon):
+def test_prefactor_list_pagination_and_sorting(anon, make_app):
     made = [pf_create(anon, name) for name in ("delta", "alpha", "charlie", "bravo", "echo")]
 
     def listing(query=""):
@@ -1939,7 +1958,7 @@ def test_prefactor_list_pagination_and_sorting(anon):
     env = made[0]["environment_id"]
     assert len(listing(f"?environment_id={env}")["summaries"]) == 5
     assert listing(f"?environment_id={agenthub.new_pfid(9)}")["summaries"] == []
-    empty = webtest.TestApp(create_app(purge_interval=0)).get("/api/v1/agent").json
+    empty = webtest.TestApp(make_app(purge_interval=0)).get("/api/v1/agent").json
     assert empty["summaries"] == [] and empty["pagination"]["page_count"] == 0
     for bad in ("sorting=title", "sorting=--id", "pagination[page_size]=0", "pagination[page_size]=101",
                 "pagination[offset]=-1", "pagination[offset]=x", "environment_id=zzz"):
@@ -2145,8 +2164,8 @@ def test_rackspace_event_errors(anon):
     anon.get("/v2/110011/events?sort_dir=up", headers=RS, status=400)
 
 
-def test_rackspace_project_events_and_tokens():
-    app = create_app(rackspace_tokens="tok-a:110011,tok-b", purge_interval=0)
+def test_rackspace_project_events_and_tokens(make_app):
+    app = make_app(rackspace_tokens="tok-a:110011,tok-b", purge_interval=0)
     test = webtest.TestApp(app)
     for project, agent in (("110011", "a1"), ("220022", "b1")):
         test.post_json(f"/v2/{project}/agents/{agent}/events", {"event": "startup"},
@@ -2272,9 +2291,9 @@ def _wait_for(predicate, seconds=15):
     return predicate()
 
 
-def test_gocd_notifications_idle_building_idle_then_lost_contact():
+def test_gocd_notifications_idle_building_idle_then_lost_contact(make_app):
     receiver = Receiver(200, b'{"status": "success", "messages": []}')
-    app = create_app(gocd_webhooks=receiver.url + "/gocd", gocd_webhook_auth="g-token", lost_contact_seconds=1,
+    app = make_app(gocd_webhooks=receiver.url + "/gocd", gocd_webhook_auth="g-token", lost_contact_seconds=1,
                      purge_interval=0)
     try:
         anon = webtest.TestApp(app)
@@ -2313,8 +2332,8 @@ def test_gocd_notifications_idle_building_idle_then_lost_contact():
         receiver.close()
 
 
-def test_gocd_worker_survives_an_unusable_webhook_url():
-    app = create_app(gocd_webhooks="not-a-url", purge_interval=0, lost_contact_seconds=0,
+def test_gocd_worker_survives_an_unusable_webhook_url(make_app):
+    app = make_app(gocd_webhooks="not-a-url", purge_interval=0, lost_contact_seconds=0,
                      gocd_retry_delays=(0.01, 0.01))
     try:
         agent = Client(app, token_headers(app, "agent", "a1"))
@@ -2335,9 +2354,9 @@ def test_gocd_worker_survives_an_unusable_webhook_url():
     (404, b"no such plugin", "error", "It returned code '404' and the following response: 'no such plugin'"),
     (302, b"moved", "error", "It returned code '302'"),
 ])
-def test_gocd_delivery_outcomes(status, body, outcome, detail):
+def test_gocd_delivery_outcomes(status, body, outcome, detail, make_app):
     receiver = Receiver(status, body, location="http://127.0.0.1:1/elsewhere")
-    app = create_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0)
+    app = make_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0)
     try:
         Client(app, token_headers(app, "agent", "a1")).post_json("/v1/agents/data/a1", {"state": "waiting"})
         assert _wait_for(lambda: app.hub.notifier.deliveries())
@@ -2376,9 +2395,9 @@ class FlakyReceiver(Receiver):
         handler.do_POST = flaky
 
 
-def test_gocd_retries_a_500_then_succeeds_and_clears_health():
+def test_gocd_retries_a_500_then_succeeds_and_clears_health(make_app):
     receiver = FlakyReceiver()
-    app = create_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0,
+    app = make_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0,
                      gocd_retry_delays=(0.1, 0.1))
     try:
         Client(app, token_headers(app, "agent", "a1")).post_json("/v1/agents/data/a1", {"state": "waiting"})
@@ -2392,9 +2411,9 @@ def test_gocd_retries_a_500_then_succeeds_and_clears_health():
         receiver.close()
 
 
-def test_gocd_timeout_is_recorded_and_never_slows_the_api():
+def test_gocd_timeout_is_recorded_and_never_slows_the_api(make_app):
     receiver = Receiver(delay=2)
-    app = create_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0, gocd_timeout=0.3,
+    app = make_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0, gocd_timeout=0.3,
                      gocd_retry_delays=(0.05, 0.05))
     try:
         agent = Client(app, token_headers(app, "agent", "a1"))
@@ -2410,17 +2429,17 @@ def test_gocd_timeout_is_recorded_and_never_slows_the_api():
         receiver.close()
 
 
-def test_gocd_queued_deliveries_are_recorded_on_close(tmp_path):
+def test_gocd_queued_deliveries_are_recorded_on_close(tmp_path, make_app):
     receiver = Receiver(delay=1)
     db = str(tmp_path / "hub.db")
-    app = create_app(db=db, gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0, gocd_timeout=0.5,
+    app = make_app(db=db, gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0, gocd_timeout=0.5,
                      gocd_retry_delays=())
     agent = Client(app, token_headers(app, "agent", "a1"))
     for state in ("waiting", "test", "waiting", "test", "waiting"):
         agent.post_json("/v1/agents/data/a1", {"state": state})
     app.hub.notifier.close(drain_seconds=0)
     app.close()
-    reopened = create_app(db=db, purge_interval=0, lost_contact_seconds=0)
+    reopened = make_app(db=db, purge_interval=0, lost_contact_seconds=0)
     outcomes = [r["outcome"] for r in reopened.hub.notifier.deliveries()]
     reopened.close()
     receiver.close()
@@ -2515,8 +2534,8 @@ def test_web_live_log_endpoint(app, anon):
     anon.get(f"/jobs/{ANY_UUID}/logs.json", status=404)
 
 
-def test_web_require_auth_login_and_roles():
-    app = create_app(require_auth=True, purge_interval=0)
+def test_web_require_auth_login_and_roles(make_app):
+    app = make_app(require_auth=True, purge_interval=0)
     try:
         test = webtest.TestApp(app)
         secret = app.hub.auth.add_client("viewer", "contributor", "viewer-secret-123")
@@ -2920,11 +2939,11 @@ def fuzz_every_route(app, seed):
 # WebTest's client-side cookie jar trips over the (correctly quoted) cookie of an emoji agent name.
 @pytest.mark.filterwarnings("ignore:http.cookiejar bug")
 @pytest.mark.parametrize("seed, require_auth", [(1, False), (2, True)])
-def test_no_route_answers_500_to_hostile_input(seed, require_auth):
+def test_no_route_answers_500_to_hostile_input(seed, require_auth, make_app):
     """Every route of every API, every input class, anonymous and with each role: never a 5xx (but the
     contract's own "Webhook URL not configured"), no exception text in a body, nothing in the log, an
     X-Request-Id on every answer, and every page still answers afterwards."""
-    app = create_app(purge_interval=0, lost_contact_seconds=0, require_auth=require_auth)
+    app = make_app(purge_interval=0, lost_contact_seconds=0, require_auth=require_auth)
     try:
         sent, failures = fuzz_every_route(app, seed)
     finally:
@@ -2957,17 +2976,17 @@ def test_hostile_values_are_refused_in_each_apis_style_and_pages_show_the_rest_e
     assert anon.get("/v1/job/search", params={"tags": shown}).json[0]["job_id"] == job_id
 
 
-def test_text_an_older_version_stored_reads_back_escaped(tmp_path):
+def test_text_an_older_version_stored_reads_back_escaped(tmp_path, make_app):
     """A job name stored as "\\ud800" by an older agenthub (SQLite's json_extract turns it into bytes that are
     not UTF-8) is listed with the bad bytes escaped instead of failing every listing that shows it."""
     db = str(tmp_path / "old.db")
-    app = create_app(db=db, purge_interval=0)
+    app = make_app(db=db, purge_interval=0)
     job_id = submit(webtest.TestApp(app), name="placeholder")
     app.close()
     with sqlite3.connect(db) as conn:         # what a previous version let through
         conn.execute("UPDATE jobs SET job_data = ? WHERE job_id = ?",
                      ('{"job_queue": "q1", "name": "\\ud800"}', job_id))
-    app = create_app(db=db, purge_interval=0)
+    app = make_app(db=db, purge_interval=0)
     test = webtest.TestApp(app)
     for page in ("/jobs", "/jobs?queue=q1", "/queues/q1", f"/jobs/{job_id}"):
         assert test.get(page, status=200)
@@ -3103,8 +3122,8 @@ def test_review_findings_on_the_boundary(app, anon):
     anon.post_json("/v1/job", {"job_queue": "queue-1"}, headers=big, status=200)
 
 
-def test_web_login_reads_utf8_forms(tmp_path):
-    app = create_app(db=str(tmp_path / "hub.db"), require_auth=True, purge_interval=0)
+def test_web_login_reads_utf8_forms(tmp_path, make_app):
+    app = make_app(db=str(tmp_path / "hub.db"), require_auth=True, purge_interval=0)
     try:
         secret = app.hub.auth.add_client("café", "contributor")
         test = webtest.TestApp(app)
@@ -3155,8 +3174,8 @@ def test_protocol_limits_on_a_real_server(server):
 
 # == Application and command line ==================================================================================
 
-def test_many_apps_are_independent():
-    one, two = create_app(purge_interval=0), create_app(purge_interval=0)
+def test_many_apps_are_independent(make_app):
+    one, two = make_app(purge_interval=0), make_app(purge_interval=0)
     submit(webtest.TestApp(one))
     assert webtest.TestApp(two).get("/v1/job/search").json == []
     one.close()
@@ -3173,7 +3192,7 @@ def test_lazy_wsgi_application_reads_the_environment(tmp_path, monkeypatch):
     agenthub._application.close()
 
 
-def test_add_client_writes_a_token_file_the_agent_can_use(tmp_path, capsys):
+def test_add_client_writes_a_token_file_the_agent_can_use(tmp_path, capsys, make_app):
     db, token_file = str(tmp_path / "hub.db"), tmp_path / "agent.token"
     assert agenthub.main(["add-client", "lab-agent", "--role", "agent", "--db", db,
                           "--token-file", str(token_file)]) == 0
@@ -3181,7 +3200,7 @@ def test_add_client_writes_a_token_file_the_agent_can_use(tmp_path, capsys):
     assert "secret: " in printed and "role: agent" in printed
     assert oct(token_file.stat().st_mode & 0o777) == "0o600"
     refresh = json.loads(token_file.read_text())["refresh_token"]
-    app = create_app(db=db, purge_interval=0)
+    app = make_app(db=db, purge_interval=0)
     test = webtest.TestApp(app)
     access = test.post_json("/v1/oauth2/refresh", {"refresh_token": refresh}).json["access_token"]
     test.get("/v1/job?queue=q", headers={"Authorization": f"Bearer {access}", "Cookie": "agent_name=lab-agent"},
