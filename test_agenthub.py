@@ -1793,7 +1793,7 @@ def test_many_parked_watchers_are_answered_by_one_fire_and_keep_their_connection
         again = conn.getresponse()
         assert again.status == 200 and len(json.loads(again.read())) == 2
         conn.close()
-    assert app.hub.watchers._parked == []
+    assert app.hub.watchers.parked() == 0
 
 
 def test_closing_the_app_answers_parked_watchers(make_app):
@@ -1807,7 +1807,7 @@ def test_closing_the_app_answers_parked_watchers(make_app):
         thread = threading.Thread(target=lambda: results.update(answer=call_http(
             base, "GET", f"/v1/event/list?index={xor_index(event['ID'])}&wait=10m")))
         thread.start()
-        assert _wait_for(lambda: len(app.hub.watchers._parked) == 1)
+        assert _wait_for(lambda: app.hub.watchers.parked() == 1)
         app.close()
         thread.join(timeout=30)
         status, headers, body = results["answer"]
