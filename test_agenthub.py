@@ -1780,7 +1780,7 @@ def test_many_parked_watchers_are_answered_by_one_fire_and_keep_their_connection
         conn.request("GET", f"/v1/event/list?name=w&index={index}&wait=60s")
     gone = socket.create_connection((host, int(port)))
     gone.sendall(request)
-    assert _wait_for(lambda: len(app.hub.watchers._parked) == 51)      # all parked, none answered yet
+    assert _wait_for(lambda: app.hub.watchers.parked() == 51)      # all parked, none answered yet
     gone.close()                                                         # one client goes away meanwhile
     second = json.loads(call_http(base, "PUT", "/v1/event/fire/w", b"2")[2])
     for conn in clients:
