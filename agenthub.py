@@ -218,6 +218,10 @@ def parse_iso(text):
         raise ValueError("out of range")
 
 
+class StartupError(Exception):
+    """The hub cannot start (a newer schema, a database another process serves): one line, exit 1."""
+
+
 class ApiError(Exception):
     """A domain rule refused a request: an HTTP status and a message.
 
@@ -515,6 +519,9 @@ class Database:
         self._closed = False
         with self.write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StartupError(f"database schema {version} is newer than this agenthub ({len(MIGRATIONS)}); "
+                                   "upgrade agenthub")
             for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
                 if callable(step):
                     step(db)
@@ -5519,6 +5526,40 @@ def install_web(app, hub):
 # Application #################################################################
 ###############################################################################
 
+class ProcessLock:
+    """One serving process per database file: an exclusive lock on ``<db>.lock`` that the system
+    releases when the process ends, however it ends.  The file names the holder (pid and host)."""
+
+    def __init__(self, path):
+        self.path, self.fh = path, None
+        try:
+            import fcntl
+        except ImportError:                    # pragma: no cover - not POSIX: no lock
+            return
+        try:
+            fh = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "r+")
+        except FileNotFoundError:
+            raise StartupError(f"database {path[:-5]}: the directory {os.path.dirname(path) or '.'} does not exist")
+        except OSError as exc:
+            raise StartupError(f"database {path[:-5]}: cannot open {path}: {exc.strerror or exc}")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise StartupError(f"database {path[:-5]} is already served by {holder}; run one agenthub process "
+                               "per SQLite database (several processes need the PostgreSQL engine)")
+        fh.truncate(0)
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        self.fh = fh
+
+    def release(self):
+        if self.fh is not None:
+            self.fh.close()                    # closing the file drops the lock
+            self.fh = None
+
+
 class Hub:
     """Everything one app owns: config, store, domain services, background threads.
 
@@ -5531,7 +5572,13 @@ class Hub:
 
     def __init__(self, config):
         self.config = config
-        self.db = Database(config.db)
+        self.lock = ProcessLock(config.db + ".lock") if config.db not in (":memory:", "") else None
+        try:
+            self.db = Database(config.db)
+        except BaseException:
+            if self.lock:
+                self.lock.release()
+            raise
         jobs, agents, access, events = JobStore(self.db), AgentStore(self.db), AuthStore(self.db), EventStore(self.db)
         key = server_key(config)
         self.auth = Auth(access, config, key, agents)
@@ -5590,6 +5637,8 @@ class Hub:
         for thread in self._threads:
             thread.join(timeout=10)
         self.db.close()
+        if self.lock:
+            self.lock.release()
 
 
 def create_app(config=None, **overrides):
@@ -5890,6 +5939,9 @@ def main(argv=None):
                "bench": bench_command}.get(args.command, serve_command)
     try:
         return command(args)
+    except StartupError as exc:
+        print(f"agenthub: {exc}", file=sys.stderr)
+        return 1
     except sqlite3.Error as exc:
         print(f"agenthub: database {getattr(args, 'db', '?')}: {exc}", file=sys.stderr)
         return 1

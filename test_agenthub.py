@@ -3225,6 +3225,37 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
         taken.close()
 
 
+def test_a_database_from_a_newer_agenthub_is_refused(tmp_path, capsys):
+    db = str(tmp_path / "new.db")
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version = 999")
+    assert agenthub.main(["--db", db, "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"database schema 999 is newer than this agenthub ({len(agenthub.MIGRATIONS)})" in err
+    with sqlite3.connect(db) as conn:                      # and nothing was written to it
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 999
+
+
+def test_a_second_process_on_the_same_database_refuses_to_start(tmp_path):
+    import subprocess
+    import sys
+    db = str(tmp_path / "hub.db")
+    first = subprocess.Popen([sys.executable, agenthub.__file__, "--db", db, "--port", "0", "--quiet"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving on" in first.stdout.readline()
+        second = subprocess.run([sys.executable, agenthub.__file__, "--db", db, "--port", "0"],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and second.stderr.count("\n") == 1
+        assert f"is already served by pid {first.pid} on " in second.stderr
+        assert agenthub.main(["add-client", "c1", "--db", db]) == 0     # management commands still work
+    finally:
+        first.terminate()
+        first.wait(timeout=30)
+    app = create_app(db=db, purge_interval=0)         # the lock died with the process
+    app.close()
+
+
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         agenthub.main(["--help"])
