@@ -41,6 +41,7 @@ import os
 import queue
 import re
 import secrets
+import signal
 import socketserver
 import socket
 import sqlite3
@@ -107,6 +108,7 @@ class Config:
     pfid_partition: int = PFID_DEFAULT_PARTITION
     default_environment_id: str = ""   # PFID of agents not created through /api/v1; generated if empty
     activate_ttl: float = 600.0     # seconds an agent_activate mode lasts
+    shutdown_grace: float = 10.0    # seconds requests in flight get to finish on SIGTERM/SIGINT
     bench_route: bool = False       # mount GET /_bench/ping (a trivial JSON route) for `bench`
 
     ENV = {
@@ -125,6 +127,7 @@ class Config:
         "gocd_webhook_auth": "AGENTHUB_GOCD_WEBHOOK_AUTH", "api_tokens": "AGENTHUB_API_TOKENS",
         "rackspace_tokens": "AGENTHUB_RACKSPACE_TOKENS", "pfid_partition": "AGENTHUB_PFID_PARTITION",
         "default_environment_id": "AGENTHUB_DEFAULT_ENVIRONMENT_ID", "activate_ttl": "AGENTHUB_ACTIVATE_TTL",
+        "shutdown_grace": "AGENTHUB_SHUTDOWN_GRACE",
     }
 
     @classmethod
@@ -553,7 +556,7 @@ class Database:
             yield held
             return
         if self._closed:
-            raise RuntimeError("store is closed")
+            raise ApiError(503, "agenthub is shutting down")
         if self._size is not None:
             self._size.acquire()
         try:
@@ -3671,8 +3674,10 @@ def _utf8(text):
         return None
 
 
-def check_request(environ):
+def check_request(environ, stopping=False):
     """Refuse (ApiError) or normalise one request before any route sees it."""
+    if stopping:
+        raise ApiError(503, "agenthub is shutting down")
     # Bottle has already decoded PATH_INFO, dropping bytes that are not UTF-8: judge the raw path.
     path, query = environ.get("bottle.raw_path", environ.get("PATH_INFO", "")), environ.get("QUERY_STRING", "")
     if len(path) + len(query) > MAX_TARGET:
@@ -3921,7 +3926,7 @@ def install_boundary(app, styles):
     def _boundary():
         environ = request.environ
         try:
-            check_request(environ)
+            check_request(environ, app.hub.stopping.is_set())
         except ApiError as exc:
             raise style_for(request.path).refused(exc)
 
@@ -5593,6 +5598,7 @@ class Hub:
         self.idempotency = Idempotency(agents)
         self.jobs = JobQueue(jobs, agents, access, config, self.secrets, self.registry)
         self._stop = threading.Event()
+        self.stopping = threading.Event()      # set when a shutdown begins: new requests answer 503
         self._threads = []
 
     def start(self):
@@ -5633,7 +5639,7 @@ class Hub:
     def close(self):
         self._stop.set()
         self.watchers.close()
-        self.notifier.close()
+        self.notifier.close(drain_seconds=min(5.0, self.config.shutdown_grace))
         for thread in self._threads:
             thread.join(timeout=10)
         self.db.close()
@@ -5764,7 +5770,11 @@ class _RequestHandler(WSGIRequestHandler):
         body = self.rfile if chunked else _Limited(self.rfile, length)
         handler = _KeepAliveHandler(body, self.wfile, self.get_stderr(), environ, multithread=True)
         handler.request_handler = self
-        handler.run(self.server.get_app())
+        self.server.begin()
+        try:
+            handler.run(self.server.get_app())
+        finally:
+            self.server.end()
         if chunked:
             self.close_connection = True       # we cannot tell whether all of it was read
         elif body.remaining:
@@ -5805,6 +5815,24 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     request_queue_size = 1024      # a thousand watchers may connect at once
     quiet = False
 
+    def server_activate(self):
+        super().server_activate()
+        self.in_flight, self._idle = 0, threading.Condition()
+
+    def begin(self):
+        with self._idle:
+            self.in_flight += 1
+
+    def end(self):
+        with self._idle:
+            self.in_flight -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout):
+        """Wait until no request is being answered; False when ``timeout`` ran out first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self.in_flight <= 0, timeout)
+
 
 def make_server(app, host="127.0.0.1", port=0, quiet=True):
     """A threaded keep-alive WSGI server bound to (host, port); port 0 picks a free one."""
@@ -5844,6 +5872,9 @@ def _serve_options(parser, env):
     parser.add_argument("--max-json-bytes", type=int, default=env.max_json_bytes,
                         help="larger JSON bodies answer 413 (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", default=env.quiet, help="no access log")
+    parser.add_argument("--shutdown-grace", type=float, default=env.shutdown_grace,
+                        help="seconds requests in flight get to finish after SIGTERM or Ctrl-C; later ones"
+                             " answer 503 (default %(default)s; AGENTHUB_SHUTDOWN_GRACE)")
     parser.add_argument("--event-buffer-size", type=int, default=env.event_buffer_size,
                         help="user events kept in the ring buffer (default %(default)s; AGENTHUB_EVENT_BUFFER_SIZE)")
     parser.add_argument("--event-max-bytes", type=int, default=env.event_max_bytes,
@@ -5964,7 +5995,7 @@ def serve_command(args):
                     rackspace_tokens=(",".join(args.rackspace_token) if args.rackspace_token
                                       else env_default.rackspace_tokens),
                     pfid_partition=args.pfid_partition, default_environment_id=args.default_environment_id,
-                    activate_ttl=args.activate_ttl)
+                    activate_ttl=args.activate_ttl, shutdown_grace=args.shutdown_grace)
     app = create_app(config)
     try:
         if config.server != "threaded":
@@ -5977,12 +6008,41 @@ def serve_command(args):
             return 1
         print(f"agenthub {__version__} serving on http://{config.host}:{server.server_address[1]}/"
               f" (database {config.db})", flush=True)
+        signals = []
+
+        def on_signal(signum, frame):
+            if not signals:                  # the first one starts the shutdown; serve_forever returns
+                signals.append(signal.Signals(signum).name)
+                threading.Thread(target=server.shutdown, daemon=True).start()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, on_signal)
         server.serve_forever()
+        graceful_shutdown(app, server, signals[0] if signals else "stop")
     except KeyboardInterrupt:
         pass
     finally:
         app.close()
     return 0
+
+
+def graceful_shutdown(app, server, reason):
+    """SIGTERM or Ctrl-C: stop accepting, answer the parked watchers (as Consul does on leave), give the
+    requests in flight ``--shutdown-grace`` seconds (new ones on kept-alive connections answer 503), then
+    close the app: queued notifications get their drain and the rest are recorded as undelivered."""
+    def say(text):
+        print(f"agenthub: {text}", file=sys.stderr, flush=True)
+    hub = app.hub
+    server.server_close()
+    hub.stopping.set()
+    say(f"{reason}: stopped accepting connections")
+    parked = hub.watchers.parked()
+    hub.watchers.close()
+    say(f"answered {parked} parked watcher(s)")
+    grace = hub.config.shutdown_grace
+    if not server.wait_idle(grace):
+        say(f"{server.in_flight} request(s) still running after {grace:g} s; they answer 503")
+    app.close()
+    say("database closed; stopped")
 
 
 def _command_store(args, command):

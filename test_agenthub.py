@@ -3256,6 +3256,54 @@ def test_a_second_process_on_the_same_database_refuses_to_start(tmp_path):
     app.close()
 
 
+def test_sigterm_answers_parked_watchers_records_queued_notifications_and_exits_cleanly(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    receiver = Receiver(delay=1)                          # a slow GoCD webhook: notifications queue up
+    db = str(tmp_path / "hub.db")
+    proc = subprocess.Popen([sys.executable, agenthub.__file__, "--db", db, "--port", "0", "--quiet",
+                             "--gocd-webhook", receiver.url, "--shutdown-grace", "0.5", "--purge-interval", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = re.search(r"http://[\d.]+:\d+", proc.stdout.readline()).group(0)
+        host, port = base[7:].split(":")
+        for n in range(4):                                 # four state changes for the slow receiver
+            call_http(base, "POST", "/api/v1/agent", {"details": {"name": f"a{n}"}})
+        event = json.loads(call_http(base, "PUT", "/v1/event/fire/deploy", b"x")[2])
+        watcher = http.client.HTTPConnection(host, int(port), timeout=30)
+        watcher.request("GET", "/v1/event/list?name=deploy")        # proves the connection is served ...
+        assert watcher.getresponse().read()
+        watcher.request("GET", f"/v1/event/list?name=deploy&index={xor_index(event['ID'])}&wait=60s")  # ... parks
+        assert _wait_for(lambda: receiver.requests)
+        proc.send_signal(signal.SIGTERM)
+        answer = watcher.getresponse()
+        assert answer.status == 200 and [e["ID"] for e in json.loads(answer.read())] == [event["ID"]]
+        assert proc.wait(timeout=30) == 0
+        log = proc.stderr.read()
+        assert "SIGTERM: stopped accepting connections" in log and "answered 1 parked watcher(s)" in log
+        assert "database closed; stopped" in log and "Traceback" not in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        receiver.close()
+    app = create_app(db=db, purge_interval=0, lost_contact_seconds=0)
+    outcomes = [d["outcome"] for d in app.hub.notifier.deliveries()]
+    app.close()
+    assert len(outcomes) == 4 and "undelivered" in outcomes       # none vanished
+
+
+def test_requests_during_a_shutdown_answer_503_in_each_apis_style(app):
+    app.hub.stopping.set()
+    assert wsgi_call(app, "GET", "/v1/job/search")[:3:2] == (503, b'{"detail":{},"message":"agenthub is shutting down"}\n')
+    assert wsgi_call(app, "GET", "/v1/event/list")[:3:2] == (503, b"agenthub is shutting down")
+    assert json.loads(wsgi_call(app, "GET", "/api/v1/agent")[2])["message"] == "agenthub is shutting down"
+    app.hub.stopping.clear()
+    app.hub.db.close()                                    # the grace ran out: the database is closed
+    status, _, body, log = wsgi_call(app, "GET", "/v1/job/search")
+    assert (status, json.loads(body)["message"], log) == (503, "agenthub is shutting down", "")
+
+
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         agenthub.main(["--help"])
