@@ -520,6 +520,7 @@ class Database:
         self._write_lock = threading.Lock()
         self._local = threading.local()          # the connection this thread holds, and whether it writes
         self._closed = False
+        self._full = False                       # in a disk-full episode (logged once)
         with self.write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
@@ -590,15 +591,36 @@ class Database:
         with self._write_lock, self.connection() as conn:
             self._local.writing = True
             try:
-                conn.execute("BEGIN IMMEDIATE")
                 try:
-                    yield conn
-                except BaseException:
-                    conn.rollback()
-                    raise
-                conn.commit()
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield conn
+                    except BaseException:
+                        conn.rollback()
+                        raise
+                    conn.commit()
+                except sqlite3.OperationalError as exc:
+                    raise self._refusal(exc) from exc
+                if self._full:
+                    self._full = False
+                    print("agenthub: the database takes writes again", file=sys.stderr, flush=True)
             finally:
                 self._local.writing = False
+
+    def _refusal(self, exc):
+        """A full disk (or database) refuses writes with 507 and an I/O error with 503, in the API's
+        style, while reads go on; the condition is logged once per episode, not once per request."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code == sqlite3.SQLITE_FULL or "is full" in str(exc):
+            if not self._full:
+                self._full = True
+                print(f"agenthub: the database or its disk is full ({exc}); writes answer 507 until there"
+                      " is space again", file=sys.stderr, flush=True)
+            return ApiError(507, "Insufficient storage: agenthub's database or disk is full")
+        if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:
+            print(f"agenthub: database I/O error: {exc}", file=sys.stderr, flush=True)
+            return ApiError(503, "agenthub's database had an I/O error; try again")
+        return exc
 
     def read(self, sql, args=()):
         with self.connection() as conn:
@@ -802,6 +824,10 @@ class JobStore(_DomainStore):
         with self.write() as db:
             return db.execute("INSERT INTO file_chunks (file_id, seq, data) SELECT ?, ?, ? WHERE EXISTS"
                               " (SELECT 1 FROM files WHERE id = ?)", (file_id, seq, data, file_id)).rowcount > 0
+
+    def drop_incomplete_files(self):
+        with self.write() as db:
+            return db.execute("DELETE FROM files WHERE complete = 0").rowcount
 
     def drop_file(self, file_id):
         with self.write() as db:
@@ -1864,6 +1890,8 @@ def server_key(config):
             return key
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        raise StartupError(f"key file {path}: {exc.strerror or exc}")
     key = secrets.token_hex(32)
     try:
         with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
@@ -2579,6 +2607,11 @@ class JobQueue:
             self.store.drop_file(file_id)
             raise
         return size
+
+    def drop_partial_uploads(self):
+        """At start, before any request: uploads a previous run left unfinished (a crash, a full disk
+        that also refused their cleanup) are dropped; none can still be arriving."""
+        return self.store.drop_incomplete_files()
 
     def has_file(self, job_id, kind):
         return self.store.newest_file(job_id, kind) is not None
@@ -4594,7 +4627,8 @@ class PrefactorStyle(ApiStyle):
     invalid = (Invalid,)
     CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
              405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 414: "uri_too_long",
-             415: "unsupported_media_type", 422: "validation_errors", 431: "headers_too_large"}
+             415: "unsupported_media_type", 422: "validation_errors", 431: "headers_too_large",
+             503: "unavailable", 507: "insufficient_storage"}
     TEXTS = {404: "Not found", 405: "Method not allowed", 500: "Internal error"}
 
     def error(self, status, message=None, code=None):
@@ -5579,13 +5613,13 @@ class Hub:
         self.config = config
         self.lock = ProcessLock(config.db + ".lock") if config.db not in (":memory:", "") else None
         try:
+            key = server_key(config)
             self.db = Database(config.db)
         except BaseException:
             if self.lock:
                 self.lock.release()
             raise
         jobs, agents, access, events = JobStore(self.db), AgentStore(self.db), AuthStore(self.db), EventStore(self.db)
-        key = server_key(config)
         self.auth = Auth(access, config, key, agents)
         self.api_tokens = ApiTokens(config)
         self.secrets = Secrets(access, SecretBox(key))
@@ -5602,6 +5636,9 @@ class Hub:
         self._threads = []
 
     def start(self):
+        dropped = self.jobs.drop_partial_uploads()
+        if dropped:
+            print(f"agenthub: dropped {dropped} upload(s) a previous run left unfinished", file=sys.stderr)
         if self.config.purge_interval > 0:
             self._spawn(self._purge_loop, "agenthub-purge")
         if self.config.lost_contact_seconds > 0:
@@ -5621,7 +5658,7 @@ class Hub:
         while not self._stop.wait(interval):
             try:
                 self.registry.sweep()
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, ApiError) as exc:
                 print(f"agenthub: sweep failed: {exc}", file=sys.stderr)
 
     def _purge_loop(self):
@@ -5629,7 +5666,7 @@ class Hub:
         while not self._stop.wait(self.config.purge_interval):
             try:
                 self.jobs.purge()
-            except sqlite3.Error as exc:       # a busy or full disk must not kill the thread
+            except (sqlite3.Error, ApiError) as exc:       # a busy or full disk must not kill the thread
                 print(f"agenthub: purge failed: {exc}", file=sys.stderr)
 
     # Bottle plugin protocol

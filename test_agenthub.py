@@ -3304,6 +3304,45 @@ def test_requests_during_a_shutdown_answer_503_in_each_apis_style(app):
     assert (status, json.loads(body)["message"], log) == (503, "agenthub is shutting down", "")
 
 
+def test_a_full_database_refuses_writes_with_507_keeps_reads_and_recovers(make_app, capsys):
+    app = make_app()
+    test = webtest.TestApp(app)
+    job_id = submit(test)
+    pages = app.hub.db.read_one("PRAGMA page_count")[0]
+    app.hub.db.read(f"PRAGMA max_page_count = {pages + 2}")     # SQLite's own limit: the database is full
+    refused = []
+    for _ in range(5):
+        answer = test.post_json("/v1/job", {"job_queue": "q1", "test_data": {"test_cmds": "x" * 20000}},
+                                expect_errors=True)
+        refused.append((answer.status_int, answer.json["message"]))
+    assert refused[-1] == (507, "Insufficient storage: agenthub's database or disk is full")
+    answer = test.post_json("/api/v1/agent", {"details": {"name": "n", "description": "d" * 20000}}, status=507)
+    assert answer.json["code"] == "insufficient_storage"
+    assert test.get(f"/v1/job/{job_id}").json["job_id"] == job_id and test.get("/jobs").status_int == 200
+    app.hub.db.read("PRAGMA max_page_count = 1073741823")        # space again: no restart needed
+    submit(test)
+    err = capsys.readouterr().err
+    assert err.count("writes answer 507") == 1 and "takes writes again" in err and "Traceback" not in err
+
+
+def test_uploads_a_previous_run_left_unfinished_are_dropped_at_start(tmp_path, make_app, capsys):
+    db = str(tmp_path / "hub.db")
+    app = make_app(db=db)
+    job_id = submit(webtest.TestApp(app))
+    app.hub.jobs.store.begin_file(job_id, "artifact", time.time())        # a crash left this half-way
+    app.close()
+    make_app(db=db)
+    assert "dropped 1 upload(s) a previous run left unfinished" in capsys.readouterr().err
+
+
+def test_an_unreadable_key_file_is_one_line(tmp_path, capsys):
+    db = str(tmp_path / "hub.db")
+    os.mkdir(db + ".key")                                 # unreadable as a file, even for root
+    assert agenthub.main(["--db", db, "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"agenthub: key file {db}.key: ") and err.count("\n") == 1
+
+
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         agenthub.main(["--help"])
