@@ -5719,6 +5719,16 @@ _application = None
 _application_lock = threading.Lock()
 
 
+def close_application():
+    """Close the lazily built ``application`` (call it from a WSGI host's shutdown hook): its
+    queued notifications are drained or recorded, parked watchers answered, the database closed."""
+    global _application
+    with _application_lock:
+        if _application is not None:
+            _application.close()
+            _application = None
+
+
 def application(environ, start_response):
     """Module-level WSGI entry point, built on first use from ``AGENTHUB_*`` variables."""
     global _application

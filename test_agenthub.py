@@ -3189,7 +3189,8 @@ def test_lazy_wsgi_application_reads_the_environment(tmp_path, monkeypatch):
     test = webtest.TestApp(agenthub.application)
     test.post_json("/v1/job", {"job_queue": "q"})
     assert (tmp_path / "lazy.db").exists()
-    agenthub._application.close()
+    agenthub.close_application()
+    assert agenthub._application is None
 
 
 def test_add_client_writes_a_token_file_the_agent_can_use(tmp_path, capsys, make_app):
@@ -3348,5 +3349,5 @@ def test_help_documents_every_flag(capsys):
         agenthub.main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--host", "--port", "--db", "--server", "--secret-key", "--require-auth", "--retention-days",
-                 "--purge-interval", "--role", "--token-file", "--jobs", "--artifact-mib"):
+                 "--purge-interval", "--role", "--token-file", "--jobs", "--artifact-mib", "--shutdown-grace"):
         assert flag in text
