@@ -109,6 +109,7 @@ class Config:
     default_environment_id: str = ""   # PFID of agents not created through /api/v1; generated if empty
     activate_ttl: float = 600.0     # seconds an agent_activate mode lasts
     shutdown_grace: float = 10.0    # seconds requests in flight get to finish on SIGTERM/SIGINT
+    strand_seconds: float = 60.0    # a job its agent never reported on for this long is reclaimed; 0: never
     bench_route: bool = False       # mount GET /_bench/ping (a trivial JSON route) for `bench`
 
     ENV = {
@@ -127,7 +128,7 @@ class Config:
         "gocd_webhook_auth": "AGENTHUB_GOCD_WEBHOOK_AUTH", "api_tokens": "AGENTHUB_API_TOKENS",
         "rackspace_tokens": "AGENTHUB_RACKSPACE_TOKENS", "pfid_partition": "AGENTHUB_PFID_PARTITION",
         "default_environment_id": "AGENTHUB_DEFAULT_ENVIRONMENT_ID", "activate_ttl": "AGENTHUB_ACTIVATE_TTL",
-        "shutdown_grace": "AGENTHUB_SHUTDOWN_GRACE",
+        "shutdown_grace": "AGENTHUB_SHUTDOWN_GRACE", "strand_seconds": "AGENTHUB_STRAND_SECONDS",
     }
 
     @classmethod
@@ -411,6 +412,10 @@ MIGRATIONS = [
     """,
     # 4: the one agent registry (Testflinger, Prefactor, Rackspace, GoCD) — see _migrate_registry.
     lambda db: _migrate_registry(db),
+    # 5: jobs handed out that never reached their agent (JobQueue.reclaim_stranded)
+    """
+    ALTER TABLE jobs ADD COLUMN strands INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 REGISTRY_SQL = """
@@ -710,6 +715,24 @@ class JobStore(_DomainStore):
                 " AND (job_priority > ? OR (job_priority = ? AND seq < ?))",
                 (row["job_queue"], row["job_priority"], row["job_priority"], row["seq"])).fetchone()[0]
 
+    def silent_jobs(self, agent_name, before):
+        """Jobs handed to ``agent_name`` before ``before`` that it never reported on: still 'running'
+        (no phase posted) and without a log fragment."""
+        return self.read("SELECT job_id, strands FROM jobs WHERE state = 'running' AND agent_name = ?"
+                         " AND started_at < ? AND NOT EXISTS (SELECT 1 FROM log_fragments"
+                         " WHERE log_fragments.job_id = jobs.job_id)", (agent_name, before))
+
+    def requeue_job(self, job_id):
+        """Back to waiting, in its original place in the queue (its arrival order is kept)."""
+        with self.write() as db:
+            db.execute("UPDATE jobs SET state = 'waiting', agent_name = NULL, started_at = NULL,"
+                       " strands = strands + 1 WHERE job_id = ? AND state = 'running'", (job_id,))
+
+    def strand_job(self, job_id):
+        with self.write() as db:
+            db.execute("UPDATE jobs SET state = 'cancelled', strands = strands + 1 WHERE job_id = ?"
+                       " AND state = 'running'", (job_id,))
+
     def cancel_job(self, job_id):
         """Flip an active job to cancelled (its running instance, if any, is marked); returns
         (changed, name of the agent holding it or None)."""
@@ -941,6 +964,11 @@ class AgentStore(_DomainStore):
                 _insert(db, "agents", values)
             else:
                 db.execute(f"UPDATE agents SET {_assignments(values)} WHERE name = ?", (*values.values(), name))
+
+    def fail_job_instance(self, job_id, now):
+        with self.write() as db:
+            db.execute("UPDATE instances SET status = 'failed', finished_at = ?, updated_at = ?"
+                       " WHERE job_id = ? AND status = 'active'", (now, now, job_id))
 
     def fail_active_instances(self, name, source, now):
         with self.write() as db:
@@ -2456,9 +2484,27 @@ class JobQueue:
                 raise ApiError(403, f"Not enough permissions to push to {queue_name} "
                                     f"with reservation timeout {timeout}")
 
+    def reclaim_stranded(self, agent_name, now):
+        """The stranded-job rule.  A Testflinger agent asks for a job only when it has none, and
+        reports a phase as soon as it starts one.  So a job it was handed ``--strand-seconds`` ago
+        (default 60) and never reported on (still 'running', no phase, no log) while it asks for
+        another never reached it (its answer was lost, or the agent died at once): the job goes back
+        to its place at the head of its queue, once; handed out and lost a second time, it is
+        cancelled.  Either way its instance fails and the results say so (``agenthub_strands``).
+        A job the agent reports on is never touched, however long it runs."""
+        if self.config.strand_seconds <= 0:
+            return
+        for row in self.store.silent_jobs(agent_name, now - self.config.strand_seconds):
+            if row["strands"] == 0:
+                self.store.requeue_job(row["job_id"])
+            else:
+                self.store.strand_job(row["job_id"])
+            self.agent_store.fail_job_instance(row["job_id"], now)
+
     def pop(self, queues, agent_name):
         now = utcnow()
         with self.store.write():
+            self.reclaim_stranded(agent_name, now)
             agent = self.agent_store.get_agent(agent_name)
             row = None
             if agent is None or not agent["retired"]:             # a retired agent takes no jobs
@@ -2546,6 +2592,8 @@ class JobQueue:
         if row is None:
             return None
         out = {"job_state": row["state"]}
+        if row["strands"]:
+            out["agenthub_strands"] = row["strands"]     # an agenthub extension: see reclaim_stranded
         if row["device_info"] is not None:
             out["device_info"] = json.loads(row["device_info"])
         status = json.loads(row["result_status"])
@@ -5919,6 +5967,10 @@ def _serve_options(parser, env):
     parser.add_argument("--max-json-bytes", type=int, default=env.max_json_bytes,
                         help="larger JSON bodies answer 413 (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", default=env.quiet, help="no access log")
+    parser.add_argument("--strand-seconds", type=float, default=env.strand_seconds,
+                        help="a job handed to an agent that reported nothing on it for this long, when the agent"
+                             " asks for another, is requeued once, then cancelled; 0 disables (default"
+                             " %(default)s; AGENTHUB_STRAND_SECONDS)")
     parser.add_argument("--shutdown-grace", type=float, default=env.shutdown_grace,
                         help="seconds requests in flight get to finish after SIGTERM or Ctrl-C; later ones"
                              " answer 503 (default %(default)s; AGENTHUB_SHUTDOWN_GRACE)")
@@ -6042,7 +6094,8 @@ def serve_command(args):
                     rackspace_tokens=(",".join(args.rackspace_token) if args.rackspace_token
                                       else env_default.rackspace_tokens),
                     pfid_partition=args.pfid_partition, default_environment_id=args.default_environment_id,
-                    activate_ttl=args.activate_ttl, shutdown_grace=args.shutdown_grace)
+                    activate_ttl=args.activate_ttl, shutdown_grace=args.shutdown_grace,
+                    strand_seconds=args.strand_seconds)
     app = create_app(config)
     try:
         if config.server != "threaded":

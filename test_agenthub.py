@@ -919,6 +919,33 @@ def test_pop_order_priority_then_fifo_across_queues(app, anon, agent):
     agent.get("/v1/job?queue=q2&queue=q1", status=204)
 
 
+def test_a_job_its_agent_never_reported_on_is_requeued_once_then_cancelled(make_app, anon):
+    app = make_app(strand_seconds=1e-6)                   # "long ago" is now, for the test
+    test = webtest.TestApp(app)
+    agent = Client(app, token_headers(app, "agent", "agent1"))
+    agent.post_json("/v1/agents/data/agent1", {"queues": ["q1"]})
+    first, second = submit(test), submit(test)
+    assert agent.get("/v1/job?queue=q1").json["job_id"] == first    # ... and the answer was lost
+    # Asking again without a word on the first: it goes back to the head of the queue, and is handed out again.
+    assert agent.get("/v1/job?queue=q1").json["job_id"] == first
+    assert test.get(f"/v1/result/{first}").json == {"job_state": "running", "agenthub_strands": 1}
+    # Lost a second time: cancelled, and the next job is handed out.
+    assert agent.get("/v1/job?queue=q1").json["job_id"] == second
+    assert test.get(f"/v1/result/{first}").json == {"job_state": "cancelled", "agenthub_strands": 2}
+    instances = {i["job_id"]: i["status"] for i in test.get("/api/v1/agent_instance").json["summaries"]}
+    assert instances[first] == "failed" and instances[second] == "active"
+    # A job the agent reports on is never touched, however long it runs.
+    agent.post_json(f"/v1/result/{second}", {"job_state": "setup"})
+    third = submit(test)
+    assert agent.get("/v1/job?queue=q1").json["job_id"] == third
+    assert test.get(f"/v1/result/{second}").json["job_state"] == "setup"
+
+
+def test_without_the_strand_delay_quick_repeated_pops_keep_their_jobs(anon, agent):
+    jobs = [submit(anon) for _ in range(3)]
+    assert [agent.get("/v1/job?queue=q1").json["job_id"] for _ in range(3)] == jobs     # 60 s by default
+
+
 def test_pop_marks_running_and_returns_the_job(anon, agent):
     job_id = submit(anon, tags=["x"])
     job = agent.get("/v1/job?queue=q1").json
@@ -3349,5 +3376,6 @@ def test_help_documents_every_flag(capsys):
         agenthub.main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--host", "--port", "--db", "--server", "--secret-key", "--require-auth", "--retention-days",
-                 "--purge-interval", "--role", "--token-file", "--jobs", "--artifact-mib", "--shutdown-grace"):
+                 "--purge-interval", "--role", "--token-file", "--jobs", "--artifact-mib", "--shutdown-grace",
+                 "--strand-seconds"):
         assert flag in text
