@@ -2493,13 +2493,26 @@ class JobQueue:
         cancelled.  Either way its instance fails and the results say so (``agenthub_strands``).
         A job the agent reports on is never touched, however long it runs."""
         if self.config.strand_seconds <= 0:
-            return
-        for row in self.store.silent_jobs(agent_name, now - self.config.strand_seconds):
+            return 0
+        rows = self.store.silent_jobs(agent_name, now - self.config.strand_seconds)
+        for row in rows:
             if row["strands"] == 0:
                 self.store.requeue_job(row["job_id"])
             else:
                 self.store.strand_job(row["job_id"])
             self.agent_store.fail_job_instance(row["job_id"], now)
+        return len(rows)
+
+    def reclaim_from_lost_agents(self):
+        """The same rule for an agent that went silent (LostContact) instead of asking again; a job
+        it did report on stays as it is (the agent may come back with its results)."""
+        now = utcnow()
+        for row in self.registry.all():
+            if row["tf"] and self.registry.view(row, now).agent_state == "LostContact":
+                with self.store.write():
+                    reclaimed = self.reclaim_stranded(row["name"], now)
+                if reclaimed:
+                    self.registry.changed(row["name"])
 
     def pop(self, queues, agent_name):
         now = utcnow()
@@ -5706,6 +5719,7 @@ class Hub:
         while not self._stop.wait(interval):
             try:
                 self.registry.sweep()
+                self.jobs.reclaim_from_lost_agents()
             except (sqlite3.Error, ApiError) as exc:
                 print(f"agenthub: sweep failed: {exc}", file=sys.stderr)
 

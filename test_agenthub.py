@@ -941,6 +941,23 @@ def test_a_job_its_agent_never_reported_on_is_requeued_once_then_cancelled(make_
     assert test.get(f"/v1/result/{second}").json["job_state"] == "setup"
 
 
+def test_a_job_held_by_an_agent_that_lost_contact_without_a_word_is_requeued(make_app):
+    app = make_app(strand_seconds=1e-6, lost_contact_seconds=1)       # the sweep runs every second
+    test = webtest.TestApp(app)
+    agent = Client(app, token_headers(app, "agent", "agent1"))
+    agent.post_json("/v1/agents/data/agent1", {"queues": ["q1"]})
+    silent, reported = submit(test), submit(test)
+    assert agent.get("/v1/job?queue=q1").json["job_id"] == silent
+    other = Client(app, token_headers(app, "agent", "agent2"))
+    other.post_json("/v1/agents/data/agent2", {"queues": ["q1"]})
+    assert other.get("/v1/job?queue=q1", headers={"Cookie": "agent_name=agent2"}).json["job_id"] == reported
+    other.post_json(f"/v1/result/{reported}", {"job_state": "test"})
+    # Both agents fall silent: the job nobody heard of goes back to the queue, the reported one stays.
+    assert _wait_for(lambda: test.get(f"/v1/result/{silent}").json["job_state"] == "waiting")
+    assert test.get(f"/v1/result/{silent}").json["agenthub_strands"] == 1
+    assert test.get(f"/v1/result/{reported}").json == {"job_state": "test"}
+
+
 def test_without_the_strand_delay_quick_repeated_pops_keep_their_jobs(anon, agent):
     jobs = [submit(anon) for _ in range(3)]
     assert [agent.get("/v1/job?queue=q1").json["job_id"] for _ in range(3)] == jobs     # 60 s by default
