@@ -3338,6 +3338,61 @@ def test_sigterm_answers_parked_watchers_records_queued_notifications_and_exits_
     assert len(outcomes) == 4 and "undelivered" in outcomes       # none vanished
 
 
+def test_sigterm_lets_an_upload_in_flight_finish(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    db, token_file = str(tmp_path / "hub.db"), str(tmp_path / "agent.token")
+    assert agenthub.main(["add-client", "agent1", "--role", "agent", "--db", db, "--token-file", token_file]) == 0
+    proc = subprocess.Popen([sys.executable, agenthub.__file__, "--db", db, "--port", "0", "--quiet",
+                             "--shutdown-grace", "20", "--purge-interval", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = re.search(r"http://[\d.]+:\d+", proc.stdout.readline()).group(0)
+        host, port = base[7:].split(":")
+        refresh = json.loads(open(token_file).read())["refresh_token"]
+        access = json.loads(call_http(base, "POST", "/v1/oauth2/refresh", {"refresh_token": refresh})[2])["access_token"]
+        job_id = json.loads(call_http(base, "POST", "/v1/job", {"job_queue": "q"})[2])["job_id"]
+        head = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.tgz\"\r\n\r\n")
+        data, tail = b"x" * (4 * 1024 * 1024), b"\r\n--b--\r\n"
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.putrequest("POST", f"/v1/result/{job_id}/artifact")
+        conn.putheader("Authorization", f"Bearer {access}")
+        conn.putheader("Content-Type", "multipart/form-data; boundary=b")
+        conn.putheader("Content-Length", str(len(head) + len(data) + len(tail)))
+        conn.endheaders()
+        conn.send(head + data[:len(data) // 2])                   # half of it is in ...
+        proc.send_signal(signal.SIGTERM)
+        assert _wait_for(lambda: "stopped accepting" in _read_available(proc.stderr))   # ... the shutdown began
+        conn.send(data[len(data) // 2:] + tail)                   # ... and the rest arrives within the grace
+        answer = conn.getresponse()
+        assert (answer.status, answer.read()) == (200, b"OK")
+        assert proc.wait(timeout=30) == 0
+        assert "Traceback" not in _read_available(proc.stderr, final=True)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    app = create_app(db=db, purge_interval=0, lost_contact_seconds=0)
+    size, chunks = app.hub.jobs.open_file(job_id, "artifact")
+    assert size == len(data) and b"".join(chunks) == data          # whole, not half-written
+    app.close()
+
+
+_stderr_seen = {}
+
+
+def _read_available(stream, final=False):
+    """What a subprocess has written to ``stream`` so far (without blocking), accumulated."""
+    import select
+    seen = _stderr_seen.setdefault(id(stream), [])
+    while final or select.select([stream], [], [], 0)[0]:
+        line = stream.readline()
+        if not line:
+            break
+        seen.append(line)
+    return "".join(seen)
+
+
 def test_requests_during_a_shutdown_answer_503_in_each_apis_style(app):
     app.hub.stopping.set()
     assert wsgi_call(app, "GET", "/v1/job/search")[:3:2] == (503, b'{"detail":{},"message":"agenthub is shutting down"}\n')
@@ -3353,6 +3408,7 @@ def test_a_full_database_refuses_writes_with_507_keeps_reads_and_recovers(make_a
     app = make_app()
     test = webtest.TestApp(app)
     job_id = submit(test)
+    agent_headers = token_headers(app, "agent", "ag")
     pages = app.hub.db.read_one("PRAGMA page_count")[0]
     app.hub.db.read(f"PRAGMA max_page_count = {pages + 2}")     # SQLite's own limit: the database is full
     refused = []
@@ -3364,10 +3420,17 @@ def test_a_full_database_refuses_writes_with_507_keeps_reads_and_recovers(make_a
     answer = test.post_json("/api/v1/agent", {"details": {"name": "n", "description": "d" * 20000}}, status=507)
     assert answer.json["code"] == "insufficient_storage"
     assert test.get(f"/v1/job/{job_id}").json["job_id"] == job_id and test.get("/jobs").status_int == 200
+    assert capsys.readouterr().err.count("writes answer 507") == 1     # one line for the whole episode
+    app.hub.db.read(f"PRAGMA max_page_count = {app.hub.db.read_one('PRAGMA page_count')[0] + 40}")
+    answer = test.post(f"/v1/result/{job_id}/artifact", upload_files=[("file", "a.tgz", b"z" * (3 * 1024 * 1024))],
+                       headers=agent_headers, expect_errors=True)
+    assert answer.status_int == 507                               # the upload ran out of room half-way ...
+    assert test.get(f"/v1/result/{job_id}/artifact", status=204)    # ... and left nothing behind
+    assert app.hub.db.read("SELECT count(*) FROM files")[0][0] == 0
     app.hub.db.read("PRAGMA max_page_count = 1073741823")        # space again: no restart needed
     submit(test)
     err = capsys.readouterr().err
-    assert err.count("writes answer 507") == 1 and "takes writes again" in err and "Traceback" not in err
+    assert "takes writes again" in err and "Traceback" not in err
 
 
 def test_uploads_a_previous_run_left_unfinished_are_dropped_at_start(tmp_path, make_app, capsys):
