@@ -3768,9 +3768,10 @@ def _utf8(text):
         return None
 
 
-def check_request(environ, stopping=False):
-    """Refuse (ApiError) or normalise one request before any route sees it."""
-    if stopping:
+def check_request(environ, stopped_at=None):
+    """Refuse (ApiError) or normalise one request before any route sees it.  ``stopped_at``: when a
+    shutdown began (monotonic); a request received after it answers 503, one received before is served."""
+    if stopped_at is not None and environ.get("agenthub.received", time.monotonic()) >= stopped_at:
         raise ApiError(503, "agenthub is shutting down")
     # Bottle has already decoded PATH_INFO, dropping bytes that are not UTF-8: judge the raw path.
     path, query = environ.get("bottle.raw_path", environ.get("PATH_INFO", "")), environ.get("QUERY_STRING", "")
@@ -4020,7 +4021,7 @@ def install_boundary(app, styles):
     def _boundary():
         environ = request.environ
         try:
-            check_request(environ, app.hub.stopping.is_set())
+            check_request(environ, app.hub.stopped_at)
         except ApiError as exc:
             raise style_for(request.path).refused(exc)
 
@@ -5693,7 +5694,7 @@ class Hub:
         self.idempotency = Idempotency(agents)
         self.jobs = JobQueue(jobs, agents, access, config, self.secrets, self.registry)
         self._stop = threading.Event()
-        self.stopping = threading.Event()      # set when a shutdown begins: new requests answer 503
+        self.stopped_at = None                 # monotonic time a shutdown began: later requests answer 503
         self._threads = []
 
     def start(self):
@@ -5854,6 +5855,7 @@ class _RequestHandler(WSGIRequestHandler):
 
     def handle_one_request(self):
         self.raw_requestline = self.rfile.readline(65537)
+        received = time.monotonic()
         if not self.raw_requestline:
             self.close_connection = True
             return
@@ -5867,6 +5869,7 @@ class _RequestHandler(WSGIRequestHandler):
         if not self.parse_request():
             return
         environ = self.get_environ()
+        environ["agenthub.received"] = received
         self.answered_raw = False
         environ["agenthub.answer_raw"] = self.answer_raw
         declared = environ.get("CONTENT_LENGTH") or "0"
@@ -6147,7 +6150,7 @@ def graceful_shutdown(app, server, reason):
         print(f"agenthub: {text}", file=sys.stderr, flush=True)
     hub = app.hub
     server.server_close()
-    hub.stopping.set()
+    hub.stopped_at = time.monotonic()
     say(f"{reason}: stopped accepting connections")
     parked = hub.watchers.parked()
     hub.watchers.close()

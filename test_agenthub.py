@@ -3355,18 +3355,18 @@ def test_sigterm_lets_an_upload_in_flight_finish(tmp_path):
         job_id = json.loads(call_http(base, "POST", "/v1/job", {"job_queue": "q"})[2])["job_id"]
         head = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.tgz\"\r\n\r\n")
         data, tail = b"x" * (4 * 1024 * 1024), b"\r\n--b--\r\n"
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        conn.putrequest("POST", f"/v1/result/{job_id}/artifact")
-        conn.putheader("Authorization", f"Bearer {access}")
-        conn.putheader("Content-Type", "multipart/form-data; boundary=b")
-        conn.putheader("Content-Length", str(len(head) + len(data) + len(tail)))
-        conn.endheaders()
-        conn.send(head + data[:len(data) // 2])                   # half of it is in ...
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        sock.sendall(f"POST /v1/result/{job_id}/artifact HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Authorization: Bearer {access}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     f"Content-Length: {len(head) + len(data) + len(tail)}\r\nExpect: 100-continue\r\n\r\n".encode())
+        reply = sock.makefile("rb")
+        assert reply.readline().startswith(b"HTTP/1.1 100") and reply.readline() == b"\r\n"   # it is being served
+        sock.sendall(head + data[:len(data) // 2])               # half of it is in ...
         proc.send_signal(signal.SIGTERM)
         assert _wait_for(lambda: "stopped accepting" in _read_available(proc.stderr))   # ... the shutdown began
-        conn.send(data[len(data) // 2:] + tail)                   # ... and the rest arrives within the grace
-        answer = conn.getresponse()
-        assert (answer.status, answer.read()) == (200, b"OK")
+        sock.sendall(data[len(data) // 2:] + tail)               # ... and the rest arrives within the grace
+        assert reply.readline().startswith(b"HTTP/1.1 200")
+        sock.close()
         assert proc.wait(timeout=30) == 0
         assert "Traceback" not in _read_available(proc.stderr, final=True)
     finally:
@@ -3394,11 +3394,11 @@ def _read_available(stream, final=False):
 
 
 def test_requests_during_a_shutdown_answer_503_in_each_apis_style(app):
-    app.hub.stopping.set()
+    app.hub.stopped_at = time.monotonic()
     assert wsgi_call(app, "GET", "/v1/job/search")[:3:2] == (503, b'{"detail":{},"message":"agenthub is shutting down"}\n')
     assert wsgi_call(app, "GET", "/v1/event/list")[:3:2] == (503, b"agenthub is shutting down")
     assert json.loads(wsgi_call(app, "GET", "/api/v1/agent")[2])["message"] == "agenthub is shutting down"
-    app.hub.stopping.clear()
+    app.hub.stopped_at = None
     app.hub.db.close()                                    # the grace ran out: the database is closed
     status, _, body, log = wsgi_call(app, "GET", "/v1/job/search")
     assert (status, json.loads(body)["message"], log) == (503, "agenthub is shutting down", "")
