@@ -1473,8 +1473,9 @@ class Duration(Field):
             raise Invalid(["Invalid duration format: Duration cannot be empty"])
         if text.startswith("-"):
             raise Invalid(["Invalid duration format: Duration cannot be negative"])
-        if parse_uint(text) is not None:
-            return parse_uint(text)
+        number = parse_uint(text)
+        if number is not None:
+            return number
         parts = self.PART.findall(text)
         if not parts or "".join(n + u for n, u in parts) != re.sub(r"\s+", "", text):
             raise Invalid([f"Invalid duration format: Invalid duration format: '{text}'"])
@@ -3837,7 +3838,7 @@ def credential(name):
     key = "HTTP_" + name.upper().replace("-", "_")
     if key in request.environ.get("agenthub.bad_headers", ()):
         raise BadCredential(name)
-    return request.environ.get(key, "").encode("latin-1").decode("utf-8")
+    return _utf8(request.environ.get(key, ""))          # the boundary made every header decodable
 
 
 def cookie(name):
@@ -3847,7 +3848,7 @@ def cookie(name):
     if jar is None:
         jar = environ["agenthub.cookies"] = {}
         if "HTTP_COOKIE" not in environ.get("agenthub.bad_headers", ()):
-            for item in environ.get("HTTP_COOKIE", "").encode("latin-1").decode("utf-8").split(";"):
+            for item in _utf8(environ.get("HTTP_COOKIE", "")).split(";"):
                 key, sep, value = item.partition("=")
                 value = value.strip()
                 if len(value) > 1 and value[0] == value[-1] == '"':
