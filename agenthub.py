@@ -2106,6 +2106,17 @@ class Auth:
             raise ApiError(400, "Error: Missing client ID.")
         self.store.unrestrict_queue(queue_name, client_id)
 
+    def token_identity(self, token):
+        """The client behind a Testflinger access token used on another API, or None when it is
+        not one (unsigned, expired, without a known role)."""
+        if not looks_like_jwt(token):
+            return None
+        try:
+            identity = self.identify("Bearer " + token)
+        except ApiError:
+            return None
+        return identity if identity.role is not None else None
+
     def session_identity(self, token):
         """The identity behind a web session (a refresh token kept in a cookie), or None."""
         if not token:
@@ -2164,10 +2175,13 @@ class EventToken:
 
 
 class EventAcl:
-    """Who may fire or read which events: tokens with name prefixes, then the default policy."""
+    """Who may fire or read which events: tokens with name prefixes, then the default policy.
+    A Testflinger client's access token is an ACL token too: manager/admin write (and read)
+    every event, the other roles read every event.  ``--require-auth`` makes the default deny."""
 
-    def __init__(self, store, default):
-        self.store, self.default = store, default
+    def __init__(self, store, default, clients=None):
+        """``clients``: token → Identity or None (Auth.token_identity)."""
+        self.store, self.default, self.clients = store, default, clients
 
     def add_token(self, name, read, write, secret=None):
         secret = secret or str(uuid.uuid4())
@@ -2180,7 +2194,10 @@ class EventAcl:
             return None
         row = self.store.event_token(_sha256(secret))
         if row is None:
-            raise ApiError(403, "ACL not found")
+            identity = self.clients(secret) if self.clients and looks_like_jwt(secret) else None
+            if identity is None:
+                raise ApiError(403, "ACL not found")
+            return EventToken("client:" + identity.client_id, [""], [""] if identity.role in MANAGE else [])
         return EventToken(row["name"], json.loads(row["read_prefixes"]), json.loads(row["write_prefixes"]))
 
     def allows(self, token, access, event_name):
@@ -2198,11 +2215,27 @@ def bearer_token(authorization):
     return None
 
 
-class ApiTokens:
-    """The static tokens of the registry's APIs: Prefactor's bearer tokens (``--api-token``) and
-    Rackspace's ``X-Auth-Token`` values (``--rackspace-token token[:project]``)."""
+# The one auth model (README "Who may do what"): Testflinger clients are credentials on every
+# API, beside each API's own (Prefactor's --api-token, Rackspace's --rackspace-token, Consul ACL
+# tokens).  An API is closed when --require-auth is on or when its own tokens are configured;
+# a closed API needs a credential for everything but its public reads.  On the registry APIs a
+# client's role decides: any role reads, agent/manager/admin report (instances, agent events),
+# manager/admin manage agents; on the event API manager/admin fire and any role reads.
 
-    def __init__(self, config):
+READ, REPORT, MANAGE = ROLES, ("admin", "manager", "agent"), ("admin", "manager")
+
+
+def looks_like_jwt(token):
+    return bool(token) and token.count(".") == 2
+
+
+class ApiTokens:
+    """Who may use the registry APIs and the GoCD health messages: Prefactor's bearer tokens
+    (``--api-token``), Rackspace's ``X-Auth-Token`` values (``--rackspace-token token[:project]``)
+    and, on both, Testflinger clients' access tokens."""
+
+    def __init__(self, config, auth):
+        self.config, self.auth = config, auth
         self.prefactor = {t.strip() for t in config.api_tokens.split(",") if t.strip()}
         self.rackspace = {}
         for entry in config.rackspace_tokens.split(","):
@@ -2210,23 +2243,58 @@ class ApiTokens:
             if token:
                 self.rackspace[token] = project or None
 
-    def check_prefactor(self, authorization):
-        """The caller's token (None when none is configured); 401 ApiErrors in Prefactor's words."""
-        if not self.prefactor:
-            return None
+    @property
+    def prefactor_closed(self):
+        return bool(self.prefactor) or self.config.require_auth
+
+    @property
+    def rackspace_closed(self):
+        return bool(self.rackspace) or self.config.require_auth
+
+    def check_prefactor(self, authorization, need):
+        """Who is calling /api/v1, as an idempotency scope ('' in the open mode); 401/403
+        ApiErrors in Prefactor's words.  ``need``: the roles a client's token must have."""
+        if not self.prefactor_closed:
+            return ""
         token = bearer_token(authorization)
         if token is None:
             raise ApiError(401, "Missing or invalid Authorization header")
-        if token not in self.prefactor:
+        if token in self.prefactor:
+            return "token:" + _sha256(token)
+        identity = self.auth.token_identity(token)
+        if identity is None:
             raise ApiError(401, "Invalid API token", code="bad_authtoken")
-        return token
+        if identity.role not in need:
+            raise ApiError(403, "This action requires one of the roles " + ", ".join(need))
+        return "client:" + identity.client_id
 
-    def rackspace_project(self, token):
-        """The project a Rackspace token is bound to (None: any); 401 for a missing or unknown token."""
+    def rackspace_project(self, token, need):
+        """The project a Rackspace token is bound to (None: any); 401 for a missing or unknown
+        token, 403 for a client whose role is not in ``need``.  Open mode: any non-empty token."""
         token = token.strip()
-        if not token or (self.rackspace and token not in self.rackspace):
+        if not token:
             raise ApiError(401, "Unauthorized.")
-        return self.rackspace.get(token)
+        if token in self.rackspace:
+            return self.rackspace[token]
+        if not self.rackspace_closed:
+            return None
+        identity = self.auth.token_identity(token)
+        if identity is None:
+            raise ApiError(401, "Unauthorized.")
+        if identity.role not in need:
+            raise ApiError(403, "Forbidden.")
+        return None
+
+    def check_client(self, authorization):
+        """The read-only pages of other APIs (GoCD's health messages): any client in the
+        --require-auth mode, anyone otherwise."""
+        if not self.config.require_auth:
+            return
+        token = bearer_token(authorization)
+        if token is None:
+            raise ApiError(401, "Authentication is required")
+        if self.auth.token_identity(token) is None:
+            raise ApiError(401, "Invalid token")
 
 
 def _sha256(text):
@@ -4521,7 +4589,7 @@ class ConsulStyle(ApiStyle):
     name, prefix = "consul", "/v1/event"
 
     def headers(self, **extra):
-        return {"X-Consul-Default-Acl-Policy": self.config.event_acl_default, "Vary": "Accept-Encoding", **extra}
+        return {"X-Consul-Default-Acl-Policy": self.hub.event_acl.default, "Vary": "Accept-Encoding", **extra}
 
     def error(self, status, message=None, **extra):
         if message is None:
@@ -4705,7 +4773,9 @@ class PrefactorStyle(ApiStyle):
 
     def call(self, func, kw):
         method = request.method
-        token = self.hub.api_tokens.check_prefactor(credential("Authorization"))
+        need = READ if method in ("GET", "HEAD") else \
+            REPORT if request.path.startswith("/api/v1/agent_instance") else MANAGE
+        caller = self.hub.api_tokens.check_prefactor(credential("Authorization"), need)
         if method in ("GET", "HEAD"):
             return func(**kw)
         body = self.body()
@@ -4719,7 +4789,7 @@ class PrefactorStyle(ApiStyle):
         def make():
             made.append(func(body, **kw))
             return made[0].status_code, made[0].body
-        status, text = self.hub.idempotency.run(f"{method} {request.path} {token or ''}", key, make)
+        status, text = self.hub.idempotency.run(f"{method} {request.path} {caller}", key, make)
         return made[0] if made else HTTPResponse(text, status, {"Content-Type": "application/json"})
 
     def body(self):
@@ -4981,7 +5051,9 @@ class RackspaceStyle(ApiStyle):
         return self.error(exc.status, exc.message)
 
     def call(self, func, kw):
-        request.environ["agenthub.rs_project"] = self.hub.api_tokens.rackspace_project(credential("X-Auth-Token"))
+        need = READ if request.method in ("GET", "HEAD") else REPORT
+        request.environ["agenthub.rs_project"] = self.hub.api_tokens.rackspace_project(
+            credential("X-Auth-Token"), need)
         return func(**kw)
 
 
@@ -5113,6 +5185,10 @@ class GocdStyle(ApiStyle):
 
     def error(self, status, message=None):
         return json_response({"message": message or _status_text(status)}, status)
+
+    def call(self, func, kw):
+        self.hub.api_tokens.check_client(credential("Authorization"))
+        return func(**kw)
 
 
 def install_gocd(app, hub):
@@ -5684,9 +5760,10 @@ class Hub:
             raise
         jobs, agents, access, events = JobStore(self.db), AgentStore(self.db), AuthStore(self.db), EventStore(self.db)
         self.auth = Auth(access, config, key, agents)
-        self.api_tokens = ApiTokens(config)
+        self.api_tokens = ApiTokens(config, self.auth)
         self.secrets = Secrets(access, SecretBox(key))
-        self.event_acl = EventAcl(events, config.event_acl_default)
+        self.event_acl = EventAcl(events, "deny" if config.require_auth else config.event_acl_default,
+                                  self.auth.token_identity)
         self.events = UserEvents(EventBuffer(events, config.event_buffer_size, config.event_max_bytes),
                                  self.event_acl, config)
         self.watchers = Watchers(self.events.buffer)

@@ -2904,11 +2904,12 @@ def fuzz_every_route(app, seed):
     test = webtest.TestApp(app)
     roles = {role: token_headers(app, role) for role in ("admin", "manager", "contributor")}
     roles["agent"] = {**token_headers(app, "agent", "ag"), "Cookie": "agent_name=ag"}
+    closed = app.hub.config.require_auth
     for headers in roles.values():           # so that /v2 requests get past authentication too
-        headers.update({"X-Auth-Token": "t", "X-Agent-Id": "zz"})
+        headers.update({"X-Auth-Token": headers["Authorization"][7:] if closed else "t", "X-Agent-Id": "zz"})
     test.post_json("/v1/agents/data/ag", {"queues": ["q"]}, headers=roles["agent"])
     job_id = test.post_json("/v1/job", {"job_queue": "q"}, headers=roles["admin"]).json["job_id"]
-    pfid = test.post_json("/api/v1/agent", {"details": {"name": "pfa"}}).json["details"]["id"]
+    pfid = test.post_json("/api/v1/agent", {"details": {"name": "pfa"}}, headers=roles["admin"]).json["details"]["id"]
     values = {"job_id": [job_id, "x", "%00", "9" * 5000], "agent_name": ["ag", "\xf0\x9f\x98\x80", "\xff", "a" * 5000],
               "queue_name": ["q", "\xc3\xa9", "\xff\xfe"], "log_type": ["output", "serial"], "client_id": ["nobody", "\xff"],
               "path": ["a/b", "..", "a//b", "\xff/x"], "name": ["n", "%00", "a/b/", "\xff", "x" * 600],
@@ -2974,7 +2975,7 @@ def fuzz_every_route(app, seed):
                                        if not page.startswith("/v1/event") else {})
         if status != 200:
             failures.append(("page afterwards", "GET", page, "", status, data[:200], ""))
-    status, _, data, _ = wsgi_call(app, "GET", "/v2/p1/agents", "", {"X-Auth-Token": "t"})
+    status, _, data, _ = wsgi_call(app, "GET", "/v2/p1/agents", "", {"X-Auth-Token": roles["admin"]["X-Auth-Token"]})
     if status != 200:
         failures.append(("page afterwards", "GET", "/v2/p1/agents", "", status, data[:200], ""))
     return sent, failures
