@@ -2117,6 +2117,10 @@ class Auth:
             return None
         return identity if identity.role is not None else None
 
+    def anyone_can_log_in(self):
+        """Whether some client has a secret (with --require-auth nothing works before one has)."""
+        return any(row["secret_hash"] for row in self.store.list_clients())
+
     def session_identity(self, token):
         """The identity behind a web session (a refresh token kept in a cookie), or None."""
         if not token:
@@ -5787,6 +5791,20 @@ class Hub:
             self._spawn(target, name, *args)
         self._spawn(self.watchers.run, "agenthub-watchers", self._stop)
 
+    def open_apis(self):
+        """What anyone who can reach the hub may do without a credential (printed at start)."""
+        config, tokens = self.config, self.api_tokens
+        if config.require_auth:
+            return []
+        found = ["/v1 (Testflinger: anonymous callers act as contributor)", "web pages (as contributor)"]
+        if not tokens.prefactor:
+            found.append("/api/v1 (no --api-token)")
+        if not tokens.rackspace:
+            found.append("/v2 (any X-Auth-Token)")
+        if self.event_acl.default == "allow":
+            found.append("/v1/event (ACL default policy allow)")
+        return found
+
     def _spawn(self, target, name, *args):
         thread = threading.Thread(target=target, name=name, args=args, daemon=True)
         thread.start()
@@ -6193,6 +6211,14 @@ def serve_command(args):
                     strand_seconds=args.strand_seconds)
     app = create_app(config)
     try:
+        if config.require_auth and not app.hub.auth.anyone_can_log_in():
+            print("agenthub: --require-auth, but no client can log in: create one first with "
+                  "`agenthub add-client NAME --role admin --db PATH`", file=sys.stderr)
+            return 1
+        opened = app.hub.open_apis()
+        print("agenthub: " + (("open to anyone who can reach it: " + "; ".join(opened) + " (--require-auth "
+                               "closes them)") if opened else "--require-auth: every API needs a credential"),
+              file=sys.stderr, flush=True)
         if config.server != "threaded":
             bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=config.quiet)
             return 0

@@ -14,7 +14,9 @@ import os
 import random
 import re
 import socket
+import subprocess
 import sqlite3
+import sys
 import tarfile
 import threading
 import time
@@ -434,6 +436,93 @@ def test_require_auth_mode_refuses_anonymous(tmp_path, make_app):
     test.get("/v1/", status=200)                           # public stays public
     Client(app, token_headers(app, "contributor")).post_json("/v1/job", {"job_queue": "q"}, status=200)
     app.close()
+
+
+# The README's table "Who may do what": every API × anonymous / wrong / right credential × both modes.
+# Each row: (API, method, path, body, how a credential is sent, the right credential's role,
+# expected status for (anonymous, wrong, right) in the default mode, then with --require-auth).
+AUTH_TABLE = [
+    ("testflinger", "POST", "/v1/job", {"job_queue": "q"}, "bearer", "contributor", (200, 403, 200), (401, 403, 200)),
+    ("testflinger", "GET", "/v1/agents/data", None, "bearer", "contributor", (200, 403, 200), (401, 403, 200)),
+    ("prefactor", "GET", "/api/v1/agent", None, "bearer", "contributor", (200, 200, 200), (401, 401, 200)),
+    ("prefactor", "POST", "/api/v1/agent", {"details": {"name": "{uniq}"}}, "bearer", "manager",
+     (200, 200, 200), (401, 401, 200)),
+    ("prefactor", "POST", "/api/v1/agent_instance/register", {"agent_id": "{pfid}"}, "bearer", "agent",
+     (200, 200, 200), (401, 401, 200)),
+    ("rackspace", "POST", "/v2/p1/agents/a1/events", {"event": "startup"}, "x-auth-token", "agent",
+     (401, 202, 202), (401, 401, 202)),
+    ("rackspace", "GET", "/v2/p1/agents", None, "x-auth-token", "contributor", (401, 200, 200), (401, 401, 200)),
+    ("consul", "PUT", "/v1/event/fire/deploy", None, "x-consul-token", "manager", (200, 403, 200), (403, 403, 200)),
+    ("consul", "GET", "/v1/event/list", None, "x-consul-token", "agent", (200, 403, 200), (200, 403, 200)),
+    ("gocd", "GET", "/api/server_health_messages", None, "bearer", "agent", (200, 200, 200), (401, 401, 200)),
+    ("web", "GET", "/jobs", None, "none", None, (200, 200, 200), (303, 303, 303)),
+]
+
+
+@pytest.mark.parametrize("require_auth", [False, True], ids=["default", "require-auth"])
+def test_auth_table(require_auth, make_app):
+    app = make_app(require_auth=require_auth, lost_contact_seconds=0)
+    test = webtest.TestApp(app)
+    admin = token_headers(app, "admin")
+    pfid = test.post_json("/api/v1/agent", {"details": {"name": "pf"}}, headers=admin).json["details"]["id"]
+    wrong = agenthub.jwt_encode({"exp": int(time.time()) + 60, "iat": int(time.time()), "sub": "access_token",
+                                 "permissions": {"client_id": "admin", "role": "admin"}}, "not-the-key")
+    for api, method, path, body, how, role, default, closed in AUTH_TABLE:
+        expected = closed if require_auth else default
+        right = token_headers(app, role)["Authorization"][7:] if role else None
+        for who, token in zip(("anonymous", "wrong", "right"), (None, wrong, right)):
+            headers = {}
+            if token and how == "bearer":
+                headers["Authorization"] = "Bearer " + token
+            elif token and how == "x-auth-token":
+                headers.update({"X-Auth-Token": token, "X-Agent-Id": "a1"})
+            elif token and how == "x-consul-token":
+                headers["X-Consul-Token"] = token
+            data = json.dumps(body).replace("{pfid}", pfid).replace("{uniq}", uuid.uuid4().hex).encode() if body is not None else b""
+            answer = test.request(path, method=method, headers={**headers, "Content-Type": "application/json"},
+                                  body=data, expect_errors=True)
+            assert answer.status_int == expected[("anonymous", "wrong", "right").index(who)], \
+                (api, method, path, who, answer.status, answer.text[:200])
+    # A role below the one a write needs is refused in the API's own words.
+    contributor = token_headers(app, "contributor")
+    answer = test.post_json("/api/v1/agent", {"details": {"name": "u"}}, headers=contributor, expect_errors=True)
+    assert answer.status_int == (403 if require_auth else 200)
+    if require_auth:
+        assert answer.json["code"] == "forbidden"
+        answer = test.post_json("/v2/p1/agents/a1/events", {"event": "startup"}, status=403,
+                                headers={"X-Auth-Token": contributor["Authorization"][7:], "X-Agent-Id": "a1"})
+        assert answer.json == {"message": "Forbidden."}
+        answer = test.put("/v1/event/fire/x", headers={"X-Consul-Token": contributor["Authorization"][7:]},
+                          status=403)
+        assert answer.text == "Permission denied" and answer.headers["X-Consul-Default-Acl-Policy"] == "deny"
+        # Anonymous reads of the event list see nothing (Consul's default deny filters).
+        assert test.get("/v1/event/list").json == []
+    # A static --api-token closes /api/v1 in the default mode too, and client tokens still work there.
+    if not require_auth:
+        app2 = make_app(api_tokens="T1", rackspace_tokens="R1:p1")
+        test2 = webtest.TestApp(app2)
+        test2.get("/api/v1/agent", status=401)
+        test2.get("/api/v1/agent", headers={"Authorization": "Bearer T1"}, status=200)
+        test2.get("/api/v1/agent", headers=token_headers(app2, "contributor"), status=200)
+        test2.get("/v2/p1/agents", headers={"X-Auth-Token": "R1"}, status=200)
+        test2.get("/v2/p1/agents", headers={"X-Auth-Token": "x"}, status=401)
+        test2.get("/v2/p1/agents", headers={"X-Auth-Token": token_headers(app2, "agent")["Authorization"][7:]},
+                  status=200)
+
+
+def test_serve_refuses_require_auth_without_clients_and_says_what_is_open(tmp_path):
+    db = str(tmp_path / "hub.db")
+    run = subprocess.run([sys.executable, agenthub.__file__, "--db", db, "--port", "0", "--require-auth"],
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1 and "no client can log in" in run.stderr and "Traceback" not in run.stderr
+    proc = subprocess.Popen([sys.executable, agenthub.__file__, "--db", db, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("agenthub: open to anyone who can reach it: /v1") and "/api/v1 (no --api-token)" in line
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
 
 
 # == Access control: client permissions, restricted queues, revoke, secrets, webhooks ===============================
@@ -2623,7 +2712,6 @@ class Chromium:
              "--remote-debugging-pipe", "--window-size=1200,1000"]
 
     def __init__(self, binary, profile):
-        import subprocess
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
         # The browser reads commands on fd 3 and writes answers on fd 4.
@@ -3283,8 +3371,6 @@ def test_a_database_from_a_newer_agenthub_is_refused(tmp_path, capsys):
 
 
 def test_a_second_process_on_the_same_database_refuses_to_start(tmp_path):
-    import subprocess
-    import sys
     db = str(tmp_path / "hub.db")
     first = subprocess.Popen([sys.executable, agenthub.__file__, "--db", db, "--port", "0", "--quiet"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -3304,8 +3390,6 @@ def test_a_second_process_on_the_same_database_refuses_to_start(tmp_path):
 
 def test_sigterm_answers_parked_watchers_records_queued_notifications_and_exits_cleanly(tmp_path):
     import signal
-    import subprocess
-    import sys
     receiver = Receiver(delay=1)                          # a slow GoCD webhook: notifications queue up
     db = str(tmp_path / "hub.db")
     proc = subprocess.Popen([sys.executable, agenthub.__file__, "--db", db, "--port", "0", "--quiet",
@@ -3341,8 +3425,6 @@ def test_sigterm_answers_parked_watchers_records_queued_notifications_and_exits_
 
 def test_sigterm_lets_an_upload_in_flight_finish(tmp_path):
     import signal
-    import subprocess
-    import sys
     db, token_file = str(tmp_path / "hub.db"), str(tmp_path / "agent.token")
     assert agenthub.main(["add-client", "agent1", "--role", "agent", "--db", db, "--token-file", token_file]) == 0
     proc = subprocess.Popen([sys.executable, agenthub.__file__, "--db", db, "--port", "0", "--quiet",
