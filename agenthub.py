@@ -84,6 +84,8 @@ class Config:
     server: str = "threaded"
     secret_key: str = ""            # signs tokens, encrypts secrets; if empty, kept in "<db>.key"
     require_auth: bool = False      # anonymous requests get 401 instead of "contributor"
+    allowed_hosts: str = ""         # Host names answered besides loopback and the bound address ("*": any)
+    secure_cookies: bool = False    # mark the web session cookie Secure (also when the request came over https)
     jwt_leeway: int = 5             # seconds of clock skew accepted on tokens
     access_token_seconds: int = 600
     refresh_token_days: int = 6
@@ -115,7 +117,8 @@ class Config:
     ENV = {
         "db": "AGENTHUB_DB", "host": "AGENTHUB_HOST", "port": "AGENTHUB_PORT",
         "server": "AGENTHUB_SERVER", "secret_key": "AGENTHUB_SECRET_KEY",
-        "require_auth": "AGENTHUB_REQUIRE_AUTH", "jwt_leeway": "AGENTHUB_JWT_LEEWAY",
+        "require_auth": "AGENTHUB_REQUIRE_AUTH", "allowed_hosts": "AGENTHUB_ALLOWED_HOSTS",
+        "secure_cookies": "AGENTHUB_SECURE_COOKIES", "jwt_leeway": "AGENTHUB_JWT_LEEWAY",
         "access_token_seconds": "AGENTHUB_ACCESS_TOKEN_SECONDS",
         "refresh_token_days": "AGENTHUB_REFRESH_TOKEN_DAYS",
         "retention_days": "AGENTHUB_RETENTION_DAYS",
@@ -232,9 +235,10 @@ class ApiError(Exception):
     Each HTTP section turns it into its own API's error style.
     """
 
-    def __init__(self, status, message, text=False, code=None):
+    def __init__(self, status, message, text=False, code=None, headers=None):
         super().__init__(message)
         self.status, self.message, self.text, self.code = status, message, text, code
+        self.headers = headers or {}
 
 
 # -- PFIDs: 10 chars of milliseconds, 6 of partition, 16 random, Crockford base32 ------------------
@@ -415,6 +419,16 @@ MIGRATIONS = [
     # 5: jobs handed out that never reached their agent (JobQueue.reclaim_stranded)
     """
     ALTER TABLE jobs ADD COLUMN strands INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 6: server-side web sessions; idempotency rows of earlier versions named the caller's token
+    # in plain text (rows now hold hashes only): they are dropped (they live a day anyway).
+    """
+    CREATE TABLE web_sessions (
+        id_hash TEXT PRIMARY KEY,                    -- sha256 of the cookie's value
+        client_id TEXT NOT NULL, created_at REAL NOT NULL, last_seen_at REAL NOT NULL, expires_at REAL NOT NULL
+    );
+    CREATE INDEX web_sessions_client ON web_sessions (client_id);
+    DELETE FROM idempotency;
     """,
 ]
 
@@ -938,6 +952,7 @@ class JobStore(_DomainStore):
             db.execute("DELETE FROM queue_images WHERE updated_at < ?", (cutoff,))
             db.execute("DELETE FROM wait_times WHERE popped_at < ?", (cutoff,))
             db.execute("DELETE FROM refresh_tokens WHERE last_accessed < ?", (token_cutoff,))
+            db.execute("DELETE FROM web_sessions WHERE expires_at < ?", (now,))
             db.execute("DELETE FROM secrets WHERE expires_at < ?", (now,))
             return len(done)
 
@@ -1209,6 +1224,7 @@ class AuthStore(_DomainStore):
 
     def delete_client(self, client_id):
         with self.write() as db:
+            db.execute("DELETE FROM web_sessions WHERE client_id = ?", (client_id,))
             return db.execute("DELETE FROM clients WHERE client_id = ?", (client_id,)).rowcount > 0
 
     def restricted_queues(self):
@@ -1279,6 +1295,34 @@ class AuthStore(_DomainStore):
         with self.write() as db:
             db.execute("INSERT INTO refresh_tokens (token_hash, client_id, issued_at, expires_at, last_accessed)"
                        " VALUES (?, ?, ?, ?, ?)", (token_hash, client_id, issued_at, expires_at, issued_at))
+
+    def revoke_client_tokens(self, client_id):
+        """Revoke every refresh token and end every web session of a client (its secret changed)."""
+        with self.write() as db:
+            tokens = db.execute("UPDATE refresh_tokens SET revoked = 1 WHERE client_id = ? AND revoked = 0",
+                                (client_id,)).rowcount
+            sessions = db.execute("DELETE FROM web_sessions WHERE client_id = ?", (client_id,)).rowcount
+            return tokens, sessions
+
+    def add_session(self, id_hash, client_id, now, expires_at, replaces=None):
+        """A new web session; the one it ``replaces`` (a hash) ends in the same transaction."""
+        with self.write() as db:
+            if replaces:
+                db.execute("DELETE FROM web_sessions WHERE id_hash = ?", (replaces,))
+            db.execute("INSERT INTO web_sessions (id_hash, client_id, created_at, last_seen_at, expires_at)"
+                       " VALUES (?, ?, ?, ?, ?)", (id_hash, client_id, now, now, expires_at))
+
+    def get_session(self, id_hash, now):
+        """A live session's row (its last use stamped at most once a minute), or None."""
+        row = self.read_one("SELECT * FROM web_sessions WHERE id_hash = ? AND expires_at > ?", (id_hash, now))
+        if row is not None and row["last_seen_at"] < now - 60:
+            with self.write() as db:
+                db.execute("UPDATE web_sessions SET last_seen_at = ? WHERE id_hash = ?", (now, id_hash))
+        return row
+
+    def end_session(self, id_hash):
+        with self.write() as db:
+            return db.execute("DELETE FROM web_sessions WHERE id_hash = ?", (id_hash,)).rowcount
 
     def use_refresh_token(self, token_hash, now):
         """Return the token row (after stamping last_accessed), or None if unknown."""
@@ -1932,6 +1976,49 @@ def server_key(config):
 
 
 ROLE_RANK = {"agent": 0, "contributor": 1, "manager": 2, "admin": 3}
+
+
+@functools.lru_cache(maxsize=1)
+def _decoy_hash():
+    """A hash no secret matches, checked for unknown client ids so that they cost what known ones do."""
+    return hash_secret(secrets.token_urlsafe(24))
+
+
+class LoginThrottle:
+    """Back-off after failed logins, per client id and per address: FREE failures in a row are
+    free, then each further attempt waits 2, 4, 8 … up to MAX_DELAY seconds after the last
+    failure.  A success clears the client id's count; quiet for WINDOW seconds clears any count.
+    Kept in memory (per process), bounded."""
+
+    FREE, MAX_DELAY, WINDOW, LIMIT = 5, 300.0, 900.0, 10000
+
+    def __init__(self):
+        self._failures, self._lock = {}, threading.Lock()       # key → (count, last failure)
+
+    def wait(self, keys, now):
+        """Seconds until an attempt for ``keys`` is allowed (0: now)."""
+        longest = 0.0
+        with self._lock:
+            for key in keys:
+                count, last = self._failures.get(key, (0, 0.0))
+                if count >= self.FREE and now - last < self.WINDOW:
+                    longest = max(longest, last + min(2.0 ** (count - self.FREE + 1), self.MAX_DELAY) - now)
+        return max(0.0, longest)
+
+    def failed(self, keys, now):
+        with self._lock:
+            if len(self._failures) >= self.LIMIT:
+                self._failures = {k: v for k, v in self._failures.items() if now - v[1] < self.WINDOW}
+                if len(self._failures) >= self.LIMIT:
+                    self._failures.clear()
+            for key in keys:
+                count, last = self._failures.get(key, (0, 0.0))
+                self._failures[key] = (count + 1 if now - last < self.WINDOW else 1, now)
+
+    def succeeded(self, keys):
+        with self._lock:
+            for key in keys:
+                self._failures.pop(key, None)
 SYSTEM_ADMIN = "testflinger-admin"
 
 
@@ -1945,12 +2032,22 @@ class Auth:
         # Tokens whose signature was verified: an agent sends the same token for ten minutes, and
         # checking the signature once is enough (the times are still checked on every request).
         self._verified, self._verified_lock = {}, threading.Lock()
+        self.throttle = LoginThrottle()
 
-    def add_client(self, client_id, role, secret=None):
-        """Create or reset a client; returns its (new) secret."""
+    def add_client(self, client_id, role=None, secret=None):
+        """Create or reset a client (see ``reset_client``); returns its (new) secret."""
+        return self.reset_client(client_id, role, secret)[0]
+
+    def reset_client(self, client_id, role=None, secret=None):
+        """Create a client, or give an existing one a new secret (keeping its role unless ``role``
+        is given; its refresh tokens and web sessions are revoked).  Returns (secret, role, revoked)
+        where revoked counts (refresh tokens, sessions)."""
         secret = secret or secrets.token_urlsafe(24)
+        current = self.store.get_client(client_id)
+        role = role or (current["role"] if current is not None and current["role"] else "contributor")
         self.store.upsert_client(client_id, hash_secret(secret), role, utcnow())
-        return secret
+        revoked = self.store.revoke_client_tokens(client_id) if current is not None else (0, 0)
+        return secret, role, revoked
 
     def permissions(self, client_id):
         row = self.store.get_client(client_id)
@@ -1978,7 +2075,7 @@ class Auth:
         self.store.add_refresh_token(_sha256(token), client_id, now, now + days * 86400)
         return token
 
-    def login(self, authorization):
+    def login(self, authorization, addr=None):
         """``POST /v1/oauth2/token``: HTTP Basic client credentials → token pair."""
         if not authorization:
             raise ApiError(401, "No authorization header specified", text=True)
@@ -1991,12 +2088,30 @@ class Auth:
                 raise ValueError("incomplete")
         except (ValueError, binascii.Error, UnicodeDecodeError):
             raise ApiError(401, "Client id and key must be specified in authorization header", text=True)
-        return self.login_with(client_id, secret)
+        return self.login_with(client_id, secret, addr)
 
-    def login_with(self, client_id, secret):
-        """Client credentials → token pair (a 401 ApiError when they do not match)."""
+    def check_login(self, client_id, secret, addr=None):
+        """Whether the credentials match.  Unknown ids cost what known ones do (a decoy hash is
+        checked); repeated failures per client id and per address back off (ApiError 429)."""
+        keys = [("client", client_id)] + ([("addr", addr)] if addr else [])
+        now = time.monotonic()
+        wait = self.throttle.wait(keys, now)
+        if wait:
+            seconds = math.ceil(wait)
+            raise ApiError(429, f"Too many failed logins: try again in {seconds} s", text=True,
+                           headers={"Retry-After": str(seconds)})
         row = self.store.get_client(client_id)
-        if row is None or not row["secret_hash"] or not check_secret(secret, row["secret_hash"]):
+        stored = row["secret_hash"] if row is not None and row["secret_hash"] else None
+        matched = check_secret(secret, stored or _decoy_hash()) and stored is not None
+        if matched:
+            self.throttle.succeeded(keys[:1])
+        else:
+            self.throttle.failed(keys, now)
+        return matched
+
+    def login_with(self, client_id, secret, addr=None):
+        """Client credentials → token pair (a 401 ApiError when they do not match)."""
+        if not self.check_login(client_id, secret, addr):
             raise ApiError(401, "Invalid client id or client key", text=True)
         return {"access_token": self.access_token(self.permissions(client_id)), "token_type": "Bearer",
                 "expires_in": self.config.access_token_seconds, "refresh_token": self.refresh_token(client_id)}
@@ -2069,6 +2184,8 @@ class Auth:
         if current is None:
             data.setdefault("role", "contributor")
         self.store.save_client(client_id, data, utcnow())
+        if secret and current is not None:
+            self.store.revoke_client_tokens(client_id)        # a new secret ends what the old one began
         verb = "Created" if current is None else "Updated"
         return f"{verb} permissions for client '{client_id}'"
 
@@ -2121,15 +2238,32 @@ class Auth:
         """Whether some client has a secret (with --require-auth nothing works before one has)."""
         return any(row["secret_hash"] for row in self.store.list_clients())
 
-    def session_identity(self, token):
-        """The identity behind a web session (a refresh token kept in a cookie), or None."""
-        if not token:
+    # -- web sessions: a random id in the cookie, its hash in the database ----------------
+
+    def start_session(self, client_id, replaces=None):
+        """A new session for ``client_id`` (the cookie value); the session ``replaces`` ends."""
+        value, now = secrets.token_urlsafe(32), utcnow()
+        self.store.add_session(_sha256(value), client_id, now, now + self.config.refresh_token_days * 86400,
+                               _sha256(replaces) if replaces else None)
+        return value
+
+    def session_identity(self, value):
+        """The identity behind a web session cookie, or None (unknown, ended, expired, client gone)."""
+        if not value or len(value) > 128:
             return None
-        try:
-            permissions = self.refresh_permissions(token)
-        except ApiError:
+        row = self.store.get_session(_sha256(value), utcnow())
+        permissions = self.permissions(row["client_id"]) if row is not None else None
+        if permissions is None:
             return None
         return Identity(role=permissions["role"], client_id=permissions["client_id"], permissions=permissions)
+
+    def end_session(self, value):
+        if value and len(value) <= 128:
+            self.store.end_session(_sha256(value))
+
+    def csrf_token(self, binding):
+        """The form token of a browser: a MAC of its session (or pre-session) cookie value."""
+        return hmac.new(self.key.encode(), b"agenthub csrf\0" + binding.encode(), hashlib.sha256).hexdigest()[:40]
 
     def identify(self, authorization):
         """The caller's identity from the ``Authorization`` header (JWT errors raise ApiError)."""
@@ -3841,9 +3975,68 @@ def _utf8(text):
         return None
 
 
-def check_request(environ, stopped_at=None):
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def _host_name(host):
+    """The name part of a Host value that matched _HOST: no port, no brackets, lower case."""
+    name = host[1:host.index("]")] if host.startswith("[") else host.partition(":")[0]
+    return name.lower().rstrip(".")
+
+
+class AllowedHosts:
+    """The names the hub answers to in ``Host`` (and ``X-Forwarded-Host``): loopback names, the
+    bound address (the machine's name when bound to every address) and ``--allowed-host`` values
+    ("*" any name, ".example.org" that domain and every name under it).  A browser tricked by
+    DNS rebinding sends the attacker's name and is refused."""
+
+    def __init__(self, config):
+        names = set(LOOPBACK_NAMES)
+        if config.host in ("", "0.0.0.0", "::"):
+            hostname = socket.gethostname().lower()
+            names.update({hostname, hostname.partition(".")[0]})
+        else:
+            names.add(_host_name(config.host if ":" not in config.host else f"[{config.host}]"))
+        extra = [n.strip().lower().rstrip(".") for n in config.allowed_hosts.split(",") if n.strip()]
+        self.any = "*" in extra
+        self.domains = tuple(n for n in extra if n.startswith("."))
+        self.names = frozenset(names | {n for n in extra if not n.startswith(".")})
+
+    def allows(self, host):
+        name = _host_name(host)
+        return self.any or name in self.names or name.endswith(".localhost") or \
+            any(name.endswith(d) or name == d[1:] for d in self.domains)
+
+
+def _origin_netloc(scheme, netloc):
+    netloc = netloc.lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme)
+    return netloc[:-len(default)] if default and netloc.endswith(default) else netloc
+
+
+def check_cross_site(environ):
+    """A browser's write from another origin (a form another site auto-posts, a page on another
+    port of this host) is refused on every API: browsers say where a request came from in
+    ``Sec-Fetch-Site`` and ``Origin``; other clients send neither."""
+    site = environ.get("HTTP_SEC_FETCH_SITE")
+    if site and site not in ("same-origin", "none"):
+        raise ApiError(403, "Cross-site request refused")
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is None:
+        return
+    own = environ.get("HTTP_X_FORWARDED_HOST") or environ.get("HTTP_HOST") or ""
+    scheme = environ.get("HTTP_X_FORWARDED_PROTO") or environ.get("wsgi.url_scheme", "http")
+    parts = urllib.parse.urlsplit(origin) if origin != "null" else None
+    if parts is None or parts.scheme not in ("http", "https") or \
+            _origin_netloc(parts.scheme, parts.netloc) != _origin_netloc(scheme, own):
+        raise ApiError(403, "Cross-origin request refused")
+
+
+def check_request(environ, stopped_at=None, hosts=None):
     """Refuse (ApiError) or normalise one request before any route sees it.  ``stopped_at``: when a
-    shutdown began (monotonic); a request received after it answers 503, one received before is served."""
+    shutdown began (monotonic); a request received after it answers 503, one received before is served.
+    ``hosts``: the AllowedHosts (None: any)."""
     if stopped_at is not None and environ.get("agenthub.received", time.monotonic()) >= stopped_at:
         raise ApiError(503, "agenthub is shutting down")
     # Bottle has already decoded PATH_INFO, dropping bytes that are not UTF-8: judge the raw path.
@@ -3872,8 +4065,12 @@ def check_request(environ, stopped_at=None):
     for key in ("HTTP_HOST", "HTTP_X_FORWARDED_HOST"):
         if key in environ and not _HOST.fullmatch(environ[key]):
             raise ApiError(400, "Invalid Host header")
+        if key in environ and hosts is not None and not hosts.allows(environ[key]):
+            raise ApiError(400, f"Host {_host_name(environ[key])!r} is not a name of this hub (see --allowed-host)")
     if environ.get("HTTP_X_FORWARDED_PROTO", "http") not in ("http", "https"):
         raise ApiError(400, "Invalid X-Forwarded-Proto header")
+    if environ.get("REQUEST_METHOD") not in SAFE_METHODS:
+        check_cross_site(environ)
     length = environ.get("CONTENT_LENGTH") or ""
     if length and parse_uint(length) is None:
         raise ApiError(400, "Invalid Content-Length header")
@@ -4071,7 +4268,10 @@ class ApiStyle:
                 except HTTPResponse:
                     raise
                 except (ApiError, *self.invalid) as exc:
-                    return self.refused(exc)
+                    answer = self.refused(exc)
+                    for name, value in getattr(exc, "headers", {}).items():
+                        answer.set_header(name, value)
+                    return answer
                 except Exception:
                     return self.crashed()
             self.app.route(path, method, handler, name=f"{self.name}:{method}:{path}")
@@ -4094,7 +4294,7 @@ def install_boundary(app, styles):
     def _boundary():
         environ = request.environ
         try:
-            check_request(environ, app.hub.stopped_at)
+            check_request(environ, app.hub.stopped_at, app.hub.allowed_hosts)
         except ApiError as exc:
             raise style_for(request.path).refused(exc)
 
@@ -4117,7 +4317,8 @@ class HubApp(bottle.Bottle):
         rid = environ["agenthub.request_id"] = f"{self._rid_prefix}-{next(self._rid_counter):x}"
 
         def start(status, headers, exc_info=None):
-            headers.append(("X-Request-Id", rid))
+            headers.extend((("X-Request-Id", rid), ("X-Content-Type-Options", "nosniff"),
+                            ("Referrer-Policy", "same-origin")))
             return start_response(status, headers, exc_info)
         return self.wsgi(environ, start)
 
@@ -4500,7 +4701,7 @@ def install_testflinger(app, hub):
 
     @route("POST", "/v1/oauth2/token")
     def oauth_token():
-        return json_response(auth.login(credential("Authorization")))
+        return json_response(auth.login(credential("Authorization"), client_addr()))
 
     @route("POST", "/v1/oauth2/refresh")
     def oauth_refresh():
@@ -5216,13 +5417,14 @@ def install_gocd(app, hub):
 # no CDN: a little inline CSS, and a little plain JavaScript on the job page to
 # follow its logs.  Every page works without JavaScript.
 
-WEB_SESSION = "agenthub_session"
+WEB_SESSION = "agenthub_session"          # a server-side session's random id
+WEB_PRESESSION = "agenthub_presession"    # binds the CSRF token of a browser that is not logged in
 WEB_PAGE_SIZE = 50
 
 WEB_LAYOUT = bottle.SimpleTemplate("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{{title}} · agenthub</title>
-<style>
+<style nonce="{{nonce}}">
 body{font:15px/1.45 system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
 header{background:#1d2330;color:#fff;padding:.6em 1.2em;display:flex;gap:1.2em;align-items:center}
 header a{color:#fff;text-decoration:none}header .brand{font-weight:700}header .who{margin-left:auto;opacity:.8}
@@ -5241,7 +5443,7 @@ form.inline{display:inline}button{font:inherit;padding:.3em .9em}.error{color:#a
 <header><a class="brand" href="/">agenthub</a><a href="/jobs">Jobs</a><a href="/agents">Agents</a>
 <a href="/queues">Queues</a><a href="/events">Events</a>
 % if who:
-<span class="who">{{who}} <form class="inline" method="post" action="/logout"><button>Log out</button></form></span>
+<span class="who">{{who}} <form class="inline" method="post" action="/logout"><input type="hidden" name="csrf" value="{{csrf}}"><button>Log out</button></form></span>
 % end
 </header><main>{{!body}}</main></body></html>""")
 
@@ -5345,7 +5547,7 @@ page {{page}} of {{pages}}
 % end
 % end
 <h2>Definition</h2><pre>{{definition}}</pre>
-<script>
+<script nonce="{{nonce}}">
 (function () {
   var done = ["complete", "completed", "cancelled"];
   var url = "/jobs/{{job_id}}/logs.json";
@@ -5385,7 +5587,7 @@ page {{page}} of {{pages}}
 </script>""",
     "cancel": """<h1>Cancel job <code>{{job_id}}</code>?</h1>
 <p>The job is <span class="state state-{{state}}">{{state}}</span>. A running job is stopped by its agent at its next check.</p>
-<form method="post" action="/jobs/{{job_id}}/cancel"><button>Yes, cancel the job</button> <a href="/jobs/{{job_id}}">No, keep it</a></form>""",
+<form method="post" action="/jobs/{{job_id}}/cancel"><input type="hidden" name="csrf" value="{{csrf}}"><button>Yes, cancel the job</button> <a href="/jobs/{{job_id}}">No, keep it</a></form>""",
     "agents": """<h1>Agents</h1>
 <table><tr><th>Agent</th><th>Testflinger state</th><th>GoCD state</th><th>Lifecycle</th><th>Last contact</th><th>Current job</th><th>Queues</th></tr>
 % for row, view in agents:
@@ -5480,7 +5682,7 @@ page {{page}} of {{pages}}
 % if error:
 <p class="error">{{error}}</p>
 % end
-<form method="post" action="/login"><input type="hidden" name="next" value="{{next}}">
+<form method="post" action="/login"><input type="hidden" name="next" value="{{next}}"><input type="hidden" name="csrf" value="{{csrf}}">
 <p><label>Client id <input name="client_id" autocomplete="username" required></label></p>
 <p><label>Secret <input name="secret" type="password" autocomplete="current-password" required></label></p>
 <p><button>Log in</button></p></form>""",
@@ -5503,12 +5705,32 @@ def _seconds(value):
 
 
 def web_page(title, template, identity=None, status=200, **values):
+    """One page: the layout around a template, with a fresh CSP nonce for its inline style and
+    script and the browser's CSRF token (WebStyle.call put it in the environ) for its forms."""
     helpers = {"iso": iso, "quote": urllib.parse.quote, "loads": json.loads, "payload_text": payload_text,
                "seconds": _seconds}
-    body = WEB_PAGES[template].render(**helpers, **values)
+    nonce, csrf = secrets.token_urlsafe(12), request.environ.get("agenthub.csrf", "")
+    body = WEB_PAGES[template].render(**helpers, **values, nonce=nonce, csrf=csrf)
     who = identity.client_id if identity is not None and identity.client_id else ""
-    return HTTPResponse(WEB_LAYOUT.render(title=title, body=body, who=who), status,
-                        {"Content-Type": "text/html; charset=utf-8"})
+    return HTTPResponse(WEB_LAYOUT.render(title=title, body=body, who=who, nonce=nonce, csrf=csrf), status,
+                        {"Content-Type": "text/html; charset=utf-8", "X-Frame-Options": "DENY",
+                         "Content-Security-Policy": WEB_CSP.format(nonce=nonce)})
+
+
+# Pages load nothing from elsewhere, run only their own inline script, and are never framed.
+WEB_CSP = ("default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
+           "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+
+
+def safe_next(target):
+    """Where to go after logging in: a path on this hub, else "/" (never another host: no
+    "//host", no backslash, which browsers read as a slash, no control characters or spaces,
+    which browsers drop before reading what is left)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target \
+            or re.search(r"[\x00-\x20\x7f]", target):
+        return "/"
+    parts = urllib.parse.urlsplit(target)
+    return target if not parts.scheme and not parts.netloc else "/"
 
 
 def web_not_found(what="That page"):
@@ -5518,13 +5740,43 @@ def web_not_found(what="That page"):
 
 class WebStyle(ApiStyle):
     """The pages' answers: an HTML page for every error; anonymous callers in --require-auth mode
-    go to the login form."""
+    go to the login form.  Every form carries a CSRF token bound to the browser: a MAC of its
+    session cookie, or before a login of a random pre-session cookie (WEB_PRESESSION); a POST
+    without the right one is refused before the route runs."""
 
     name, prefix = "web", ""
 
-    def identity(self):
-        auth = self.hub.auth
-        return auth.session_identity(cookie(WEB_SESSION)) or auth.identify(None)
+    def secure(self):
+        return self.config.secure_cookies or request.urlparts.scheme == "https"
+
+    def call(self, func, kw, roles=AMC):
+        """``roles`` None: a public page (the login form).  Routes get the browser's identity
+        first, and POST routes the form's fields (their CSRF token checked) second."""
+        auth, environ = self.hub.auth, request.environ
+        session = cookie(WEB_SESSION)
+        signed_in = auth.session_identity(session)
+        who = environ["agenthub.identity"] = signed_in or auth.identify(None)
+        binding, fresh = (session, None) if signed_in else (cookie(WEB_PRESESSION), None)
+        if not binding:
+            binding = fresh = secrets.token_urlsafe(24)
+        environ["agenthub.csrf"] = auth.csrf_token(binding)
+        args = [who] if roles is not None else []
+        if request.method == "POST":
+            fields = form()
+            if not hmac.compare_digest(str(fields.get("csrf", "")), environ["agenthub.csrf"]) or fresh:
+                return web_page("Refused", "message", who, 403, heading="Refused",
+                                text="This form was not sent from this hub's own page (or it is too old). "
+                                     "Go back, reload the page and try again.")
+            args.append(fields)
+        if roles is not None and who.role not in roles:
+            if who.client_id is None and self.config.require_auth:
+                return bottle.redirect("/login?next=" + urllib.parse.quote(request.fullpath), 303)
+            return web_page("Not allowed", "message", who, 403, heading="Not allowed",
+                            text=f"This page needs one of the roles {', '.join(roles)}.")
+        answer = func(*args, **kw)
+        if fresh and isinstance(answer, HTTPResponse):
+            answer.set_cookie(WEB_PRESESSION, fresh, httponly=True, samesite="strict", path="/", secure=self.secure())
+        return answer
 
     def error(self, status, message=None):
         if status == 404 and message is None:
@@ -5533,17 +5785,6 @@ class WebStyle(ApiStyle):
         heading = "Refused" if status < 500 else "Something went wrong"
         return web_page(heading, "message", who, status, heading=heading, text=message or _status_text(status))
 
-    def call(self, func, kw, roles=AMC):
-        """``roles`` None: a public page (the login form)."""
-        if roles is None:
-            return func(**kw)
-        who = request.environ["agenthub.identity"] = self.identity()
-        if who.role not in roles:
-            if who.client_id is None and self.config.require_auth:
-                return bottle.redirect("/login?next=" + urllib.parse.quote(request.fullpath), 303)
-            return web_page("Not allowed", "message", who, 403, heading="Not allowed",
-                            text=f"This page needs one of the roles {', '.join(roles)}.")
-        return func(who, **kw)
 
 
 def install_web(app, hub):
@@ -5627,7 +5868,7 @@ def install_web(app, hub):
         return web_page("Cancel job", "cancel", who, job_id=job_id, state=row["state"])
 
     @page("/jobs/<job_id>/cancel", method="POST")
-    def cancel_job(who, job_id):
+    def cancel_job(who, fields, job_id):
         job_id, row = job_or_none(job_id)
         if row is None:
             return web_not_found("That job")
@@ -5674,29 +5915,30 @@ def install_web(app, hub):
 
     @page("/login", roles=None)
     def login_form():
-        return web_page("Log in", "login", error="", next=request.query.get("next") or "/")
+        return web_page("Log in", "login", error="", next=safe_next(request.query.get("next")))
 
     @page("/login", roles=None, method="POST")
-    def login():
-        fields = form()
-        target = fields.get("next") or "/"
-        if not target.startswith("/") or target.startswith("//"):
-            target = "/"                                     # only ever back into agenthub
+    def login(fields):
+        target = safe_next(fields.get("next"))            # only ever back into agenthub
+        client_id = fields.get("client_id") or ""
         try:
-            tokens = auth.login_with(fields.get("client_id") or "", fields.get("secret") or "")
-        except ApiError:
+            matched = auth.check_login(client_id, fields.get("secret") or "", client_addr())
+        except ApiError as exc:                            # backing off after repeated failures
+            answer = web_page("Log in", "login", status=429, error=exc.message + ".", next=target)
+            answer.set_header("Retry-After", exc.headers.get("Retry-After", "1"))
+            return answer
+        if not matched:
             return web_page("Log in", "login", status=401, error="Unknown client id or wrong secret.", next=target)
+        # A new session id at every login (a session planted before it is not the one that logs in).
+        session = auth.start_session(client_id, replaces=cookie(WEB_SESSION))
         answer = HTTPResponse(status=303, headers={"Location": target})
-        answer.set_cookie(WEB_SESSION, tokens["refresh_token"], httponly=True, samesite="strict", path="/",
-                          max_age=int(config.refresh_token_days * 86400))
+        answer.set_cookie(WEB_SESSION, session, httponly=True, samesite="strict", path="/",
+                          max_age=int(config.refresh_token_days * 86400), secure=api.secure())
         return answer
 
     @page("/logout", roles=None, method="POST")
-    def logout():
-        token = cookie(WEB_SESSION)
-        if token:
-            with contextlib.suppress(ApiError):
-                auth.revoke(token)
+    def logout(fields):
+        auth.end_session(cookie(WEB_SESSION))
         answer = HTTPResponse(status=303, headers={"Location": "/"})
         answer.delete_cookie(WEB_SESSION, path="/")
         return answer
@@ -5765,6 +6007,7 @@ class Hub:
         jobs, agents, access, events = JobStore(self.db), AgentStore(self.db), AuthStore(self.db), EventStore(self.db)
         self.auth = Auth(access, config, key, agents)
         self.api_tokens = ApiTokens(config, self.auth)
+        self.allowed_hosts = AllowedHosts(config)
         self.secrets = Secrets(access, SecretBox(key))
         self.event_acl = EventAcl(events, "deny" if config.require_auth else config.event_acl_default,
                                   self.auth.token_identity)
@@ -6140,7 +6383,9 @@ def build_parser(environ=None):
 
     client = commands.add_parser("add-client", help="create or reset an API client and print its secret")
     client.add_argument("client_id", metavar="NAME")
-    client.add_argument("--role", choices=ROLES, default="contributor", help="default %(default)s")
+    client.add_argument("--role", choices=ROLES,
+                        help="a new client's role (default contributor); an existing client keeps its role unless"
+                             " this is given")
     client.add_argument("--secret", help="use this secret (default: a random one, printed)")
     client.add_argument("--token-file", metavar="F",
                         help="also write {\"refresh_token\": …} to F, the file testflinger-agent --token-file reads")
@@ -6288,18 +6533,28 @@ def add_event_token_command(args):
 
 
 def add_client_command(args):
+    if args.token_file:                      # checked before anything is written
+        folder = os.path.dirname(os.path.abspath(args.token_file))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            print(f"agenthub: add-client: cannot write the token file into {folder}: "
+                  f"{'no such directory' if not os.path.isdir(folder) else 'permission denied'}", file=sys.stderr)
+            return 2
     store = _command_store(args, "add-client")
     if store is None:
         return 2
     try:
         auth = Auth(AuthStore(store), Config(db=args.db))
-        secret = auth.add_client(args.client_id, args.role, args.secret)
-        print(f"client_id: {args.client_id}\nrole: {args.role}\nsecret: {secret}")
+        secret, role, (tokens, sessions) = auth.reset_client(args.client_id, args.role, args.secret)
+        print(f"client_id: {args.client_id}\nrole: {role}\nsecret: {secret}")
+        if tokens or sessions:
+            print(f"revoked: {tokens} refresh token(s) and {sessions} web session(s) of the old secret")
         if args.token_file:
             token = auth.refresh_token(args.client_id, days=args.token_days)
-            with open(os.open(args.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            fd = os.open(args.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)             # an existing file keeps its mode otherwise
+            with open(fd, "w") as fh:
                 json.dump({"refresh_token": token}, fh)
-            print(f"token file: {args.token_file} (valid {args.token_days:g} days)")
+            print(f"token file: {args.token_file} (valid {args.token_days:g} days, mode 0600)")
     finally:
         store.close()
     return 0

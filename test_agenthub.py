@@ -1460,7 +1460,7 @@ def test_expect_100_continue_is_answered_before_the_body(server):
     body = json.dumps({"job_queue": "q"}).encode()
     sock = socket.create_connection((host, int(port)))
     sock.settimeout(10)
-    sock.sendall(f"POST /v1/job HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"POST /v1/job HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
     interim = b""
     while b"\r\n\r\n" not in interim:          # no body sent yet: the server must speak first
@@ -1907,7 +1907,7 @@ def test_many_parked_watchers_are_answered_by_one_fire_and_keep_their_connection
     host, port = base.split("//")[1].split(":")
     first = json.loads(call_http(base, "PUT", "/v1/event/fire/w", b"1")[2])
     index = xor_index(first["ID"])
-    request = f"GET /v1/event/list?name=w&index={index}&wait=60s HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    request = f"GET /v1/event/list?name=w&index={index}&wait=60s HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
     clients = [http.client.HTTPConnection(host, int(port)) for _ in range(50)]
     for conn in clients:
         conn.request("GET", f"/v1/event/list?name=w&index={index}&wait=60s")
@@ -2638,6 +2638,11 @@ def test_web_not_found_pages(anon):
         assert "Not found" in answer.text and answer.content_type == "text/html" and 'href="/"' in answer.text
 
 
+def csrf_of(test, path="/login"):
+    """The CSRF token a page's forms carry for this browser (WebTest keeps its cookies)."""
+    return re.search(r'name="csrf" value="([^"]+)"', test.get(path).text).group(1)
+
+
 def test_web_cancel_form(app, anon):
     agent, job_id = _running_job(app)
     confirm = anon.get(f"/jobs/{job_id}").click(href="/cancel")
@@ -2645,7 +2650,7 @@ def test_web_cancel_form(app, anon):
     done = confirm.form.submit().follow()
     assert "Cancel requested." in done.text and "cancelled" in done.text
     assert anon.get(f"/v1/result/{job_id}").json["job_state"] == "cancelled"
-    assert anon.post(f"/jobs/{job_id}/cancel", status=400).status_int == 400          # already cancelled
+    assert anon.post(f"/jobs/{job_id}/cancel", {"csrf": csrf_of(anon)}, status=400)          # already cancelled
     assert "Cancel job" not in anon.get(f"/jobs/{job_id}").text
 
 
@@ -2685,7 +2690,7 @@ def test_web_require_auth_login_and_roles(make_app):
         assert "agenthub_session=" in cookie and "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
         jobs = logged_in.follow()
         assert "Jobs" in jobs.text and "viewer" in jobs.text
-        test.post("/logout", status=303)
+        test.post("/logout", {"csrf": csrf_of(test, "/jobs")}, status=303)
         test.get("/jobs", status=303)
         bot = test.get("/login").form
         bot["client_id"], bot["secret"] = "bot", "agent-secret-1234"
@@ -3260,11 +3265,11 @@ def test_web_login_reads_utf8_forms(tmp_path, make_app):
     try:
         secret = app.hub.auth.add_client("café", "contributor")
         test = webtest.TestApp(app)
-        body = "client_id=café&secret=" + urllib.parse.quote(secret) + "&next=/jobs"
+        body = "client_id=café&secret=" + urllib.parse.quote(secret) + "&next=/jobs&csrf=" + csrf_of(test)
         answer = test.post("/login", body.encode(), headers={"Content-Type": "application/x-www-form-urlencoded"},
                            status=303)
         assert answer.headers["Location"].endswith("/jobs")
-        assert test.post("/login", b"", status=401)                # an empty form is a failed login, not a 415
+        assert test.post("/login", b"", status=403)                # an empty form lacks its CSRF token: no 415
     finally:
         app.close()
 
@@ -3290,17 +3295,17 @@ def test_protocol_limits_on_a_real_server(server):
     app, base = server
     host, port = base.rsplit("/", 1)[1].split(":")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 414")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"GET /v1 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 70000 + b"\r\n\r\n")
+        sock.sendall(b"GET /v1 HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"y" * 70000 + b"\r\n\r\n")
         assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 431")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"GET /v1 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 33000 + b"\r\n\r\n")
+        sock.sendall(b"GET /v1 HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"y" * 33000 + b"\r\n\r\n")
         assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 431")
     with socket.create_connection((host, int(port))) as sock:
         # A Content-Length that is not a number: 400, and the connection closes (the body's end is unknown).
-        sock.sendall(b"POST /v1/job HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\nGET /v1 HTTP/1.1\r\n\r\n")
+        sock.sendall(b"POST /v1/job HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1x\r\n\r\nGET /v1 HTTP/1.1\r\n\r\n")
         reply = sock.makefile("rb").read()
         assert reply.startswith(b"HTTP/1.1 400") and reply.count(b"HTTP/1.1") == 1
 
