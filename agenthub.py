@@ -520,6 +520,19 @@ def _read_text(data):
     return data.decode("utf-8", "backslashreplace")
 
 
+def private_files(path):
+    """The database holds hashes, sealed secrets and job data: only its owner may read it.  A new
+    file is created 0600 (SQLite gives its -wal and -shm files the database file's mode); group
+    and other bits are taken off an existing database and its -wal/-shm files."""
+    with contextlib.suppress(OSError):        # a missing directory is reported when SQLite opens it
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for name in (path, path + "-wal", path + "-shm"):
+        with contextlib.suppress(OSError):
+            mode = os.stat(name).st_mode
+            if mode & 0o077:
+                os.chmod(name, mode & 0o700)
+
+
 class Database:
     """The SQLite database: a pool of connections, ``write()`` and the migrations.
 
@@ -540,6 +553,8 @@ class Database:
         self._local = threading.local()          # the connection this thread holds, and whether it writes
         self._closed = False
         self._full = False                       # in a disk-full episode (logged once)
+        if not self.memory:
+            private_files(path)
         with self.write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
@@ -3766,8 +3781,9 @@ class Idempotency:
         self.store = store
 
     def run(self, scope, key, make):
-        """(status, body) of ``make()``, run once per (scope, key) a day."""
-        now = utcnow()
+        """(status, body) of ``make()``, run once per (scope, key) a day.  Only hashes of the scope
+        (which names the caller) and of the key are stored."""
+        scope, key, now = _sha256(scope), _sha256(key), utcnow()
         seen = self.store.claim_idempotency(scope, key, now, now - self.TTL, now - self.CLAIM_TTL)
         if seen is not None:
             if not seen["status"]:

@@ -2704,6 +2704,222 @@ def test_web_require_auth_login_and_roles(make_app):
         app.close()
 
 
+# == Security of the pages and the boundary (issue 13) ===========================================================
+
+def test_csrf_tokens_guard_every_form(app, anon):
+    job_id = submit(anon)
+    cancel = f"/jobs/{job_id}/cancel"
+    anon.post(cancel, status=403)                                      # no token
+    anon.post(cancel, {"csrf": "0" * 40}, status=403)                  # a made-up one
+    other = webtest.TestApp(app)
+    anon.post(cancel, {"csrf": csrf_of(other)}, status=403)            # another browser's token
+    assert anon.get(f"/v1/result/{job_id}").json["job_state"] == "waiting"
+    form = anon.get(cancel).form
+    assert form["csrf"].value == csrf_of(anon)
+    form.submit(status=303)
+    assert anon.get(f"/v1/result/{job_id}").json["job_state"] == "cancelled"
+    # Login CSRF: a login form posted from elsewhere (no token of this browser) is refused.
+    app.hub.auth.add_client("viewer", "contributor", "viewer-secret-123")
+    fresh = webtest.TestApp(app)
+    fresh.post("/login", {"client_id": "viewer", "secret": "viewer-secret-123"}, status=403)
+    assert "agenthub_session" not in fresh.cookies
+
+
+def test_writes_from_another_origin_are_refused_on_every_api(anon, app):
+    pf = pf_create(anon, "victim")
+    for path, style in ((f"/api/v1/agent/{pf['id']}/retire", "prefactor"), ("/v1/job", "testflinger"),
+                        ("/v2/p1/agents/a1/events", "rackspace"), ("/v1/event/fire/x", "consul")):
+        for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Origin": "http://localhost:8001"},
+                        {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
+            method = "PUT" if style == "consul" else "POST"
+            answer = anon.request(path, method=method, headers={**headers, "Content-Type": "application/json",
+                                                                 "X-Auth-Token": "t"}, body=b"{}", expect_errors=True)
+            assert answer.status_int == 403, (path, headers, answer.status)
+            assert "Cross-" in answer.text
+    assert anon.get(f"/api/v1/agent/{pf['id']}").json["details"]["status"] == pf["status"] != "retired"
+    # The hub's own origin, and clients that send no Origin, are served.
+    anon.post_json("/v1/job", {"job_queue": "q"}, headers={"Origin": "http://localhost"}, status=200)
+    anon.post_json("/v1/job", {"job_queue": "q"}, headers={"Origin": "http://localhost:80",
+                                                            "Sec-Fetch-Site": "same-origin"}, status=200)
+    anon.get("/v1/agents/data", headers={"Origin": "http://evil.example"}, status=200)   # reads are not writes
+
+
+@pytest.mark.parametrize("target", ["/\\evil.example", "/\t/evil.example", "//evil.example", "https://evil.example",
+                                    "/\\/evil.example", " //evil.example", "/\n/evil.example", "\\\\evil.example",
+                                    "http:/evil.example", "/%09/evil.example"])
+def test_login_goes_only_to_a_path_on_this_hub(target, make_app):
+    app = make_app(require_auth=True)
+    app.hub.auth.add_client("viewer", "contributor", "viewer-secret-123")
+    test = webtest.TestApp(app)
+    form = test.get("/login?next=" + urllib.parse.quote(target)).form
+    form["client_id"], form["secret"] = "viewer", "viewer-secret-123"
+    location = form.submit(status=303).headers["Location"]
+    path = urllib.parse.urlsplit(location)
+    assert path.netloc in ("", "localhost", "localhost:80") and not path.path.startswith("//") and "\\" not in location
+    assert location.endswith("/") or target == "/%09/evil.example"
+    assert agenthub.safe_next(target) == ("/%09/evil.example" if target == "/%09/evil.example" else "/")
+    assert agenthub.safe_next("/jobs?state=waiting") == "/jobs?state=waiting"
+
+
+def test_a_foreign_host_name_is_refused(make_app):
+    app = make_app()
+    for headers in ({"Host": "evil.example"}, {"Host": "evil.example:80"}, {"X-Forwarded-Host": "evil.example"}):
+        status, _, body, _ = wsgi_call(app, "GET", "/v1/agents/data", headers=headers)
+        assert status == 400 and b"not a name of this hub" in body
+        assert wsgi_call(app, "GET", "/jobs", headers=headers)[0] == 400
+    for host in ("localhost", "127.0.0.1:8000", "[::1]:80", "lab.localhost"):
+        assert wsgi_call(app, "GET", "/v1/agents/data", headers={"Host": host})[0] == 200
+    named = make_app(allowed_hosts="lab.example.org, .corp.example")
+    for host, status in (("lab.example.org", 200), ("LAB.example.org.", 200), ("x.corp.example:8000", 200),
+                         ("corp.example", 200), ("evil.example", 400), ("example.org", 400)):
+        assert wsgi_call(named, "GET", "/v1/agents/data", headers={"Host": host})[0] == status, host
+    assert wsgi_call(make_app(allowed_hosts="*"), "GET", "/v1/agents/data", headers={"Host": "x.y"})[0] == 200
+
+
+def test_security_headers(anon):
+    page = anon.get("/jobs")
+    csp = page.headers["Content-Security-Policy"]
+    nonce = re.search(r"'nonce-([^']+)'", csp).group(1)
+    assert f'<style nonce="{nonce}">' in page.text and "frame-ancestors 'none'" in csp and "default-src 'none'" in csp
+    assert "unsafe-inline" not in csp
+    assert page.headers["X-Frame-Options"] == "DENY" and page.headers["X-Content-Type-Options"] == "nosniff"
+    assert page.headers["Referrer-Policy"] == "same-origin"
+    job_id = submit(anon)
+    job = anon.get(f"/jobs/{job_id}")
+    script_nonce = re.search(r"'nonce-([^']+)'", job.headers["Content-Security-Policy"]).group(1)
+    assert f'<script nonce="{script_nonce}">' in job.text
+    assert anon.get(f"/jobs/{job_id}").headers["Content-Security-Policy"] != job.headers["Content-Security-Policy"]
+    api = anon.get("/v1/agents/data")
+    assert api.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_web_sessions_live_on_the_server(make_app, tmp_path):
+    db = str(tmp_path / "hub.db")
+    app = make_app(db=db, require_auth=True)
+    app.hub.auth.add_client("viewer", "contributor", "viewer-secret-123")
+
+    def login(test, secret="viewer-secret-123", **headers):
+        form = test.get("/login", headers=headers).form
+        form["client_id"], form["secret"] = "viewer", secret
+        return form.submit(status=303, headers=headers)
+    test = webtest.TestApp(app)
+    first = login(test)
+    value = test.cookies["agenthub_session"]
+    assert "Secure" not in first.headers["Set-Cookie"]
+    # The cookie is a random id, not a refresh token, and the database has only its hash.
+    webtest.TestApp(app).post("/v1/oauth2/refresh", json.dumps({"refresh_token": value}),
+                              headers={"Content-Type": "application/json"}, status=400)
+    with sqlite3.connect(db) as conn:
+        stored = [r[0] for r in conn.execute("SELECT id_hash FROM web_sessions")]
+    assert stored == [hashlib.sha256(value.encode()).hexdigest()]
+    # A new login rotates the id: the old one no longer opens a page.
+    login(test)
+    assert test.cookies["agenthub_session"] != value
+    stale = webtest.TestApp(app)
+    stale.set_cookie("agenthub_session", value)
+    stale.get("/jobs", status=303)
+    test.get("/jobs", status=200)
+    # Logging out ends it on the server, whoever still holds the cookie.
+    kept = test.cookies["agenthub_session"]
+    test.post("/logout", {"csrf": csrf_of(test, "/jobs")}, status=303)
+    stale.set_cookie("agenthub_session", kept)
+    stale.get("/jobs", status=303)
+    # A new secret ends every session of the client; Secure when asked for or over https.
+    login(test)
+    app.hub.auth.add_client("viewer", None, "viewer-secret-456")
+    test.get("/jobs", status=303)
+    over_https = webtest.TestApp(app, extra_environ={"wsgi.url_scheme": "https", "HTTP_HOST": "localhost:443"})
+    assert "Secure" in login(over_https, "viewer-secret-456").headers["Set-Cookie"]
+    secure = make_app(require_auth=True, secure_cookies=True)
+    secure.hub.auth.add_client("viewer", "contributor", "viewer-secret-123")
+    behind_tls = webtest.TestApp(secure, extra_environ={"wsgi.url_scheme": "https", "HTTP_HOST": "localhost:443"})
+    assert "Secure" in login(behind_tls).headers["Set-Cookie"]
+
+
+def test_login_costs_the_same_for_unknown_ids_and_backs_off(app):
+    app.hub.auth.add_client("known", "contributor", "the-right-secret-1")
+    test = webtest.TestApp(app)
+
+    def attempt(client_id, secret, addr):
+        basic = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+        start = time.perf_counter()
+        answer = test.post("/v1/oauth2/token", headers={"Authorization": "Basic " + basic},
+                           extra_environ={"REMOTE_ADDR": addr}, expect_errors=True)
+        return answer, time.perf_counter() - start
+    agenthub._decoy_hash()
+    unknown = sorted(attempt(f"nobody-{n}", "x", f"10.0.0.{n}")[1] for n in range(5))
+    known = sorted(attempt("known", "wrong", f"10.0.1.{n}")[1] for n in range(4))
+    # The original answered an unknown id 80x faster than a known one; here both check a hash.
+    assert unknown[2] > known[1] / 3, (unknown, known)
+    # A fifth failure for the client id: the next attempt waits, even with the right secret.
+    assert attempt("known", "wrong", "10.0.2.1")[0].status_int == 401
+    answer = attempt("known", "the-right-secret-1", "10.0.2.2")[0]
+    assert answer.status_int == 429 and int(answer.headers["Retry-After"]) >= 1
+    assert "Too many failed logins" in answer.text
+    # Per address too: one address guessing many ids is slowed down.
+    for n in range(5):
+        assert attempt(f"guess-{n}", "x", "10.0.3.1")[0].status_int == 401
+    assert attempt("guess-9", "x", "10.0.3.1")[0].status_int == 429
+    # The web form backs off the same way.
+    page = test.get("/login", extra_environ={"REMOTE_ADDR": "10.0.3.1"}).form
+    page["client_id"], page["secret"] = "known", "x"
+    assert page.submit(status=429, extra_environ={"REMOTE_ADDR": "10.0.3.1"}).headers["Retry-After"]
+
+
+def test_nothing_secret_is_stored_in_plain_text_and_files_are_private(tmp_path, make_app):
+    db = str(tmp_path / "hub.db")
+    app = make_app(db=db, api_tokens="the-api-token-T")
+    test = webtest.TestApp(app)
+    headers = {"Authorization": "Bearer the-api-token-T", "Idempotency-Key": "key-123"}
+    first = test.post_json("/api/v1/agent", {"details": {"name": "idem"}}, headers=headers)
+    assert test.post_json("/api/v1/agent", {"details": {"name": "idem"}}, headers=headers).json == first.json
+    secret = app.hub.auth.add_client("c", "contributor", "plain-secret-value")
+    refresh = app.hub.auth.refresh_token("c")
+    app.close()
+    for name in (db, db + "-wal"):
+        if os.path.exists(name):
+            data = open(name, "rb").read()
+            for plain in (b"the-api-token-T", b"key-123", secret.encode(), refresh.encode()):
+                assert plain not in data, (name, plain)
+    for suffix in ("", "-wal", "-shm", ".key", ".lock"):
+        if os.path.exists(db + suffix):
+            assert os.stat(db + suffix).st_mode & 0o777 == 0o600, suffix
+    # An existing database readable by others is made private when agenthub opens it.
+    os.chmod(db, 0o644)
+    make_app(db=db).close()
+    assert os.stat(db).st_mode & 0o777 == 0o600
+
+
+def test_add_client_command(tmp_path, capsys):
+    db = str(tmp_path / "hub.db")
+    assert agenthub.main(["add-client", "lab-admin", "--role", "admin", "--db", db, "--secret", "s1-long-enough"]) == 0
+    token_file = tmp_path / "etc" / "token.json"
+    # A missing token-file directory is one line, before anything is written.
+    assert agenthub.main(["add-client", "lab-admin", "--db", db, "--token-file", str(token_file)]) == 2
+    err = capsys.readouterr().err
+    assert "no such directory" in err and "Traceback" not in err
+    auth = agenthub.Auth(agenthub.AuthStore(agenthub.Database(db)), agenthub.Config(db=db))
+    assert auth.check_login("lab-admin", "s1-long-enough")
+    old_refresh = auth.refresh_token("lab-admin")
+    token_file.parent.mkdir()
+    token_file.write_text("{}")
+    os.chmod(token_file, 0o644)
+    # Re-running without --role keeps the role; the new secret revokes the old tokens.
+    assert agenthub.main(["add-client", "lab-admin", "--db", db, "--token-file", str(token_file)]) == 0
+    out = capsys.readouterr().out
+    assert "role: admin" in out and "revoked: 1 refresh token(s)" in out
+    assert auth.permissions("lab-admin")["role"] == "admin"
+    with pytest.raises(agenthub.ApiError, match="revoked"):
+        auth.refresh_permissions(old_refresh)
+    assert os.stat(token_file).st_mode & 0o777 == 0o600
+    assert auth.refresh_permissions(json.loads(token_file.read_text())["refresh_token"])["role"] == "admin"
+    assert agenthub.main(["add-client", "lab-admin", "--db", db, "--role", "manager"]) == 0
+    assert auth.permissions("lab-admin")["role"] == "manager"
+    assert agenthub.main(["add-client", "new-one", "--db", db]) == 0
+    assert "role: contributor" in capsys.readouterr().out
+    auth.store.db.close()
+
+
 def test_web_pages_of_an_empty_hub(anon):
     for path in ("/", "/jobs", "/agents", "/queues", "/events"):
         assert anon.get(path).status_int == 200
@@ -3276,7 +3492,7 @@ def test_web_login_reads_utf8_forms(tmp_path, make_app):
 
 def test_an_idempotency_claim_of_a_request_that_died_frees_its_key(app, monkeypatch):
     idem = app.hub.idempotency
-    idem.store.claim_idempotency("POST /x -", "k", agenthub.utcnow(), 0, 0)      # claimed, never answered
+    idem.store.claim_idempotency(agenthub._sha256("POST /x -"), agenthub._sha256("k"), agenthub.utcnow(), 0, 0)
     with pytest.raises(agenthub.ApiError):
         idem.run("POST /x -", "k", lambda: (200, "{}"))
     monkeypatch.setattr(agenthub, "utcnow", lambda: time.time() + idem.CLAIM_TTL + 1)
