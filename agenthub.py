@@ -861,6 +861,34 @@ class JobStore(_DomainStore):
             args.append(phase)
         return self.read(sql + " ORDER BY fragment_number, id", args)
 
+    def log_tail(self, job_id, log_type, phase, start_fragment, limit):
+        """The newest fragments of one phase's log (from ``start_fragment`` on) whose text reaches
+        ``limit`` characters, oldest first, and whether older ones were left out."""
+        rows, size = [], 0
+        with self.connection() as conn:
+            for row in conn.execute("SELECT fragment_number, log_data FROM log_fragments WHERE job_id = ? AND"
+                                    " log_type = ? AND phase = ? AND fragment_number >= ?"
+                                    " ORDER BY fragment_number DESC, id DESC",
+                                    (job_id, log_type, phase, start_fragment)):
+                if size >= limit:
+                    return rows[::-1], True
+                rows.append(row)
+                size += len(row[1])
+        return rows[::-1], False
+
+    def log_size(self, job_id, log_type, phase=None):
+        """Bytes of a whole log (UTF-8), one phase or all."""
+        row = self.read_one("SELECT coalesce(sum(length(CAST(log_data AS BLOB))), 0) FROM log_fragments"
+                            " WHERE job_id = ? AND log_type = ? AND (? IS NULL OR phase = ?)",
+                            (job_id, log_type, phase, phase))
+        return row[0]
+
+    def log_batch(self, job_id, log_type, phase, after, limit=256):
+        """Up to ``limit`` fragments after the (fragment_number, id) ``after``, as bytes, in order."""
+        return self.read("SELECT fragment_number, id, CAST(log_data AS BLOB) FROM log_fragments WHERE job_id = ?"
+                         " AND log_type = ? AND (? IS NULL OR phase = ?) AND (fragment_number, id) > (?, ?)"
+                         " ORDER BY fragment_number, id LIMIT ?", (job_id, log_type, phase, phase, *after, limit))
+
     def all_log_fragments(self, job_id):
         return self.read("SELECT log_type, phase, log_data FROM log_fragments WHERE job_id = ?"
                          " ORDER BY fragment_number, id", (job_id,))
@@ -2856,6 +2884,30 @@ class JobQueue:
             entry["last_fragment_number"] = max(entry["last_fragment_number"], frag["fragment_number"])
             entry["log_data"] += frag["log_data"]
         return {log_type: out}
+
+    def log_tail(self, job_id, log_type, limit, start_fragment=0):
+        """Like ``logs`` but bounded: at most the last ``limit`` characters of each phase, with
+        ``cut`` saying whether earlier text was left out (the job page shows this)."""
+        out = {}
+        for phase in PHASES:
+            rows, cut = self.store.log_tail(job_id, log_type, phase, start_fragment, limit)
+            text = "".join(row[1] for row in rows)
+            if len(text) > limit:
+                text, cut = text[-limit:], True
+            out[phase] = {"last_fragment_number": rows[-1][0] if rows else -1, "log_data": text, "cut": cut}
+        return out
+
+    def log_file(self, job_id, log_type, phase=None):
+        """A whole log as (size, chunks) for streaming; memory stays flat whatever its size."""
+        def chunks():
+            after = (-(2 ** 63), -1)
+            while True:
+                rows = self.store.log_batch(job_id, log_type, phase, after)
+                if not rows:
+                    return
+                after = (rows[-1][0], rows[-1][1])
+                yield b"".join(row[2] for row in rows)
+        return self.store.log_size(job_id, log_type, phase), chunks()
 
     # -- files -------------------------------------------------------------------------
 
@@ -5433,6 +5485,7 @@ def install_gocd(app, hub):
 # no CDN: a little inline CSS, and a little plain JavaScript on the job page to
 # follow its logs.  Every page works without JavaScript.
 
+WEB_LOG_TAIL = 64 * 1024                  # characters of each phase's log the job page shows
 WEB_SESSION = "agenthub_session"          # a server-side session's random id
 WEB_PRESESSION = "agenthub_presession"    # binds the CSRF token of a browser that is not logged in
 WEB_PAGE_SIZE = 50
@@ -5556,9 +5609,10 @@ page {{page}} of {{pages}}
 % end
 </table>
 % for kind in ("output", "serial"):
-<h2>{{kind.title()}} log</h2>
+<h2>{{kind.title()}} log <a class="muted" href="/jobs/{{job_id}}/log/{{kind}}">(whole log as text)</a></h2>
 % for phase in phases:
 <section class="{{"" if logs[kind][phase]["log_data"] else "empty"}}" id="{{kind}}-{{phase}}-section"><h3>{{phase}}</h3>
+<p class="muted {{"" if logs[kind][phase]["cut"] else "empty"}}" id="{{kind}}-{{phase}}-cut">Only the end of this log is shown: <a href="/jobs/{{job_id}}/log/{{kind}}?phase={{phase}}">the whole {{phase}} {{kind}} log</a></p>
 <pre id="{{kind}}-{{phase}}" data-last="{{logs[kind][phase]["last_fragment_number"]}}">{{logs[kind][phase]["log_data"]}}</pre></section>
 % end
 % end
@@ -5567,6 +5621,7 @@ page {{page}} of {{pages}}
 (function () {
   var done = ["complete", "completed", "cancelled"];
   var url = "/jobs/{{job_id}}/logs.json";
+  var LIMIT = {{limit}};
   function next(kind) {
     var last = -1;
     document.querySelectorAll("pre[id^='" + kind + "-']").forEach(function (pre) {
@@ -5583,7 +5638,15 @@ page {{page}} of {{pages}}
             var part = data[kind][phase];
             if (!part.log_data) { return; }
             var pre = document.getElementById(kind + "-" + phase);
-            pre.textContent += part.log_data;
+            if (part.cut) {
+              pre.textContent = part.log_data;
+            } else {
+              pre.textContent += part.log_data;
+            }
+            if (part.cut || pre.textContent.length > 2 * LIMIT) {
+              pre.textContent = pre.textContent.slice(-LIMIT);
+              document.getElementById(kind + "-" + phase + "-cut").className = "muted";
+            }
             pre.dataset.last = part.last_fragment_number;
             document.getElementById(kind + "-" + phase + "-section").className = "";
           });
@@ -5847,9 +5910,10 @@ def install_web(app, hub):
             return web_not_found("That job")
         definition = jobs.definition(job_id)
         result = jobs.result(job_id)
-        logs = {kind: jobs.logs(job_id, kind)[kind] for kind in ("output", "serial")}
+        logs = {kind: jobs.log_tail(job_id, kind, WEB_LOG_TAIL) for kind in ("output", "serial")}
         notice = "Cancel requested." if request.query.get("cancelled") else ""
         return web_page(f"Job {job_id}", "job", who, job_id=job_id, result=result, logs=logs, phases=PHASES,
+                        limit=WEB_LOG_TAIL,
                         position=jobs.position(job_id), agent=row["agent_name"],
                         has_artifact=jobs.has_file(job_id, "artifact"),
                         cancellable=row["state"] not in JobQueue.ACTIVE_END, notice=notice,
@@ -5866,7 +5930,17 @@ def install_web(app, hub):
         result = jobs.result(job_id)
         return json_response({"job_state": result["job_state"],
                               "status": {p: result[f"{p}_status"] for p in PHASES if f"{p}_status" in result},
-                              **{kind: jobs.logs(job_id, kind, start(kind))[kind] for kind in ("output", "serial")}})
+                              **{kind: jobs.log_tail(job_id, kind, WEB_LOG_TAIL, start(kind))
+                                 for kind in ("output", "serial")}})
+
+    @page("/jobs/<job_id>/log/<kind:re:output|serial>")
+    def job_log_text(who, job_id, kind):
+        """A whole log as plain text, streamed (the page shows only its tail)."""
+        job_id, row = job_or_none(job_id)
+        phase = request.query.get("phase") or None
+        if row is None or (phase is not None and phase not in PHASES):
+            return web_not_found("That log")
+        return stream_response(jobs.log_file(job_id, kind, phase), "text/plain; charset=utf-8")
 
     @page("/jobs/<job_id>/artifact")
     def job_artifact(who, job_id):
