@@ -27,6 +27,7 @@ Run it with ``python agenthub.py`` (see ``--help``); embed it with
 import argparse
 import base64
 import binascii
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -112,6 +113,8 @@ class Config:
     activate_ttl: float = 600.0     # seconds an agent_activate mode lasts
     shutdown_grace: float = 10.0    # seconds requests in flight get to finish on SIGTERM/SIGINT
     strand_seconds: float = 60.0    # a job its agent never reported on for this long is reclaimed; 0: never
+    max_watchers: int = 2048        # blocking event queries in progress at once (more answer 429)
+    max_watchers_per_client: int = 256   # … from one client address
     bench_route: bool = False       # mount GET /_bench/ping (a trivial JSON route) for `bench`
 
     ENV = {
@@ -132,6 +135,7 @@ class Config:
         "rackspace_tokens": "AGENTHUB_RACKSPACE_TOKENS", "pfid_partition": "AGENTHUB_PFID_PARTITION",
         "default_environment_id": "AGENTHUB_DEFAULT_ENVIRONMENT_ID", "activate_ttl": "AGENTHUB_ACTIVATE_TTL",
         "shutdown_grace": "AGENTHUB_SHUTDOWN_GRACE", "strand_seconds": "AGENTHUB_STRAND_SECONDS",
+        "max_watchers": "AGENTHUB_MAX_WATCHERS", "max_watchers_per_client": "AGENTHUB_MAX_WATCHERS_PER_CLIENT",
     }
 
     @classmethod
@@ -3394,6 +3398,29 @@ class Watch:
         return self._claimed.acquire(blocking=False)
 
 
+class WatcherSlots:
+    """A cap on blocking queries in progress, in total and per client address: under a WSGI host
+    that gives each request a thread, every blocked query holds one for up to 10 minutes."""
+
+    def __init__(self, total, per_client):
+        self.total, self.per_client = total, per_client
+        self._held, self._lock = collections.Counter(), threading.Lock()
+
+    def take(self, addr):
+        """A slot for ``addr``, or ApiError 429 (Consul's answer to a client over its limit)."""
+        with self._lock:
+            if self._held[addr] >= self.per_client or sum(self._held.values()) >= self.total:
+                raise ApiError(429, "Your IP is issuing too many concurrent connections, please rate limit your calls",
+                               headers={"Retry-After": "1"})
+            self._held[addr] += 1
+
+    def give_back(self, addr):
+        with self._lock:
+            self._held[addr] -= 1
+            if self._held[addr] <= 0:
+                del self._held[addr]
+
+
 class Watchers:
     """Answers every parked blocking query from one thread.
 
@@ -4946,9 +4973,19 @@ def install_consul(app, hub):
         name, node, service, tag = filters("name", "node", "service", "tag")
         answer_raw = request.environ.get("agenthub.answer_raw")      # only agenthub's own server has it
         park = answer_raw is not None and "pretty" not in request.query
-        view = events.list(token(), name, index, wait, node or None, service or None, tag or None, park=park)
+        slot = client_addr() or "-" if index else None            # index > 0: a query that may block
+        if slot is not None:
+            hub.watcher_slots.take(slot)
+        try:
+            view = events.list(token(), name, index, wait, node or None, service or None, tag or None, park=park)
+        except BaseException:
+            if slot is not None:
+                hub.watcher_slots.give_back(slot)
+            raise
         if isinstance(view, Watch):
-            return parked(view, answer_raw)
+            return parked(view, answer_raw, slot)
+        if slot is not None:
+            hub.watcher_slots.give_back(slot)
         if "pretty" in request.query:
             return answer([e.as_json() for e in view.events], **list_headers(view))
         return HTTPResponse(view.json(), 200, headers(**{"Content-Type": "application/json"}, **list_headers(view)))
@@ -4959,13 +4996,14 @@ def install_consul(app, hub):
             extra["X-Consul-Results-Filtered-By-ACLs"] = "true"
         return extra
 
-    def parked(watch, answer_raw):
+    def parked(watch, answer_raw, slot):
         """Sleep until the Watchers thread has written this request's answer (the blocking query
         of spec §4, answered from one thread for all watchers)."""
         rid = request.environ.get("agenthub.request_id")
 
         def answer_now(view):
             fields = headers(**{"Content-Type": "application/json", "X-Request-Id": rid}, **list_headers(view))
+            hub.watcher_slots.give_back(slot)
             answer_raw("200 OK", list(fields.items()), view.json())
         watch.answer = answer_now
         hub.watchers.park(watch)
@@ -6104,6 +6142,7 @@ class Hub:
         self.events = UserEvents(EventBuffer(events, config.event_buffer_size, config.event_max_bytes),
                                  self.event_acl, config)
         self.watchers = Watchers(self.events.buffer)
+        self.watcher_slots = WatcherSlots(config.max_watchers, config.max_watchers_per_client)
         self.notifier = Notifier(DeliveryStore(self.db), config)
         self.registry = Registry(agents, config, self.notifier, self.events)
         self.idempotency = Idempotency(agents)
@@ -6424,6 +6463,17 @@ def _serve_options(parser, env):
                         help="user events kept in the ring buffer (default %(default)s; AGENTHUB_EVENT_BUFFER_SIZE)")
     parser.add_argument("--event-max-bytes", type=int, default=env.event_max_bytes,
                         help="limit of an event's name + payload; more answers 413 (default %(default)s)")
+    parser.add_argument("--max-watchers", type=int, default=env.max_watchers,
+                        help="blocking event queries in progress at once; more answer 429 (default %(default)s;"
+                             " AGENTHUB_MAX_WATCHERS). Under a WSGI host with a thread per request, keep it below"
+                             " its threads")
+    parser.add_argument("--max-watchers-per-client", type=int, default=env.max_watchers_per_client,
+                        help="… from one client address (default %(default)s; AGENTHUB_MAX_WATCHERS_PER_CLIENT)")
+    parser.add_argument("--allowed-host", action="append", metavar="NAME",
+                        help="a Host name the hub answers besides loopback names and the bound address; repeatable;"
+                             " '*' any, '.example.org' a domain (AGENTHUB_ALLOWED_HOSTS, comma-separated)")
+    parser.add_argument("--secure-cookies", action="store_true", default=env.secure_cookies,
+                        help="mark the web session cookie Secure (it is anyway over https; AGENTHUB_SECURE_COOKIES)")
     parser.add_argument("--event-acl-default", choices=("allow", "deny"), default=env.event_acl_default,
                         help="event policy for requests without a token, and for names no token prefix"
                              " covers (default %(default)s; AGENTHUB_EVENT_ACL_DEFAULT)")
@@ -6543,7 +6593,9 @@ def serve_command(args):
                                       else env_default.rackspace_tokens),
                     pfid_partition=args.pfid_partition, default_environment_id=args.default_environment_id,
                     activate_ttl=args.activate_ttl, shutdown_grace=args.shutdown_grace,
-                    strand_seconds=args.strand_seconds)
+                    strand_seconds=args.strand_seconds, max_watchers=args.max_watchers,
+                    max_watchers_per_client=args.max_watchers_per_client, secure_cookies=args.secure_cookies,
+                    allowed_hosts=(",".join(args.allowed_host) if args.allowed_host else env_default.allowed_hosts))
     app = create_app(config)
     try:
         if config.require_auth and not app.hub.auth.anyone_can_log_in():
@@ -6671,7 +6723,8 @@ class _BenchServer:
         store.close()
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "serve", "--db", self.db, "--port", "0", "--quiet",
-             "--bench-route", "--purge-interval", "0"], stdout=subprocess.PIPE, text=True)
+             "--bench-route", "--purge-interval", "0", "--max-watchers-per-client", "100000",
+             "--max-watchers", "100000"], stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         match = re.search(r"http://([\d.]+):(\d+)/", line)
         if not match:

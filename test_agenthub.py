@@ -1880,6 +1880,44 @@ def test_blocking_list_wakes_on_a_new_event(server):
     assert status == 200 and events[-1]["Name"] in ("other", "test") and new_index != str(index)
 
 
+def test_blocking_queries_are_capped_per_client_and_in_total(make_app):
+    app = make_app(max_watchers_per_client=2, max_watchers=3)
+    httpd = agenthub.make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        index = xor_index(json.loads(call_http(base, "PUT", "/v1/event/fire/test", b"1")[2])["ID"])
+        results = []
+        watchers = [threading.Thread(target=lambda: results.append(
+            call_http(base, "GET", f"/v1/event/list?index={index}&wait=30s")[0])) for _ in range(2)]
+        for thread in watchers:
+            thread.start()
+        assert _wait_for(lambda: app.hub.watchers.parked() == 2)
+        status, headers, body = call_http(base, "GET", f"/v1/event/list?index={index}&wait=30s")
+        assert status == 429 and body == b"Your IP is issuing too many concurrent connections, please rate limit your calls"
+        assert headers["Retry-After"] == "1" and headers["X-Consul-Default-Acl-Policy"] == "allow"
+        assert call_http(base, "GET", "/v1/event/list")[0] == 200           # a query that does not block is served
+        call_http(base, "PUT", "/v1/event/fire/test", b"2")
+        for thread in watchers:
+            thread.join(timeout=30)
+        assert results == [200, 200]
+        # The slots came back: a new watcher parks again.
+        late = threading.Thread(target=lambda: results.append(call_http(base, "GET", "/v1/event/list?index=1&wait=1s")[0]))
+        late.start()
+        late.join(timeout=30)
+        assert results[-1] == 200
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    slots = agenthub.WatcherSlots(total=3, per_client=2)
+    for addr in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+        slots.take(addr)
+    with pytest.raises(agenthub.ApiError):
+        slots.take("10.0.0.4")                                                # the total
+    slots.give_back("10.0.0.1")
+    slots.take("10.0.0.4")
+
+
 def test_blocking_list_times_out_with_the_same_index(server):
     app, base = server
     event = json.loads(call_http(base, "PUT", "/v1/event/fire/test", b"")[2])
@@ -3316,7 +3354,9 @@ def test_no_route_answers_500_to_hostile_input(seed, require_auth, make_app):
     """Every route of every API, every input class, anonymous and with each role: never a 5xx (but the
     contract's own "Webhook URL not configured"), no exception text in a body, nothing in the log, an
     X-Request-Id on every answer, and every page still answers afterwards."""
-    app = make_app(purge_interval=0, lost_contact_seconds=0, require_auth=require_auth)
+    # No blocking event query may wait here (a valid index would hold the sweep for the wait): the cap of
+    # zero answers them 429 after their parameters were read.
+    app = make_app(purge_interval=0, lost_contact_seconds=0, require_auth=require_auth, max_watchers=0)
     try:
         sent, failures = fuzz_every_route(app, seed)
     finally:
