@@ -3075,6 +3075,67 @@ def test_browser_follows_a_running_jobs_log(server, tmp_path):
         browser.close()
 
 
+EVIL_PAGE = """<!doctype html><html><body>
+<iframe name="a"></iframe><iframe name="b"></iframe>
+<form id="cancel" method="post" action="{base}/jobs/{job_id}/cancel" target="a"><input name="csrf" value="guess"></form>
+<form id="retire" method="post" action="{base}/api/v1/agent/{pfid}/retire" target="b" enctype="text/plain">
+<input name="{{}}" value=""></form>
+<script>
+window.loaded = 0;
+document.querySelectorAll("iframe").forEach(function (f) {{ f.onload = function () {{ window.loaded += 1; }}; }});
+document.getElementById("cancel").submit();
+document.getElementById("retire").submit();
+</script></body></html>"""
+
+
+def test_browser_a_page_on_another_origin_cannot_cancel_or_retire(make_app, tmp_path):
+    """A real Chromium opens an attacker's page (another port of the same host) that auto-posts the job
+    page's cancel form and a Prefactor retire; both reach the hub and are refused, nothing changes."""
+    import http.server
+    app = make_app()
+    seen = []
+
+    def observed(environ, start_response):               # records what reached the hub, and its answer
+        def start(status, headers, exc_info=None):
+            seen.append((environ["REQUEST_METHOD"], environ["PATH_INFO"], status[:3]))
+            return start_response(status, headers, exc_info)
+        return app(environ, start)
+    hub = agenthub.make_server(observed, "127.0.0.1", 0)
+    threading.Thread(target=hub.serve_forever, args=(0.05,), daemon=True).start()
+    base = f"http://127.0.0.1:{hub.server_address[1]}"
+    test = webtest.TestApp(app)
+    job_id = submit(test)
+    pf = pf_create(test, "victim")
+    page = EVIL_PAGE.format(base=base, job_id=job_id, pfid=pf["id"]).encode()
+
+    class Evil(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+    threading.Thread(target=evil.serve_forever, args=(0.05,), daemon=True).start()
+    browser = Chromium(_chromium_binary(), str(tmp_path / "profile"))
+    try:
+        tab = browser.open(f"http://127.0.0.1:{evil.server_address[1]}/")
+        assert _wait_for(lambda: (browser.evaluate(tab, "window.loaded || 0") or 0) >= 2, seconds=20)
+        posts = [entry for entry in seen if entry[0] == "POST"]
+        assert sorted(posts) == sorted([("POST", f"/api/v1/agent/{pf['id']}/retire", "403"),
+                                        ("POST", f"/jobs/{job_id}/cancel", "403")])
+        assert test.get(f"/v1/result/{job_id}").json["job_state"] == "waiting"
+        assert test.get(f"/api/v1/agent/{pf['id']}").json["details"]["status"] == pf["status"] != "retired"
+    finally:
+        browser.close()
+        evil.shutdown()
+        hub.shutdown()
+        hub.server_close()
+
+
 # == Bad input never answers 5xx ======================================================================================
 #
 # A seeded generator sends every input class of the request boundary to every route of every API, anonymously
