@@ -6436,8 +6436,9 @@ def _serve_options(parser, env):
                         help="key that signs access tokens (AGENTHUB_SECRET_KEY); by default one is generated"
                              " and kept in the database")
     parser.add_argument("--require-auth", action="store_true", default=env.require_auth,
-                        help="anonymous requests get 401 on every gated route instead of acting as"
-                             " 'contributor' (AGENTHUB_REQUIRE_AUTH)")
+                        help="every API needs a credential for all but its public reads (anonymous Testflinger"
+                             " callers no longer act as 'contributor'); refuses to start while no client can log"
+                             " in (AGENTHUB_REQUIRE_AUTH)")
     parser.add_argument("--jwt-leeway", type=int, default=env.jwt_leeway,
                         help="seconds of clock skew accepted on tokens (default %(default)s)")
     parser.add_argument("--access-token-seconds", type=int, default=env.access_token_seconds,
