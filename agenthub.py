@@ -732,8 +732,10 @@ class JobStore(_DomainStore):
                 "  ORDER BY job_priority DESC, seq ASC LIMIT 1) RETURNING *",
                 (now, agent_name, *queues, agent_name)).fetchone()
             if row is not None:
+                # Whole seconds, as the original records them (int of the total; it also drops whole
+                # days, a bug not copied: a 25-hour wait is 90000, not 3600).
                 db.execute("INSERT INTO wait_times (queue, seconds, popped_at) VALUES (?, ?, ?)",
-                           (row["job_queue"], now - row["created_at"], now))
+                           (row["job_queue"], int(now - row["created_at"]), now))
             return row
 
     def job_position(self, job_id):
