@@ -6235,9 +6235,10 @@ def create_app(config=None, **overrides):
     @app.hook("before_request")
     def _strip_trailing_slash():
         # Trailing slashes are optional everywhere (the original's strict_slashes=False).
-        # Not on /v1/event/…: there a trailing slash is part of an event name, or a Consul 404.
+        # Not on /v1/event/…: there a trailing slash is part of an event name, or a Consul 404; not on
+        # /v1/secrets/…: there it is part of the secret's path, which must not end with one (422).
         path = request.environ.get("PATH_INFO", "/")
-        if len(path) > 1 and path.endswith("/") and not path.startswith("/v1/event/"):
+        if len(path) > 1 and path.endswith("/") and not path.startswith(("/v1/event/", "/v1/secrets/")):
             request.environ["PATH_INFO"] = path.rstrip("/") or "/"
 
     app.styles.extend([install_consul(app, hub), install_testflinger(app, hub), install_gocd(app, hub),

@@ -648,6 +648,15 @@ def test_revoke_refresh_tokens(app):
     admin.post_json("/v1/oauth2/revoke", {}, status=422)
 
 
+@pytest.mark.parametrize("path", ["lab/token////", "lab/token/", "lab//token", "/lab"])
+def test_secret_paths_with_empty_segments_or_trailing_slashes_are_refused(app, path):
+    """The original answers 422 for these; the optional trailing slash of other routes must not loosen that."""
+    alice = Client(app, token_headers(app, "contributor", "alice"))
+    answer = alice.put_json(f"/v1/secrets/alice/{path}", {"value": "v"}, status=422)
+    assert "not a valid path" in answer.json["message"]
+    alice.delete(f"/v1/secrets/alice/{path}", status=422)
+
+
 def test_secrets_lifecycle(app, anon):
     alice = Client(app, token_headers(app, "contributor", "alice"))
     bob = Client(app, token_headers(app, "contributor", "bob"))
