@@ -5846,7 +5846,7 @@ def safe_next(target):
     "//host", no backslash, which browsers read as a slash, no control characters or spaces,
     which browsers drop before reading what is left)."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target \
-            or re.search(r"[\x00-\x20\x7f]", target):
+            or " " in target or _CONTROL.search(target):
         return "/"
     parts = urllib.parse.urlsplit(target)
     return target if not parts.scheme and not parts.netloc else "/"
