@@ -33,6 +33,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import heapq
 import hmac
 import http.client
 import itertools
@@ -46,6 +47,7 @@ import signal
 import socketserver
 import socket
 import sqlite3
+import statistics
 import sys
 import threading
 import time
@@ -113,6 +115,7 @@ class Config:
     activate_ttl: float = 600.0     # seconds an agent_activate mode lasts
     shutdown_grace: float = 10.0    # seconds requests in flight get to finish on SIGTERM/SIGINT
     strand_seconds: float = 60.0    # a job its agent never reported on for this long is reclaimed; 0: never
+    provision_retries: int = 0      # a job whose provision failed is queued again (without that agent) this often
     max_watchers: int = 2048        # blocking event queries in progress at once (more answer 429)
     max_watchers_per_client: int = 256   # … from one client address
     bench_route: bool = False       # mount GET /_bench/ping (a trivial JSON route) for `bench`
@@ -135,6 +138,7 @@ class Config:
         "rackspace_tokens": "AGENTHUB_RACKSPACE_TOKENS", "pfid_partition": "AGENTHUB_PFID_PARTITION",
         "default_environment_id": "AGENTHUB_DEFAULT_ENVIRONMENT_ID", "activate_ttl": "AGENTHUB_ACTIVATE_TTL",
         "shutdown_grace": "AGENTHUB_SHUTDOWN_GRACE", "strand_seconds": "AGENTHUB_STRAND_SECONDS",
+        "provision_retries": "AGENTHUB_PROVISION_RETRIES",
         "max_watchers": "AGENTHUB_MAX_WATCHERS", "max_watchers_per_client": "AGENTHUB_MAX_WATCHERS_PER_CLIENT",
     }
 
@@ -434,6 +438,35 @@ MIGRATIONS = [
     CREATE INDEX web_sessions_client ON web_sessions (client_id);
     DELETE FROM idempotency;
     """,
+    # 7: what the Testflinger server gained after 1.5.0 (spec testflinger-2026.md) and agenthub's
+    # attempts: a job re-queued (re-submitted when finished, or retried after a failed provision)
+    # keeps one row in ``jobs`` for its current attempt; earlier ones move to ``job_attempts``, and
+    # their logs and artifacts stay, numbered by attempt.
+    """
+    ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN finished_at REAL;
+    ALTER TABLE jobs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;   -- provision retries used so far
+    ALTER TABLE log_fragments ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE files ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE provision_logs ADD COLUMN client_id TEXT;             -- who submitted the job
+    ALTER TABLE provision_logs ADD COLUMN recorded_by TEXT NOT NULL DEFAULT 'agent';   -- 'agent' | 'result'
+    CREATE INDEX jobs_finished ON jobs (job_queue, finished_at);
+    CREATE TABLE job_attempts (
+        job_id TEXT NOT NULL, attempt INTEGER NOT NULL,
+        created_at REAL NOT NULL, started_at REAL, finished_at REAL, state TEXT NOT NULL,
+        job_queue TEXT NOT NULL, agent_name TEXT, client_id TEXT, job_data TEXT NOT NULL,
+        result_status TEXT NOT NULL, device_info TEXT, strands INTEGER NOT NULL,
+        ended_by TEXT NOT NULL,                      -- what started the next attempt: resubmitted | retried
+        PRIMARY KEY (job_id, attempt)
+    ) WITHOUT ROWID;
+    CREATE TABLE job_events (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL, attempt INTEGER NOT NULL,
+        event_name TEXT NOT NULL, timestamp REAL NOT NULL, message TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '', status INTEGER, phase TEXT
+    );
+    CREATE INDEX job_events_job ON job_events (job_id, id);
+    """,
 ]
 
 REGISTRY_SQL = """
@@ -701,16 +734,68 @@ class JobStore(_DomainStore):
     """Jobs, their results, logs and files, queues and images; the purge."""
 
     def insert_job(self, db, job):
-        """Store a new waiting job; False when its id is taken."""
-        if db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job["job_id"],)).fetchone():
-            return False
+        """Store a waiting job (a new one, or the next attempt of one just archived); it goes to the
+        back of its queue."""
         db.execute(
             "INSERT INTO jobs (job_id, created_at, job_priority, job_queue, state, attachments_status,"
-            " exclude_agents, client_id, job_data) VALUES (?, ?, ?, ?, 'waiting', ?, ?, ?, ?)",
+            " exclude_agents, client_id, job_data, attempt, retries) VALUES (?, ?, ?, ?, 'waiting', ?, ?, ?, ?, ?, ?)",
             (job["job_id"], job["created_at"], job["job_priority"], job["job_queue"],
              job["attachments_status"], json.dumps(job["exclude_agents"]), job["client_id"],
-             json.dumps(job["job_data"])))
-        return True
+             json.dumps(job["job_data"]), job.get("attempt", 1), job.get("retries", 0)))
+
+    def archive_job(self, db, job_id, ended_by):
+        """Move a job's current attempt to ``job_attempts`` (its logs and files stay, numbered)."""
+        db.execute("INSERT INTO job_attempts (job_id, attempt, created_at, started_at, finished_at, state, job_queue,"
+                   " agent_name, client_id, job_data, result_status, device_info, strands, ended_by)"
+                   " SELECT job_id, attempt, created_at, started_at, finished_at, state, job_queue, agent_name,"
+                   " client_id, job_data, result_status, device_info, strands, ? FROM jobs WHERE job_id = ?",
+                   (ended_by, job_id))
+        db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+
+    def attempts(self, job_id):
+        """The earlier attempts of a job, oldest first."""
+        return self.read("SELECT * FROM job_attempts WHERE job_id = ? ORDER BY attempt", (job_id,))
+
+    def get_attempt(self, job_id, attempt):
+        """One attempt of a job, current or earlier, with the columns both tables share."""
+        return self.read_one(
+            "SELECT job_id, attempt, created_at, started_at, finished_at, state, job_queue, agent_name, client_id,"
+            " job_data, result_status, device_info, strands FROM jobs WHERE job_id = ? AND attempt = ?"
+            " UNION ALL SELECT job_id, attempt, created_at, started_at, finished_at, state, job_queue, agent_name,"
+            " client_id, job_data, result_status, device_info, strands FROM job_attempts"
+            " WHERE job_id = ? AND attempt = ?", (job_id, attempt, job_id, attempt))
+
+    def add_job_events(self, db, job_id, attempt, events):
+        db.executemany("INSERT INTO job_events (job_id, attempt, event_name, timestamp, message, detail, status,"
+                       " phase) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       [(job_id, attempt, e["event_name"], e["timestamp"], e["message"], e.get("detail", ""),
+                         e.get("status"), e.get("phase")) for e in events])
+
+    def job_events(self, job_id):
+        return self.read("SELECT * FROM job_events WHERE job_id = ? ORDER BY id", (job_id,))
+
+    def run_times(self, queue_name, limit):
+        """Seconds from start to finish of the newest completed jobs of a queue (None: of all),
+        newest first."""
+        return [r[0] for r in self.read(
+            "SELECT finished_at - started_at FROM jobs WHERE (? IS NULL OR job_queue = ?) AND finished_at IS NOT NULL"
+            " AND started_at IS NOT NULL AND state IN ('complete', 'completed') ORDER BY finished_at DESC LIMIT ?",
+            (queue_name, queue_name, limit))]
+
+    def jobs_ahead(self, queues, priority, seq, limit):
+        """The queues of the waiting jobs an agent of ``queues`` takes before the job at (priority,
+        seq), in the order it takes them (pop_job's order)."""
+        marks = ",".join("?" * len(queues))
+        return [r[0] for r in self.read(
+            f"SELECT job_queue FROM jobs WHERE state = 'waiting' AND job_queue IN ({marks})"
+            " AND (job_priority > ? OR (job_priority = ? AND seq < ?)) ORDER BY job_priority DESC, seq LIMIT ?",
+            (*queues, priority, priority, seq, limit))]
+
+    def running_on(self, agent_names):
+        """(agent, queue, started_at) of the running jobs held by ``agent_names``."""
+        marks = ",".join("?" * len(agent_names))
+        return self.read(f"SELECT agent_name, job_queue, started_at FROM jobs WHERE agent_name IN ({marks})"
+                         " AND state NOT IN ('waiting', 'cancelled', 'complete', 'completed')", agent_names)
 
     def get_job(self, job_id):
         return self.read_one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
@@ -750,12 +835,17 @@ class JobStore(_DomainStore):
                 " AND (job_priority > ? OR (job_priority = ? AND seq < ?))",
                 (row["job_queue"], row["job_priority"], row["job_priority"], row["seq"])).fetchone()[0]
 
+    def waiting_job(self, job_id):
+        """Where a waiting job stands: its row (seq, queue, priority), or None."""
+        return self.read_one("SELECT * FROM jobs WHERE job_id = ? AND state = 'waiting'", (job_id,))
+
     def silent_jobs(self, agent_name, before):
         """Jobs handed to ``agent_name`` before ``before`` that it never reported on: still 'running'
         (no phase posted) and without a log fragment."""
         return self.read("SELECT job_id, strands FROM jobs WHERE state = 'running' AND agent_name = ?"
                          " AND started_at < ? AND NOT EXISTS (SELECT 1 FROM log_fragments"
-                         " WHERE log_fragments.job_id = jobs.job_id)", (agent_name, before))
+                         " WHERE log_fragments.job_id = jobs.job_id AND log_fragments.attempt = jobs.attempt)",
+                         (agent_name, before))
 
     def requeue_job(self, job_id):
         """Back to waiting, in its original place in the queue (its arrival order is kept)."""
@@ -763,17 +853,17 @@ class JobStore(_DomainStore):
             db.execute("UPDATE jobs SET state = 'waiting', agent_name = NULL, started_at = NULL,"
                        " strands = strands + 1 WHERE job_id = ? AND state = 'running'", (job_id,))
 
-    def strand_job(self, job_id):
+    def strand_job(self, job_id, now):
         with self.write() as db:
-            db.execute("UPDATE jobs SET state = 'cancelled', strands = strands + 1 WHERE job_id = ?"
-                       " AND state = 'running'", (job_id,))
+            db.execute("UPDATE jobs SET state = 'cancelled', strands = strands + 1, finished_at = ? WHERE job_id = ?"
+                       " AND state = 'running'", (now, job_id))
 
-    def cancel_job(self, job_id):
+    def cancel_job(self, job_id, now):
         """Flip an active job to cancelled (its running instance, if any, is marked); returns
         (changed, name of the agent holding it or None)."""
         with self.write() as db:
-            cur = db.execute("UPDATE jobs SET state = 'cancelled' WHERE job_id = ?"
-                             " AND state NOT IN ('cancelled', 'complete', 'completed')", (job_id,))
+            cur = db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE job_id = ?"
+                             " AND state NOT IN ('cancelled', 'complete', 'completed')", (now, job_id))
             held = db.execute("UPDATE instances SET cancel_requested = 1 WHERE job_id = ? AND status = 'active'"
                               " RETURNING agent_name", (job_id,)).fetchone() if cur.rowcount else None
             return cur.rowcount > 0, held[0] if held else None
@@ -783,7 +873,7 @@ class JobStore(_DomainStore):
         return db.execute("UPDATE jobs SET attachments_status = 'complete' WHERE job_id = ? AND state = 'waiting'",
                           (job_id,)).rowcount > 0
 
-    def update_result(self, job_id, status=None, device_info=None, job_state=None, now=None):
+    def update_result(self, job_id, status=None, device_info=None, job_state=None, now=None, agent_id=None):
         """Replace the given parts of a job's result; a cancelled job stays cancelled.
 
         A final state finishes the job's instance: cancelled if a cancel was asked,
@@ -795,9 +885,13 @@ class JobStore(_DomainStore):
                 db.execute("UPDATE jobs SET result_status = ? WHERE job_id = ?", (json.dumps(status), job_id))
             if device_info is not None:
                 db.execute("UPDATE jobs SET device_info = ? WHERE job_id = ?", (json.dumps(device_info), job_id))
+            if agent_id is not None:
+                db.execute("UPDATE jobs SET agent_name = ? WHERE job_id = ?", (agent_id, job_id))
             if job_state is not None:
                 db.execute("UPDATE jobs SET state = ? WHERE job_id = ? AND state != 'cancelled'",
                            (job_state, job_id))
+            if job_state in ("complete", "completed", "cancelled"):
+                db.execute("UPDATE jobs SET finished_at = coalesce(finished_at, ?) WHERE job_id = ?", (now, job_id))
             if job_state not in ("complete", "completed"):
                 return None
             row = db.execute("SELECT result_status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -846,16 +940,20 @@ class JobStore(_DomainStore):
             grouped.setdefault(row["queue"], []).append(row["seconds"])
         return grouped
 
+    # Logs and files belong to one attempt of their job: ``attempt`` None is the current one.
+    _ATTEMPT = " AND attempt = coalesce(?, (SELECT attempt FROM jobs WHERE job_id = ?), 1)"
+
     def add_log_fragment(self, job_id, log_type, phase, number, timestamp, data, now):
         with self.write() as db:
             db.execute("INSERT INTO log_fragments (job_id, log_type, phase, fragment_number, timestamp,"
-                       " log_data, inserted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (job_id, log_type, phase, number, timestamp, data, now))
+                       " log_data, inserted_at, attempt) VALUES (?, ?, ?, ?, ?, ?, ?,"
+                       " coalesce((SELECT attempt FROM jobs WHERE job_id = ?), 1))",
+                       (job_id, log_type, phase, number, timestamp, data, now, job_id))
 
-    def log_fragments(self, job_id, log_type, start_fragment=0, start_timestamp=None, phase=None):
+    def log_fragments(self, job_id, log_type, start_fragment=0, start_timestamp=None, phase=None, attempt=None):
         sql = ("SELECT phase, fragment_number, log_data FROM log_fragments"
-               " WHERE job_id = ? AND fragment_number >= ?")
-        args = [job_id, start_fragment]
+               " WHERE job_id = ? AND fragment_number >= ?" + self._ATTEMPT)
+        args = [job_id, start_fragment, attempt, job_id]
         if log_type is not None:
             sql += " AND log_type = ?"
             args.append(log_type)
@@ -867,42 +965,44 @@ class JobStore(_DomainStore):
             args.append(phase)
         return self.read(sql + " ORDER BY fragment_number, id", args)
 
-    def log_tail(self, job_id, log_type, phase, start_fragment, limit):
+    def log_tail(self, job_id, log_type, phase, start_fragment, limit, attempt=None):
         """The newest fragments of one phase's log (from ``start_fragment`` on) whose text reaches
         ``limit`` characters, oldest first, and whether older ones were left out."""
         rows, size = [], 0
         with self.connection() as conn:
             for row in conn.execute("SELECT fragment_number, log_data FROM log_fragments WHERE job_id = ? AND"
-                                    " log_type = ? AND phase = ? AND fragment_number >= ?"
+                                    " log_type = ? AND phase = ? AND fragment_number >= ?" + self._ATTEMPT +
                                     " ORDER BY fragment_number DESC, id DESC",
-                                    (job_id, log_type, phase, start_fragment)):
+                                    (job_id, log_type, phase, start_fragment, attempt, job_id)):
                 if size >= limit:
                     return rows[::-1], True
                 rows.append(row)
                 size += len(row[1])
         return rows[::-1], False
 
-    def log_size(self, job_id, log_type, phase=None):
+    def log_size(self, job_id, log_type, phase=None, attempt=None):
         """Bytes of a whole log (UTF-8), one phase or all."""
         row = self.read_one("SELECT coalesce(sum(length(CAST(log_data AS BLOB))), 0) FROM log_fragments"
-                            " WHERE job_id = ? AND log_type = ? AND (? IS NULL OR phase = ?)",
-                            (job_id, log_type, phase, phase))
+                            " WHERE job_id = ? AND log_type = ? AND (? IS NULL OR phase = ?)" + self._ATTEMPT,
+                            (job_id, log_type, phase, phase, attempt, job_id))
         return row[0]
 
-    def log_batch(self, job_id, log_type, phase, after, limit=256):
+    def log_batch(self, job_id, log_type, phase, after, limit=256, attempt=None):
         """Up to ``limit`` fragments after the (fragment_number, id) ``after``, as bytes, in order."""
         return self.read("SELECT fragment_number, id, CAST(log_data AS BLOB) FROM log_fragments WHERE job_id = ?"
                          " AND log_type = ? AND (? IS NULL OR phase = ?) AND (fragment_number, id) > (?, ?)"
-                         " ORDER BY fragment_number, id LIMIT ?", (job_id, log_type, phase, phase, *after, limit))
+                         + self._ATTEMPT + " ORDER BY fragment_number, id LIMIT ?",
+                         (job_id, log_type, phase, phase, *after, attempt, job_id, limit))
 
-    def all_log_fragments(self, job_id):
-        return self.read("SELECT log_type, phase, log_data FROM log_fragments WHERE job_id = ?"
-                         " ORDER BY fragment_number, id", (job_id,))
+    def all_log_fragments(self, job_id, attempt=None):
+        return self.read("SELECT log_type, phase, log_data FROM log_fragments WHERE job_id = ?" + self._ATTEMPT +
+                         " ORDER BY fragment_number, id", (job_id, attempt, job_id))
 
     def begin_file(self, job_id, kind, now):
         with self.write() as db:
-            return db.execute("INSERT INTO files (job_id, kind, uploaded_at) VALUES (?, ?, ?)",
-                              (job_id, kind, now)).lastrowid
+            return db.execute("INSERT INTO files (job_id, kind, uploaded_at, attempt) VALUES (?, ?, ?,"
+                              " coalesce((SELECT attempt FROM jobs WHERE job_id = ?), 1))",
+                              (job_id, kind, now, job_id)).lastrowid
 
     def add_file_chunk(self, file_id, seq, data):
         """One chunk per short transaction, so a slow upload never holds the writer lock; False when
@@ -921,17 +1021,29 @@ class JobStore(_DomainStore):
 
     def finish_file(self, db, file_id, size):
         """Make an upload visible and drop the versions it replaces, in the caller's transaction."""
-        row = db.execute("UPDATE files SET complete = 1, size = ? WHERE id = ? RETURNING job_id, kind",
+        row = db.execute("UPDATE files SET complete = 1, size = ? WHERE id = ? RETURNING job_id, kind, attempt",
                          (size, file_id)).fetchone()
-        db.execute("DELETE FROM files WHERE job_id = ? AND kind = ? AND id != ?", (row[0], row[1], file_id))
+        db.execute("DELETE FROM files WHERE job_id = ? AND kind = ? AND attempt = ? AND id != ?",
+                   (row[0], row[1], row[2], file_id))
 
-    def newest_file(self, job_id, kind):
+    def newest_file(self, job_id, kind, attempt=None, any_attempt=False):
+        """The newest complete file of one attempt (``attempt`` None: the current one), or of any."""
+        if any_attempt:
+            return self.read_one("SELECT id, size FROM files WHERE job_id = ? AND kind = ? AND complete = 1"
+                                 " ORDER BY id DESC LIMIT 1", (job_id, kind))
         return self.read_one("SELECT id, size FROM files WHERE job_id = ? AND kind = ? AND complete = 1"
-                             " ORDER BY id DESC LIMIT 1", (job_id, kind))
+                             + self._ATTEMPT + " ORDER BY id DESC LIMIT 1", (job_id, kind, attempt, job_id))
 
     def file_chunk(self, file_id, seq):
         row = self.read_one("SELECT data FROM file_chunks WHERE file_id = ? AND seq = ?", (file_id, seq))
         return None if row is None else row[0]
+
+    def submitters(self, job_ids):
+        """{job_id: client_id} of these jobs (the ones that exist)."""
+        if not job_ids:
+            return {}
+        return {r[0]: r[1] for r in self.read(f"SELECT job_id, client_id FROM jobs WHERE job_id IN"
+                                              f" ({','.join('?' * len(job_ids))})", job_ids)}
 
     def job_state_counts(self):
         return {r[0]: r[1] for r in self.read("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")}
@@ -958,6 +1070,7 @@ class JobStore(_DomainStore):
         with self.connection() as db:
             total = db.execute(f"SELECT count(*) FROM jobs{clause}", args).fetchone()[0]
             rows = db.execute(f"SELECT job_id, created_at, started_at, state, job_queue, job_priority, agent_name,"
+                              f" client_id, attempt,"
                               f" json_extract(job_data, '$.name') AS name, json_extract(job_data, '$.tags') AS tags"
                               f" FROM jobs{clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
                               (*args, limit, offset)).fetchall()
@@ -988,6 +1101,11 @@ class JobStore(_DomainStore):
         with self.write() as db:
             done = db.execute("DELETE FROM jobs WHERE created_at < ? AND state != 'waiting' RETURNING job_id",
                               (cutoff,)).fetchall()
+            db.execute("DELETE FROM job_attempts WHERE created_at < ?", (cutoff,))
+            # A job's events go together once the newest is older than the cutoff (the original's TTL
+            # index on the events document's updated_at).
+            db.execute("DELETE FROM job_events WHERE job_id IN (SELECT job_id FROM job_events GROUP BY job_id"
+                       " HAVING max(timestamp) < ?)", (cutoff,))
             db.execute("DELETE FROM log_fragments WHERE inserted_at < ?", (cutoff,))
             # Files expire with their age; an upload that never finished (client gone, crash)
             # is dropped after a day.
@@ -1049,18 +1167,40 @@ class AgentStore(_DomainStore):
         return self.read("SELECT * FROM agents WHERE tf = 1 AND EXISTS (SELECT 1 FROM json_each(agents.queues)"
                          " WHERE value = ?) ORDER BY name", (queue_name,))
 
-    def add_provision_log(self, agent_name, job_id, exit_code, detail, now):
+    def set_agent_job(self, db, name, job_id):
+        """The job an agent runs (spec testflinger-2026 §2: the server keeps it, not the agent)."""
+        db.execute("UPDATE agents SET job_id = ? WHERE name = ?", (job_id, name))
+
+    def clear_agent_job(self, db, job_id, idle_from=()):
+        """Unset ``job_id`` on the agent that runs it; an agent still reporting one of the states
+        ``idle_from`` for it is shown as waiting for a job again.  Returns that agent's name."""
+        marks = ",".join("?" * len(idle_from)) or "NULL"
+        row = db.execute(f"UPDATE agents SET job_id = NULL, state = CASE WHEN state IN ({marks}) THEN 'waiting'"
+                         f" ELSE state END WHERE job_id = ? RETURNING name", (*idle_from, job_id)).fetchone()
+        return row[0] if row else None
+
+    def job_provision_logged(self, agent_name, job_id):
+        return self.read_one("SELECT 1 FROM provision_logs WHERE agent_name = ? AND job_id = ?",
+                             (agent_name, job_id)) is not None
+
+    def add_provision_log(self, agent_name, job_id, exit_code, detail, now, client_id=None, recorded_by="agent"):
         """Append a provision log entry (kept even for unknown agents, last 100) and update the
-        agent's streak.  Returns False when the agent is unknown."""
+        agent's streak.  An agent's own entry replaces one agenthub recorded from the job's result.
+        Returns False when the agent is unknown."""
         with self.write() as db:
-            db.execute("INSERT INTO provision_logs (agent_name, job_id, exit_code, detail, timestamp)"
-                       " VALUES (?, ?, ?, ?, ?)", (agent_name, job_id, exit_code, detail, now))
+            replaced = db.execute("DELETE FROM provision_logs WHERE agent_name = ? AND job_id = ?"
+                                  " AND recorded_by = 'result'", (agent_name, job_id)).rowcount
+            db.execute("INSERT INTO provision_logs (agent_name, job_id, exit_code, detail, timestamp, client_id,"
+                       " recorded_by) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (agent_name, job_id, exit_code, detail, now, client_id, recorded_by))
             db.execute("DELETE FROM provision_logs WHERE agent_name = ? AND id NOT IN (SELECT id FROM"
                        " provision_logs WHERE agent_name = ? ORDER BY id DESC LIMIT 100)", (agent_name, agent_name))
             agent = db.execute("SELECT provision_streak_type, provision_streak_count FROM agents WHERE name = ?",
                                (agent_name,)).fetchone()
             if agent is None:
                 return False
+            if replaced:                 # this provision is already counted in the streak
+                return True
             kind = "pass" if exit_code == 0 else "fail"
             count = (agent["provision_streak_count"] or 0) + 1 if agent["provision_streak_type"] == kind else 1
             db.execute("UPDATE agents SET provision_streak_type = ?, provision_streak_count = ? WHERE name = ?",
@@ -1068,8 +1208,8 @@ class AgentStore(_DomainStore):
             return True
 
     def provision_logs(self, agent_name):
-        return self.read("SELECT job_id, exit_code, detail, timestamp FROM provision_logs WHERE agent_name = ?"
-                         " ORDER BY id", (agent_name,))
+        return self.read("SELECT job_id, exit_code, detail, timestamp, client_id, recorded_by FROM provision_logs"
+                         " WHERE agent_name = ? ORDER BY id", (agent_name,))
 
     def setting(self, key, make_default):
         """Read a setting, storing ``make_default()`` the first time."""
@@ -1855,12 +1995,16 @@ JOB_SCHEMA = Schema({
 })
 ACTION_SCHEMA = Schema({"action": String(required=True, validate=one_of("cancel"))})
 RESULT_SCHEMA = Schema({"status": Dict(keys=String(validate=one_of(*PHASES)), values=Integer()),
-                        "device_info": Dict(), "job_state": String()})
+                        "device_info": Dict(), "job_state": String(),
+                        "agent_id": String()})                       # since Testflinger #1253
 LOG_POST_SCHEMA = Schema({"fragment_number": Integer(required=True), "timestamp": DateTime(required=True),
                           "phase": String(required=True, validate=one_of(*PHASES)),
                           "log_data": String(required=True)})
 LOG_QUERY_SCHEMA = Schema({"start_fragment": Integer(validate=at_least(0)), "start_timestamp": DateTime(),
-                           "phase": String(validate=one_of(*PHASES))})
+                           "phase": String(validate=one_of(*PHASES)),
+                           "attempt": Integer(validate=at_least(1))})         # an agenthub extension
+ATTEMPT_QUERY_SCHEMA = Schema({"attempt": Integer(validate=at_least(1))})
+SUMMARY_QUERY_SCHEMA = Schema({"queue": List(String()), "agent": String()})
 SEARCH_SCHEMA = Schema({"tags": List(String()), "match": String(validate=one_of("any", "all")),
                         "state": List(String(validate=one_of(*SEARCH_STATES))),
                         "limit": Integer(validate=at_least(0)), "offset": Integer(validate=at_least(0))})
@@ -2669,6 +2813,52 @@ def forward_job_status(config, job_url, payload):
     return status, text
 
 
+# Job events (spec testflinger-2026 §4): the original's six, then agenthub's own (extensions the
+# original clients show like any other event).  A placeholder without a value shows as <name>.
+JOB_EVENT_TEXT = {
+    "job_submitted": "Job submitted by user {client_id} into queue {queue_name}.",
+    "job_assigned": "Job assigned to agent {agent_name}.",
+    "job_phase_started": "Phase {phase} started.",
+    "job_phase_completed": "Phase {phase} completed with exit code {status}",
+    "job_completed": "Job completed.",
+    "job_cancelled": "Job cancellation requested by user {client_id}.",
+    "job_resubmitted": "Job resubmitted by user {client_id}: attempt {attempt} is waiting in queue {queue_name}.",
+    "job_retried": "Provisioning failed on agent {agent_name}: attempt {attempt} is waiting in queue {queue_name}"
+                   " (provision retry {retry} of {retries}); agent {agent_name} is excluded.",
+    "job_not_retried": "Provisioning failed on agent {agent_name}; not retried: {reason}.",
+    "job_requeued": "Job never reached agent {agent_name}; it is back in its place in queue {queue_name}.",
+    "job_stranded": "Job never reached agent {agent_name}, for the second time; it is cancelled.",
+}
+
+
+class _Placeholders(dict):
+    def __missing__(self, key):
+        return f"<{key}>"
+
+
+def job_event(name, now, detail="", status=None, phase=None, **values):
+    """One job event as stored: the message is rendered when it happens."""
+    shown = {k: v for k, v in values.items() if v is not None}
+    if status is not None:
+        shown["status"] = status
+    if phase is not None:
+        shown["phase"] = phase
+    return {"event_name": name, "timestamp": now, "detail": detail, "status": status, "phase": phase,
+            "message": JOB_EVENT_TEXT[name].format_map(_Placeholders(shown))}
+
+
+def who(client_id):
+    """A submitter as events name it.  The original formats a missing client as "None"; here an
+    anonymous caller is named so."""
+    return client_id or "anonymous"
+
+
+def bson_date(ts):
+    """A time as the original's jsonify writes a Mongo datetime (spec testflinger-2026: real clients
+    read ``{"$date": …}``)."""
+    return {"$date": iso(ts, digits=3)}
+
+
 class JobQueue:
     """Testflinger jobs: submit, pop, cancel, results, logs, files, and what agents tell us."""
 
@@ -2705,15 +2895,39 @@ class JobQueue:
         reserve = job_data.get("reserve_data")
         if reserve is not None and reserve.get("timeout", 0) is None:
             del reserve["timeout"]
-        job = {"job_id": job_id, "created_at": utcnow(), "job_priority": data.get("job_priority", 0),
+        now = utcnow()
+        job = {"job_id": job_id, "created_at": now, "job_priority": data.get("job_priority", 0),
                "job_queue": queue_name, "attachments_status": "waiting" if has_attachments else None,
                "exclude_agents": data.get("exclude_agents", []), "client_id": identity.client_id,
                "job_data": job_data}
         with self.store.write() as db:
-            if not self.store.insert_job(db, job):
-                # The original stores a second document for a re-used id; one id is one job here.
-                raise ApiError(409, f"Job {job_id} already exists")
+            current = self.store.get_job(job_id)
+            if current is None:
+                self.store.insert_job(db, job)
+                self.store.add_job_events(db, job_id, 1, [job_event(
+                    "job_submitted", now, client_id=who(identity.client_id), queue_name=queue_name)])
+            else:
+                self._resubmit(db, current, job, identity, now)
         return job_id
+
+    def _resubmit(self, db, current, job, identity, now):
+        """A submit that names a job that exists.  The original stores a second document under the
+        same id; here one id stays one job: still waiting, nothing changes (a retried submit); still
+        running, 409; finished, the job is queued again as its next attempt, earlier attempts kept."""
+        job_id, state = current["job_id"], current["state"]
+        if state == "waiting":
+            return
+        if state not in self.ACTIVE_END:
+            raise ApiError(409, f"Job {job_id} is still running (state {state}); cancel it or wait for it to"
+                                " finish before submitting it again")
+        if current["client_id"] not in (None, identity.client_id) and identity.role not in ("admin", "manager"):
+            raise ApiError(403, f"Job {job_id} was submitted by another client")
+        attempt = current["attempt"] + 1
+        self.store.archive_job(db, job_id, "resubmitted")
+        self.store.insert_job(db, {**job, "attempt": attempt})
+        self.store.add_job_events(db, job_id, attempt, [job_event(
+            "job_resubmitted", now, client_id=who(identity.client_id), attempt=attempt,
+            queue_name=job["job_queue"])])
 
     def check_permissions(self, permissions, data):
         """Priority, restricted queue and reservation length against the token's permissions."""
@@ -2751,12 +2965,18 @@ class JobQueue:
         if self.config.strand_seconds <= 0:
             return 0
         rows = self.store.silent_jobs(agent_name, now - self.config.strand_seconds)
-        for row in rows:
-            if row["strands"] == 0:
-                self.store.requeue_job(row["job_id"])
-            else:
-                self.store.strand_job(row["job_id"])
-            self.agent_store.fail_job_instance(row["job_id"], now)
+        with self.store.write() as db:
+            for row in rows:
+                job = self.store.get_job(row["job_id"])
+                if row["strands"] == 0:
+                    self.store.requeue_job(row["job_id"])
+                    event = job_event("job_requeued", now, agent_name=agent_name, queue_name=job["job_queue"])
+                else:
+                    self.store.strand_job(row["job_id"], now)
+                    event = job_event("job_stranded", now, agent_name=agent_name)
+                self.agent_store.fail_job_instance(row["job_id"], now)
+                self.agent_store.clear_agent_job(db, row["job_id"])
+                self.store.add_job_events(db, row["job_id"], job["attempt"], [event])
         return len(rows)
 
     def reclaim_from_lost_agents(self):
@@ -2772,18 +2992,23 @@ class JobQueue:
 
     def pop(self, queues, agent_name):
         now = utcnow()
-        with self.store.write():
+        with self.store.write() as db:
             self.reclaim_stranded(agent_name, now)
             agent = self.agent_store.get_agent(agent_name)
             row = None
             if agent is None or not agent["retired"]:             # a retired agent takes no jobs
                 row = self.store.pop_job(list(dict.fromkeys(queues)), agent_name, now)
             if row is not None and agent is not None:
-                # The job becomes a running instance of the agent that took it (the registry's view).
+                # The job becomes a running instance of the agent that took it (the registry's view),
+                # and the agent's job (newer agents no longer post it themselves).
                 self.agent_store.add_instance({
                     "pfid": self.registry.new_pfid(), "agent_name": agent_name, "source": "testflinger",
                     "job_id": row["job_id"], "environment_id": agent["environment_id"], "status": "active",
                     "inserted_at": now, "updated_at": now, "started_at": now})
+                self.agent_store.set_agent_job(db, agent_name, row["job_id"])
+            if row is not None:
+                self.store.add_job_events(db, row["job_id"], row["attempt"],
+                                          [job_event("job_assigned", now, agent_name=agent_name)])
         self.registry.contact(agent_name, throttle=1.0)
         if row is None:
             return None
@@ -2809,11 +3034,83 @@ class JobQueue:
     def position(self, job_id):
         return self.store.job_position(job_id)
 
-    def cancel(self, job_id):
-        changed, holder = self.store.cancel_job(job_id)
-        if holder:
-            self.registry.changed(holder)
-        return changed
+    def _takes_jobs(self, agent, now):
+        view = self.registry.view(agent, now)
+        return view.online and view.config == "Enabled"
+
+    ESTIMATE_SAMPLES = 20          # the newest completed jobs of a queue that give its run time
+    ESTIMATE_AHEAD = 5000          # jobs ahead simulated at most (beyond: "later than" this estimate)
+
+    def estimate(self, job_id):
+        """When a waiting job should start (Testflinger #858), and how that was worked out; None for
+        a job that is not waiting.
+
+        The agents that can take it are those serving its queue that are online, enabled and not
+        excluded.  Each takes jobs in pop order (priority, then arrival) from every queue it serves,
+        so the jobs ahead are the waiting ones of all those queues that rank before this one.  Each
+        job is assumed to run as long as the median of its queue's newest completed jobs (of all
+        queues when its own has none yet); a running job, that median less what it has run.  The
+        jobs ahead are handed in order to whichever agent is free first; this job starts when the
+        next one is.  Agents outside the pool that also serve those queues would make it earlier."""
+        row = self.store.waiting_job(job_id)
+        if row is None:
+            return None
+        now, queue_name = utcnow(), row["job_queue"]
+        excluded = set(json.loads(row["exclude_agents"]))
+        pool = [a for a in self.agent_store.list_agents(queue_name)
+                if a["name"] not in excluded and self._takes_jobs(a, now)]
+        out = {"job_id": job_id, "job_state": "waiting", "job_queue": queue_name,
+               "position": self.store.job_position(job_id), "agents": [a["name"] for a in pool]}
+        medians = {}
+
+        def run_seconds(q):           # None: over every queue
+            if q not in medians:
+                times = sorted(self.store.run_times(q, self.ESTIMATE_SAMPLES))
+                medians[q] = statistics.median(times) if times else None
+            return medians[q]
+
+        def typical(q):               # unknown: the agent is never known to be free again
+            return next((m for m in (run_seconds(q), run_seconds(None)) if m is not None), math.inf)
+
+        if not pool:
+            return {**out, "estimated_start": None, "estimated_wait_seconds": None,
+                    "reason": f"no online agent that may run this job serves queue {queue_name}"}
+        queues = sorted({q for a in pool for q in json.loads(a["queues"] or "[]")})
+        ahead = self.store.jobs_ahead(queues, row["job_priority"], row["seq"], self.ESTIMATE_AHEAD)
+        running = {r["agent_name"]: r for r in self.store.running_on([a["name"] for a in pool])}
+        free = []
+        for agent in pool:
+            job = running.get(agent["name"])
+            free.append(now if job is None else now + max(0.0, typical(job["job_queue"])
+                                                            - (now - (job["started_at"] or now))))
+        heapq.heapify(free)
+        for q in ahead:
+            heapq.heappush(free, heapq.heappop(free) + typical(q))
+        out.update(jobs_ahead=len(ahead), busy_agents=len(running),
+                   run_seconds={q: round(typical(q), 1) for q in sorted(set(ahead) | {queue_name}
+                                                                        | {r["job_queue"] for r in running.values()})
+                                if typical(q) < math.inf})
+        if free[0] == math.inf:
+            return {**out, "estimated_start": None, "estimated_wait_seconds": None,
+                    "reason": "no completed job yet to learn run times from"}
+        return {**out, "estimated_start": iso(free[0]), "estimated_wait_seconds": int(free[0] - now),
+                "lower_bound": len(ahead) >= self.ESTIMATE_AHEAD,
+                "method": "jobs ahead (pop order over the queues the agents serve) handed to the first free agent,"
+                          f" each taking the median run time of its queue's last {self.ESTIMATE_SAMPLES}"
+                          " completed jobs"}
+
+    def cancel(self, job_id, identity):
+        """Cancel an unfinished job and free its agent; False when neither changed anything."""
+        now = utcnow()
+        with self.store.write() as db:
+            changed, holder = self.store.cancel_job(job_id, now)
+            freed = self.agent_store.clear_agent_job(db, job_id)
+            if changed:
+                self.store.add_job_events(db, job_id, self.store.get_job(job_id)["attempt"], [job_event(
+                    "job_cancelled", now, client_id=who(identity.client_id))])
+        for name in {holder, freed} - {None}:
+            self.registry.changed(name)
+        return changed or freed is not None
 
     def search(self, tags, match, states, limit=None, offset=0):
         rows = self.store.search_jobs(tags, match == "all", states, limit, offset)
@@ -2850,14 +3147,115 @@ class JobQueue:
     # -- results and logs ------------------------------------------------------------
 
     def post_result(self, job_id, data):
-        finished = self.store.update_result(job_id, data.get("status"), data.get("device_info"),
-                                            data.get("job_state"), utcnow())
-        if finished:
-            self.registry.changed(finished)
+        """An agent's report: the result changes and the job's events, its agent freed when it ends,
+        a failed provision in the agent's history, and a provision retry — one transaction."""
+        now, state = utcnow(), data.get("job_state")
+        with self.store.write() as db:
+            before = self.store.get_job(job_id)
+            finished = self.store.update_result(job_id, data.get("status"), data.get("device_info"), state, now,
+                                                data.get("agent_id"))
+            freed = None
+            if before is not None:
+                self.store.add_job_events(db, job_id, before["attempt"], self._result_events(before, data, now))
+                if state in self.ACTIVE_END:
+                    # Its agent no longer runs it; one still saying it is in a phase of it is idle again.
+                    freed = self.agent_store.clear_agent_job(db, job_id, idle_from=PHASES)
+                self._provision_outcome(db, before, data, now)
+        for name in {finished, freed} - {None}:
+            self.registry.changed(name)
 
-    def result(self, job_id):
-        """The flat result of spec §2.3, or None for an unknown job."""
-        row = self.store.get_job(job_id)
+    def _result_events(self, before, data, now):
+        """Phase completions (new keys of ``status``) first, then the phase started or the end."""
+        events, old = [], json.loads(before["result_status"])
+        for phase, code in (data.get("status") or {}).items():
+            if phase not in old:
+                events.append(job_event("job_phase_completed", now, status=code, phase=phase))
+        state = data.get("job_state")
+        if state in PHASES and state != before["state"]:
+            events.append(job_event("job_phase_started", now, phase=state))
+        elif state in ("complete", "completed") and before["state"] not in ("complete", "completed"):
+            events.append(job_event("job_completed", now))
+        return events
+
+    def _provision_outcome(self, db, before, data, now):
+        """A provision that exited non-zero goes into its agent's history even when the agent posted
+        no provision log (Testflinger #1110); with ``--provision-retries``, a job that ends so is
+        queued again as its next attempt, without that agent (#1143)."""
+        status = data.get("status") or {}
+        agent_name = data.get("agent_id") or before["agent_name"]
+        code = status.get("provision")
+        if code and agent_name and "provision" not in json.loads(before["result_status"]) \
+                and not self.agent_store.job_provision_logged(agent_name, before["job_id"]):
+            self.agent_store.add_provision_log(agent_name, before["job_id"], code, "recorded from the job's"
+                                               " provision_status", now, before["client_id"], "result")
+        after = self.store.get_job(before["job_id"])
+        failed = json.loads(after["result_status"]).get("provision")
+        if not failed or after["state"] not in ("complete", "completed") or before["state"] in self.ACTIVE_END \
+                or before["retries"] >= self.config.provision_retries:
+            return
+        excluded = list(dict.fromkeys([*json.loads(after["exclude_agents"]), *([agent_name] if agent_name else [])]))
+        others = [a for a in self.agent_store.list_agents(after["job_queue"]) if a["name"] not in excluded]
+        if not others:
+            self.store.add_job_events(db, after["job_id"], after["attempt"], [job_event(
+                "job_not_retried", now, agent_name=agent_name,
+                reason=f"no other agent serves queue {after['job_queue']}")])
+            return
+        job_data = {**json.loads(after["job_data"]), "exclude_agents": excluded}
+        attempt, retry = after["attempt"] + 1, after["retries"] + 1
+        self.store.archive_job(db, after["job_id"], "retried")
+        self.store.insert_job(db, {
+            "job_id": after["job_id"], "created_at": now, "job_priority": after["job_priority"],
+            "job_queue": after["job_queue"], "attachments_status": after["attachments_status"],
+            "exclude_agents": excluded, "client_id": after["client_id"], "job_data": job_data,
+            "attempt": attempt, "retries": retry})
+        self.store.add_job_events(db, after["job_id"], attempt, [job_event(
+            "job_retried", now, agent_name=agent_name, attempt=attempt, queue_name=after["job_queue"], retry=retry,
+            retries=self.config.provision_retries)])
+
+    def _attempt_row(self, job_id, attempt=None):
+        return self.store.get_job(job_id) if attempt is None else self.store.get_attempt(job_id, attempt)
+
+    def status(self, job_id, attempt=None):
+        """GET /v1/result/<id>/status (Testflinger #1285): the state and the phases' exit codes,
+        never the logs; None for an unknown job."""
+        row = self._attempt_row(job_id, attempt)
+        if row is None:
+            return None
+        out = {"job_state": row["state"]} if row["state"] else {}
+        status = json.loads(row["result_status"])
+        out.update({f"{phase}_status": status[phase] for phase in PHASES if phase in status})
+        return out
+
+    def events(self, job_id):
+        """The job's events, oldest first (spec testflinger-2026 §4), or None for an unknown job."""
+        if self.store.get_job(job_id) is None:
+            return None
+        out = []
+        for row in self.store.job_events(job_id):
+            event = {"event_name": row["event_name"], "timestamp": bson_date(row["timestamp"]),
+                     "message": row["message"], "detail": row["detail"], "attempt": row["attempt"]}
+            if row["status"] is not None:
+                event["status"] = row["status"]
+            if row["phase"] is not None:
+                event["phase"] = row["phase"]
+            out.append(event)
+        return out
+
+    def attempts(self, job_id):
+        """Every attempt of a job, oldest first (an agenthub extension), or None for an unknown job."""
+        current = self.store.get_job(job_id)
+        if current is None:
+            return None
+        rows = [*self.store.attempts(job_id), current]
+        return [{"attempt": r["attempt"], "job_state": r["state"], "job_queue": r["job_queue"],
+                 "created_at": iso(r["created_at"]), "started_at": iso(r["started_at"]),
+                 "finished_at": iso(r["finished_at"]), "agent": r["agent_name"], "submitted_by": r["client_id"],
+                 "status": json.loads(r["result_status"]),
+                 "ended_by": r["ended_by"] if "ended_by" in r.keys() else None} for r in rows]
+
+    def result(self, job_id, attempt=None):
+        """The flat result of spec §2.3 (of one attempt, the current by default), or None."""
+        row = self._attempt_row(job_id, attempt)
         if row is None:
             return None
         out = {"job_state": row["state"]}
@@ -2867,7 +3265,7 @@ class JobQueue:
             out["device_info"] = json.loads(row["device_info"])
         status = json.loads(row["result_status"])
         logs = {}
-        for frag in self.store.all_log_fragments(job_id):
+        for frag in self.store.all_log_fragments(job_id, row["attempt"]):
             key = f"{frag['phase']}_{frag['log_type']}"
             logs[key] = logs.get(key, "") + frag["log_data"]
         for phase in PHASES:
@@ -2882,38 +3280,38 @@ class JobQueue:
         self.store.add_log_fragment(job_id, log_type, data["phase"], data["fragment_number"],
                                     data["timestamp"], data["log_data"], utcnow())
 
-    def logs(self, job_id, log_type, start_fragment=0, start_timestamp=None, phase=None):
+    def logs(self, job_id, log_type, start_fragment=0, start_timestamp=None, phase=None, attempt=None):
         phases = [phase] if phase else list(PHASES)
         out = {p: {"last_fragment_number": -1, "log_data": ""} for p in phases}
-        for frag in self.store.log_fragments(job_id, log_type, start_fragment, start_timestamp, phase):
+        for frag in self.store.log_fragments(job_id, log_type, start_fragment, start_timestamp, phase, attempt):
             entry = out[frag["phase"]]
             entry["last_fragment_number"] = max(entry["last_fragment_number"], frag["fragment_number"])
             entry["log_data"] += frag["log_data"]
         return {log_type: out}
 
-    def log_tail(self, job_id, log_type, limit, start_fragment=0):
+    def log_tail(self, job_id, log_type, limit, start_fragment=0, attempt=None):
         """Like ``logs`` but bounded: at most the last ``limit`` characters of each phase, with
         ``cut`` saying whether earlier text was left out (the job page shows this)."""
         out = {}
         for phase in PHASES:
-            rows, cut = self.store.log_tail(job_id, log_type, phase, start_fragment, limit)
+            rows, cut = self.store.log_tail(job_id, log_type, phase, start_fragment, limit, attempt)
             text = "".join(row[1] for row in rows)
             if len(text) > limit:
                 text, cut = text[-limit:], True
             out[phase] = {"last_fragment_number": rows[-1][0] if rows else -1, "log_data": text, "cut": cut}
         return out
 
-    def log_file(self, job_id, log_type, phase=None):
+    def log_file(self, job_id, log_type, phase=None, attempt=None):
         """A whole log as (size, chunks) for streaming; memory stays flat whatever its size."""
         def chunks():
             after = (-(2 ** 63), -1)
             while True:
-                rows = self.store.log_batch(job_id, log_type, phase, after)
+                rows = self.store.log_batch(job_id, log_type, phase, after, attempt=attempt)
                 if not rows:
                     return
                 after = (rows[-1][0], rows[-1][1])
                 yield b"".join(row[2] for row in rows)
-        return self.store.log_size(job_id, log_type, phase), chunks()
+        return self.store.log_size(job_id, log_type, phase, attempt), chunks()
 
     # -- files -------------------------------------------------------------------------
 
@@ -2954,12 +3352,13 @@ class JobQueue:
         that also refused their cleanup) are dropped; none can still be arriving."""
         return self.store.drop_incomplete_files()
 
-    def has_file(self, job_id, kind):
-        return self.store.newest_file(job_id, kind) is not None
+    def has_file(self, job_id, kind, attempt=None):
+        return self.store.newest_file(job_id, kind, attempt, any_attempt=kind == "attachments") is not None
 
-    def open_file(self, job_id, kind):
-        """(size, chunk iterator) of the newest stored file, or None."""
-        row = self.store.newest_file(job_id, kind)
+    def open_file(self, job_id, kind, attempt=None):
+        """(size, chunk iterator) of the newest stored file, or None.  An artifact belongs to one
+        attempt; the attachments are the job's (a retry runs with the ones already sent)."""
+        row = self.store.newest_file(job_id, kind, attempt, any_attempt=kind == "attachments")
         if row is None:
             return None
         file_id = row["id"]
@@ -2994,10 +3393,16 @@ class JobQueue:
     def agent(self, name, full=True):
         """An agent as GET /v1/agents/data/<name> shows it (``full``) or as queue listings do."""
         row = self.agent_store.get_agent(name)
-        return None if row is None or not row["tf"] else self._agent_out(row, full)
+        return None if row is None or not row["tf"] else self._agent_out(row, full, self._submitters([row]))
 
     def agents(self, queue_name=None, full=True):
-        return [self._agent_out(row, full) for row in self.agent_store.list_agents(queue_name)]
+        rows = self.agent_store.list_agents(queue_name)
+        submitters = self._submitters(rows)
+        return [self._agent_out(row, full, submitters) for row in rows]
+
+    def _submitters(self, rows):
+        """{job id: who submitted it} for the jobs these agents run (Testflinger #1288)."""
+        return self.store.submitters([r["job_id"] for r in rows if r["job_id"]])
 
     def queue_agents(self, queue_name):
         """The agents listening on a queue that exists (404 otherwise)."""
@@ -3020,8 +3425,9 @@ class JobQueue:
     def provision_logs(self, agent_name):
         return self.agent_store.provision_logs(agent_name)
 
-    def queue_summaries(self):
-        """Every queue anyone knows of: advertised, served by an agent, or holding jobs."""
+    def queue_summaries(self, names=None):
+        """Every queue anyone knows of (advertised, served by an agent, or holding jobs), or those
+        ``names``: its agents and how many jobs wait and run (Testflinger #870)."""
         advertised = self.advertised_queues()
         served = {}
         for agent in self.agent_store.list_agents():
@@ -3029,13 +3435,14 @@ class JobQueue:
                 served.setdefault(q, []).append(agent["name"])
         activity = self.store.queue_activity()
         waits = self.wait_times([])
-        names = sorted(set(advertised) | set(served) | set(activity))
+        names = sorted(set(advertised) | set(served) | set(activity)) if names is None else sorted(set(names))
         return [{"name": n, "description": advertised.get(n, ""), "agents": served.get(n, []),
                  "waiting": activity.get(n, {}).get("waiting", 0), "running": activity.get(n, {}).get("running", 0),
                  "wait": waits.get(n, {})} for n in names]
 
-    def _agent_out(self, row, full):
-        """An agent as the original returns it: only the fields that were ever set."""
+    def _agent_out(self, row, full, submitters):
+        """An agent as the original returns it: only the fields that were ever set; while it runs a
+        job, ``submitted_by`` (null for an anonymous submitter)."""
         out = {"name": row["name"]}
         names = AgentStore.AGENT_FIELDS + ("updated_at", "provision_streak_type", "provision_streak_count") if full \
             else AGENT_OUT_FIELDS
@@ -3047,14 +3454,18 @@ class JobQueue:
         if row["retired"]:
             # Retired through /api/v1: reads say offline, the stored state is kept for reinstating.
             out["state"], out["comment"] = "offline", "retired"
+        if row["job_id"] and row["job_id"] in submitters:
+            out["submitted_by"] = submitters[row["job_id"]]
         if full:
             out["restricted_to"] = self.access.restricted_owners(out.get("queues", []))
         return out
 
     def provision_log(self, agent_name, data):
-        if not self.agent_store.add_provision_log(agent_name, data["job_id"], data["exit_code"],
-                                            data.get("detail"), utcnow()):
-            raise ApiError(404, "Agent not found\n", text=True)
+        """An agent's provision outcome; the entry names who submitted the job (for the pages)."""
+        job = self.store.get_job(parse_job_id(data["job_id"]) or data["job_id"])
+        if not self.agent_store.add_provision_log(agent_name, data["job_id"], data["exit_code"], data.get("detail"),
+                                                  utcnow(), job["client_id"] if job else None):
+            raise ApiError(404, "Agent not found")          # JSON since Testflinger #1253 (plain text in 1.5.0)
         self.registry.contact(agent_name)
 
     def purge(self):
@@ -4678,10 +5089,23 @@ def install_testflinger(app, hub):
             raise ApiError(410, "Job not found or already started\n", text=True)
         return text_response(str(position))
 
+    # agenthub extensions: when a waiting job should start (Testflinger #858), and its attempts.
+    @route("GET", "/v1/job/<job_id>/estimate", AMC)
+    def job_estimate(job_id):
+        estimate = jobs.estimate(tf_job_id(job_id))
+        if estimate is None:
+            raise ApiError(410, "Job not found or already started\n", text=True)
+        return json_response(estimate)
+
+    @route("GET", "/v1/job/<job_id>/attempts", AMC)
+    def job_attempts(job_id):
+        found = jobs.attempts(tf_job_id(job_id))
+        return no_content() if found is None else json_response(found)
+
     @route("POST", "/v1/job/<job_id>/action", AMC)
     def job_action(job_id):
         body(ACTION_SCHEMA)
-        if not jobs.cancel(tf_job_id(job_id, text=True)):
+        if not jobs.cancel(tf_job_id(job_id, text=True), request.environ["agenthub.identity"]):
             raise ApiError(400, "The job is already completed or cancelled", text=True)
         return text_response("OK")
 
@@ -4697,10 +5121,28 @@ def install_testflinger(app, hub):
         jobs.post_result(tf_job_id(job_id), data)
         return text_response("OK")
 
+    def attempt():
+        """``?attempt=N``: one attempt of a job re-queued (an agenthub extension); None: the current."""
+        return tf_load(ATTEMPT_QUERY_SCHEMA, {k: v for k, v in tf_query().items() if k == "attempt"},
+                       "query").get("attempt")
+
     @route("GET", "/v1/result/<job_id>", ANY_ROLE)
     def get_result(job_id):
-        result = jobs.result(tf_job_id(job_id))
+        result = jobs.result(tf_job_id(job_id), attempt())
         return no_content() if result is None else json_response(result)
+
+    @route("GET", "/v1/result/<job_id>/status", ANY_ROLE)
+    def get_status(job_id):
+        status = jobs.status(tf_job_id(job_id), attempt())
+        return no_content() if status is None else json_response(status)
+
+    @route("GET", "/v1/events/job/<job_id>", ANY_ROLE)
+    def get_job_events(job_id):
+        canonical = parse_job_id(job_id)
+        events = None if canonical is None else jobs.events(canonical)
+        if events is None:
+            raise ApiError(404, "Job not found")            # an invalid id too (no 400 here)
+        return json_response({"job_id": canonical, "events": events})
 
     # The original raises inside URL matching (a 500) for other log types; here they are unknown URLs.
     @route("POST", "/v1/result/<job_id>/log/<log_type:re:output|serial>", AGENT)
@@ -4716,7 +5158,7 @@ def install_testflinger(app, hub):
         except Invalid as exc:
             raise ApiError(400, exc.errors)
         return json_response(jobs.logs(tf_job_id(job_id), log_type, query.get("start_fragment", 0),
-                                       query.get("start_timestamp"), query.get("phase")))
+                                       query.get("start_timestamp"), query.get("phase"), query.get("attempt")))
 
     @route("POST", "/v1/result/<job_id>/artifact", AGENT)
     def post_artifact(job_id):
@@ -4725,7 +5167,7 @@ def install_testflinger(app, hub):
     @route("GET", "/v1/result/<job_id>/artifact", AMC)
     def get_artifact(job_id):
         return send_file(tf_job_id(job_id, text=True), "artifact", "application/x-tar",
-                         "inline; filename=artifact.tar.gz")
+                         "inline; filename=artifact.tar.gz", attempt())
 
     def receive_file(job_id, kind):
         part = multipart_part("file", request.environ.get("CONTENT_TYPE", ""), body_stream())
@@ -4734,8 +5176,8 @@ def install_testflinger(app, hub):
         jobs.save_file(job_id, kind, part)
         return text_response("OK")
 
-    def send_file(job_id, kind, content_type, disposition=None):
-        found = jobs.open_file(job_id, kind)
+    def send_file(job_id, kind, content_type, disposition=None, number=None):
+        found = jobs.open_file(job_id, kind, number)
         return no_content() if found is None else stream_response(found, content_type, disposition)
 
     # -- agents, queues, images ----------------------------------------------------------
@@ -4778,6 +5220,19 @@ def install_testflinger(app, hub):
     def post_provision_log(agent_name):
         jobs.provision_log(agent_name, body(PROVISION_LOG_SCHEMA))
         return text_response("OK")
+
+    @route("GET", "/v1/queues/summary", AMC)
+    def queue_summary():
+        """An agenthub extension (Testflinger #870): agents and waiting/running counts of the queues
+        named by ``?queue=``, or of those ``?agent=`` serves, or of every queue."""
+        query = tf_load(SUMMARY_QUERY_SCHEMA, tf_query(), "query")
+        names = query.get("queue")
+        if "agent" in query:
+            agent = jobs.agent(query["agent"])
+            if agent is None:
+                raise ApiError(404, "Agent not found")
+            names = sorted(set(names or []) | set(agent.get("queues", [])))
+        return json_response(jobs.queue_summaries(names))
 
     @route("GET", "/v1/queues/wait_times", AMC)
     def wait_times():
@@ -6002,7 +6457,7 @@ def install_web(app, hub):
         job_id, row = job_or_none(job_id)
         if row is None:
             return web_not_found("That job")
-        if not jobs.cancel(job_id):
+        if not jobs.cancel(job_id, who):
             return web_page("Cancel job", "message", who, 400, heading="Not cancelled",
                             text="The job is already completed or cancelled.")
         return bottle.redirect(f"/jobs/{job_id}?cancelled=1", 303)
@@ -6456,6 +6911,10 @@ def _serve_options(parser, env):
     parser.add_argument("--max-json-bytes", type=int, default=env.max_json_bytes,
                         help="larger JSON bodies answer 413 (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", default=env.quiet, help="no access log")
+    parser.add_argument("--provision-retries", type=int, default=env.provision_retries, metavar="N",
+                        help="a job whose provision phase failed is queued again as its next attempt, without the"
+                             " agent that failed, at most N times (default %(default)s: never;"
+                             " AGENTHUB_PROVISION_RETRIES)")
     parser.add_argument("--strand-seconds", type=float, default=env.strand_seconds,
                         help="a job handed to an agent that reported nothing on it for this long, when the agent"
                              " asks for another, is requeued once, then cancelled; 0 disables (default"
@@ -6598,6 +7057,7 @@ def serve_command(args):
                     pfid_partition=args.pfid_partition, default_environment_id=args.default_environment_id,
                     activate_ttl=args.activate_ttl, shutdown_grace=args.shutdown_grace,
                     strand_seconds=args.strand_seconds, max_watchers=args.max_watchers,
+                    provision_retries=args.provision_retries,
                     max_watchers_per_client=args.max_watchers_per_client, secure_cookies=args.secure_cookies,
                     allowed_hosts=(",".join(args.allowed_host) if args.allowed_host else env_default.allowed_hosts))
     app = create_app(config)

@@ -225,7 +225,7 @@ def test_a_read_inside_a_write_sees_it_and_a_write_inside_a_write_joins_it(tmp_p
         assert done.wait(10), "a read inside a write never got a connection"
         assert sorted(r[0] for r in store.read("SELECT name FROM restricted_queues")) == ["inner", "nested"]
         with pytest.raises(RuntimeError):              # and a failing outer step undoes the nested one
-            with store.write() as db:
+            with store.write():
                 with store.write() as again:
                     again.execute("INSERT INTO restricted_queues (name) VALUES ('undone')")
                 raise RuntimeError("second step failed")
@@ -375,6 +375,9 @@ ROUTES = [
     ("POST", f"/v1/job/{ANY_UUID}/attachments", AMC), ("GET", f"/v1/job/{ANY_UUID}/position", AMC),
     ("POST", f"/v1/job/{ANY_UUID}/action", AMC), ("GET", "/v1/job/search", AMC),
     ("POST", f"/v1/result/{ANY_UUID}", AGENT), ("GET", f"/v1/result/{ANY_UUID}", ALL),
+    ("GET", f"/v1/result/{ANY_UUID}/status", ALL), ("GET", f"/v1/events/job/{ANY_UUID}", ALL),
+    ("GET", f"/v1/job/{ANY_UUID}/estimate", AMC), ("GET", f"/v1/job/{ANY_UUID}/attempts", AMC),
+    ("GET", "/v1/queues/summary", AMC),
     ("POST", f"/v1/result/{ANY_UUID}/log/output", AGENT), ("GET", f"/v1/result/{ANY_UUID}/log/serial", AMC),
     ("POST", f"/v1/result/{ANY_UUID}/artifact", AGENT), ("GET", f"/v1/result/{ANY_UUID}/artifact", AMC),
     ("GET", "/v1/agents/queues", AMC), ("POST", "/v1/agents/queues", AMA),
@@ -935,9 +938,6 @@ def test_submit_job_id_rules(anon):
     assert uuid.UUID(submit(anon, job_id=""))
     given = str(uuid.uuid4())
     assert submit(anon, job_id=given.upper()) == given          # stored canonically
-    # The original silently stores a second job under the same id; one id is one job here.
-    assert "already exists" in anon.post_json("/v1/job", {"job_queue": "q", "job_id": given},
-                                              status=409).json["message"]
 
 
 def test_submit_exclude_agents_needs_an_allowed_agent(anon, agent):
@@ -1132,6 +1132,269 @@ def test_cancel(anon, agent):
     agent.get("/v1/job?queue=q1", status=204)       # a cancelled waiting job is never handed out
 
 
+# -- what the Testflinger server gained after 1.5.0 (spec testflinger-2026.md) --------------------
+
+DATE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def job_events(client, job_id):
+    answer = client.get(f"/v1/events/job/{job_id}").json
+    assert answer["job_id"] == job_id
+    for event in answer["events"]:
+        assert set(event["timestamp"]) == {"$date"} and DATE.match(event["timestamp"]["$date"])
+        assert isinstance(event["detail"], str)
+    return answer["events"]
+
+
+def test_result_status_is_the_state_and_exit_codes_only(anon, agent):
+    assert anon.get("/v1/result/nope/status", status=400).json == {"detail": {}, "message": "Invalid job_id specified"}
+    unknown = anon.get(f"/v1/result/{ANY_UUID}/status", status=204)
+    assert unknown.body == b""
+    job_id = submit(anon)
+    assert anon.get(f"/v1/result/{job_id}/status").json == {"job_state": "waiting"}
+    agent.get("/v1/job?queue=q1")
+    agent.post_json(f"/v1/result/{job_id}/log/output", {"fragment_number": 0, "timestamp": "2026-01-01T00:00:00Z",
+                                                         "phase": "setup", "log_data": "long text"})
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "cleanup", "status": {"setup": 0, "provision": 1},
+                                             "device_info": {"ip": "10.0.0.1"}})
+    # Agents read it too (their check_job_state); no output, serial or device_info.
+    for client in (anon, agent):
+        assert client.get(f"/v1/result/{job_id}/status").json == {
+            "setup_status": 0, "provision_status": 1, "job_state": "cleanup"}
+    # The log endpoint answers 200 for an unknown job (never 204), as the original.
+    assert anon.get(f"/v1/result/{ANY_UUID}/log/output").status_int == 200
+
+
+def test_job_events_record_the_life_of_a_job(app, anon, agent):
+    manager = Client(app, token_headers(app, "manager", "boss"))
+    assert anon.get("/v1/events/job/nope", status=404).json == {"detail": {}, "message": "Job not found"}
+    assert anon.get(f"/v1/events/job/{ANY_UUID}", status=404).json == {"detail": {}, "message": "Job not found"}
+    job_id = manager.post_json("/v1/job", {"job_queue": "q1"}).json["job_id"]
+    agent.get("/v1/job?queue=q1")
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "setup"})
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "setup"})                  # the same state: nothing new
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "provision", "status": {"setup": 0}})
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "cleanup", "status": {"setup": 0, "provision": 0,
+                                                                                 "test": 3}})
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "complete", "status": {"setup": 0, "provision": 0,
+                                                                                  "test": 3, "cleanup": 0}})
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "completed"})              # completed once only
+    events = job_events(anon, job_id)
+    assert [(e["event_name"], e["message"], e.get("phase"), e.get("status")) for e in events] == [
+        ("job_submitted", "Job submitted by user boss into queue q1.", None, None),
+        ("job_assigned", "Job assigned to agent agent1.", None, None),
+        ("job_phase_started", "Phase setup started.", "setup", None),
+        ("job_phase_completed", "Phase setup completed with exit code 0", "setup", 0),   # completions first
+        ("job_phase_started", "Phase provision started.", "provision", None),
+        ("job_phase_completed", "Phase provision completed with exit code 0", "provision", 0),
+        ("job_phase_completed", "Phase test completed with exit code 3", "test", 3),
+        ("job_phase_started", "Phase cleanup started.", "cleanup", None),
+        ("job_phase_completed", "Phase cleanup completed with exit code 0", "cleanup", 0),
+        ("job_completed", "Job completed.", None, None)]
+    assert [e["timestamp"]["$date"] for e in events] == sorted(e["timestamp"]["$date"] for e in events)
+    assert agent.get(f"/v1/events/job/{job_id.upper()}").json["events"] == events    # any role, any case
+    # A cancel names who asked; an agent reporting "cancelled" adds nothing.
+    other = submit(anon)
+    anon.post_json(f"/v1/job/{other}/action", {"action": "cancel"})
+    agent.post_json(f"/v1/result/{other}", {"job_state": "cancelled"})
+    assert [e["message"] for e in job_events(anon, other)] == [
+        "Job submitted by user anonymous into queue q1.", "Job cancellation requested by user anonymous."]
+
+
+def test_the_server_keeps_the_agent_job_link(app, anon, agent):
+    contributor = Client(app, token_headers(app, "contributor", "ci-bot-kernel"))
+    job_id = contributor.post_json("/v1/job", {"job_queue": "q1"}).json["job_id"]
+    assert "client_id" not in anon.get(f"/v1/job/{job_id}").json          # kept, but not shown
+    idle = anon.get("/v1/agents/data/agent1").json
+    assert "job_id" not in idle and "submitted_by" not in idle
+    assert agent.get("/v1/job?queue=q1").json["job_id"] == job_id
+    running = anon.get("/v1/agents/data/agent1").json
+    assert (running["job_id"], running["submitted_by"]) == (job_id, "ci-bot-kernel")
+    listed = {a["name"]: a for a in anon.get("/v1/agents/data").json}
+    assert listed["agent1"]["submitted_by"] == "ci-bot-kernel"
+    assert anon.get("/v1/queues/q1/agents").json[0]["submitted_by"] == "ci-bot-kernel"
+    agent.post_json("/v1/agents/data/agent1", {"state": "provision"})
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "provision", "agent_id": "agent1"})
+    assert anon.get("/v1/agents/data/agent1").json["job_id"] == job_id      # other states leave it
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "complete"})
+    done = anon.get("/v1/agents/data/agent1").json
+    # Freed; and an agent whose job ended is no longer shown as provisioning (Testflinger #1110).
+    assert "job_id" not in done and "submitted_by" not in done and done["state"] == "waiting"
+    # A cancel frees the agent too; a second cancel changes nothing.
+    second = submit(anon)
+    agent.get("/v1/job?queue=q1")
+    assert anon.get("/v1/agents/data/agent1").json["submitted_by"] is None      # anonymous
+    assert anon.post_json(f"/v1/job/{second}/action", {"action": "cancel"}).text == "OK"
+    assert "job_id" not in anon.get("/v1/agents/data/agent1").json
+    assert anon.post_json(f"/v1/job/{second}/action", {"action": "cancel"}, status=400).text == \
+        "The job is already completed or cancelled"
+
+
+def test_resubmitting_a_job_id(app, anon, agent):
+    owner = Client(app, token_headers(app, "contributor", "owner"))
+    stranger = Client(app, token_headers(app, "contributor", "stranger"))
+    job_id = owner.post_json("/v1/job", {"job_queue": "q1", "name": "first"}).json["job_id"]
+    before = app.hub.jobs.get(job_id)
+    # Waiting: the same id back, nothing changes (a retried submit).
+    assert owner.post_json("/v1/job", {"job_queue": "q1", "job_id": job_id, "name": "other"}).json == {"job_id": job_id}
+    assert dict(app.hub.jobs.get(job_id)) == dict(before)
+    assert anon.get(f"/v1/job/{job_id}").json["name"] == "first"
+    # Running: refused, clearly.
+    agent.get("/v1/job?queue=q1")
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "test"})
+    message = owner.post_json("/v1/job", {"job_queue": "q1", "job_id": job_id}, status=409).json["message"]
+    assert message == (f"Job {job_id} is still running (state test); cancel it or wait for it to finish before"
+                       " submitting it again")
+    agent.post_json(f"/v1/result/{job_id}/log/output", {"fragment_number": 0, "timestamp": "2026-01-01T00:00:00Z",
+                                                         "phase": "test", "log_data": "first run\n"})
+    agent.post(f"/v1/result/{job_id}/artifact", upload_files=[("file", "a.tar.gz", b"artifact one")])
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "complete", "status": {"test": 1}})
+    # Finished: another client may not re-queue it; its owner (or a manager) may, as the next attempt.
+    stranger.post_json("/v1/job", {"job_queue": "q1", "job_id": job_id}, status=403)
+    waiting_before = submit(anon)
+    assert owner.post_json("/v1/job", {"job_queue": "q1", "job_id": job_id, "name": "again"}).json == {
+        "job_id": job_id}
+    assert anon.get(f"/v1/result/{job_id}").json == {"job_state": "waiting"}
+    assert anon.get(f"/v1/job/{job_id}").json["name"] == "again"
+    assert anon.get(f"/v1/job/{job_id}/position").text == "1"                     # at the back of the queue
+    assert app.hub.jobs.get(job_id)["created_at"] > before["created_at"]
+    # The first attempt stays readable: results, logs, artifact.
+    first = anon.get(f"/v1/result/{job_id}?attempt=1").json
+    assert first["job_state"] == "complete" and first["test_status"] == 1 and first["test_output"] == "first run\n"
+    assert anon.get(f"/v1/result/{job_id}/status?attempt=1").json == {"job_state": "complete", "test_status": 1}
+    assert anon.get(f"/v1/result/{job_id}/log/output?attempt=1").json["output"]["test"]["log_data"] == "first run\n"
+    assert anon.get(f"/v1/result/{job_id}/log/output").json["output"]["test"]["log_data"] == ""
+    assert anon.get(f"/v1/result/{job_id}/artifact?attempt=1").body == b"artifact one"
+    anon.get(f"/v1/result/{job_id}/artifact", status=204)
+    anon.get(f"/v1/result/{job_id}?attempt=3", status=204)
+    assert anon.get(f"/v1/result/{job_id}?attempt=0", status=422).json["detail"] == {
+        "query": {"attempt": ["Must be greater than or equal to 1."]}}
+    attempts = anon.get(f"/v1/job/{job_id}/attempts").json
+    assert [(a["attempt"], a["job_state"], a["agent"], a["submitted_by"], a["ended_by"]) for a in attempts] == [
+        (1, "complete", "agent1", "owner", "resubmitted"), (2, "waiting", None, "owner", None)]
+    anon.get(f"/v1/job/{ANY_UUID}/attempts", status=204)
+    events = job_events(anon, job_id)
+    assert events[-1]["event_name"] == "job_resubmitted" and events[-1]["attempt"] == 2
+    assert events[-1]["message"] == "Job resubmitted by user owner: attempt 2 is waiting in queue q1."
+    # The second attempt runs like any job, after the one that was waiting before it.
+    assert agent.get("/v1/job?queue=q1").json["job_id"] == waiting_before
+    assert agent.get("/v1/job?queue=q1").json["job_id"] == job_id
+    assert anon.get(f"/v1/result/{job_id}").json["job_state"] == "running"
+
+
+def test_a_failed_provision_is_retried_on_another_agent_when_asked(make_app):
+    app = make_app(provision_retries=1)
+    anon = webtest.TestApp(app)
+    agents = {}
+    for name in ("agent1", "agent2"):
+        agents[name] = Client(app, {**token_headers(app, "agent", name), "Cookie": f"agent_name={name}"})
+        agents[name].post_json(f"/v1/agents/data/{name}", {"state": "waiting", "queues": ["q1"]})
+    job_id = submit(anon, name="flaky")
+
+    def run_and_fail_provision(name):
+        assert agents[name].get("/v1/job?queue=q1").json["job_id"] == job_id
+        agents[name].post_json(f"/v1/agents/data/{name}", {"state": "provision"})
+        agents[name].post_json(f"/v1/result/{job_id}", {"job_state": "provision", "status": {"setup": 0}})
+        agents[name].post_json(f"/v1/result/{job_id}", {"job_state": "complete",
+                                                        "status": {"setup": 0, "provision": 1}})
+    run_and_fail_provision("agent1")
+    # Attempt 2 waits, without agent1; the failure is in agent1's history though it posted no provision log.
+    assert anon.get(f"/v1/result/{job_id}").json == {"job_state": "waiting"}
+    assert anon.get(f"/v1/job/{job_id}").json["exclude_agents"] == ["agent1"]
+    history = app.hub.jobs.provision_logs("agent1")
+    assert [(h["job_id"], h["exit_code"], h["recorded_by"]) for h in history] == [(job_id, 1, "result")]
+    assert anon.get("/v1/agents/data/agent1").json["state"] == "waiting"       # not shown as provisioning
+    agents["agent1"].get("/v1/job?queue=q1", status=204)
+    retried = job_events(anon, job_id)[-1]
+    assert (retried["event_name"], retried["attempt"]) == ("job_retried", 2)
+    assert retried["message"] == ("Provisioning failed on agent agent1: attempt 2 is waiting in queue q1 (provision"
+                                  " retry 1 of 1); agent agent1 is excluded.")
+    # The agent's own provision log replaces the one recorded for it, without counting twice.
+    agents["agent1"].post_json("/v1/agents/provision_logs/agent1", {"job_id": job_id, "exit_code": 1,
+                                                                    "detail": "flash failed"})
+    assert [(h["detail"], h["recorded_by"]) for h in app.hub.jobs.provision_logs("agent1")] == [
+        ("flash failed", "agent")]
+    assert anon.get("/v1/agents/data/agent1").json["provision_streak_count"] == 1
+    # The retry fails too: no retries left, the job stays finished.
+    run_and_fail_provision("agent2")
+    assert anon.get(f"/v1/result/{job_id}").json["job_state"] == "complete"
+    assert [a["ended_by"] for a in anon.get(f"/v1/job/{job_id}/attempts").json] == ["retried", None]
+
+
+def test_no_provision_retry_without_the_setting_or_another_agent(make_app):
+    for retries, agents_on_queue in ((0, 2), (3, 1)):
+        app = make_app(provision_retries=retries)
+        anon = webtest.TestApp(app)
+        for n in range(agents_on_queue):
+            Client(app, token_headers(app, "agent", f"a{n}")).post_json(f"/v1/agents/data/a{n}", {"queues": ["q1"]})
+        agent = Client(app, {**token_headers(app, "agent", "a0"), "Cookie": "agent_name=a0"})
+        job_id = submit(anon)
+        agent.get("/v1/job?queue=q1")
+        agent.post_json(f"/v1/result/{job_id}", {"job_state": "complete", "status": {"provision": 2}})
+        assert anon.get(f"/v1/result/{job_id}").json["job_state"] == "complete"
+        last = job_events(anon, job_id)[-1]["message"]
+        assert last == ("Job completed." if retries == 0 else
+                        "Provisioning failed on agent a0; not retried: no other agent serves queue q1.")
+
+
+def test_estimated_start_of_a_waiting_job(make_app, monkeypatch):
+    clock = [1_800_000_000.0]
+    monkeypatch.setattr(agenthub, "utcnow", lambda: clock[0])
+    app = make_app(lost_contact_seconds=0)
+    anon = webtest.TestApp(app)
+    agents = {}
+    for name, queues in (("a1", ["q1"]), ("a2", ["q1", "q2"]), ("a3", ["q1"])):
+        agents[name] = Client(app, {**token_headers(app, "agent", name), "Cookie": f"agent_name={name}"})
+        agents[name].post_json(f"/v1/agents/data/{name}", {"state": "waiting", "queues": queues})
+    agents["a3"].post_json("/v1/agents/data/a3", {"state": "offline"})         # not in the pool
+    lonely = submit(anon, job_queue="q1", exclude_agents=["a1", "a2"])
+    assert anon.get(f"/v1/job/{lonely}/estimate").json["reason"] == \
+        "no online agent that may run this job serves queue q1"
+    anon.post_json(f"/v1/job/{lonely}/action", {"action": "cancel"})
+    first, second, third = submit(anon), submit(anon), submit(anon)
+    for job_id in (first, second):                  # two idle agents: no history needed
+        assert anon.get(f"/v1/job/{job_id}/estimate").json["estimated_wait_seconds"] == 0
+    assert anon.get(f"/v1/job/{third}/estimate").json["reason"] == "no completed job yet to learn run times from"
+    for job_id in (first, second, third):
+        anon.post_json(f"/v1/job/{job_id}/action", {"action": "cancel"})
+
+    def run(queue_name, seconds, name):
+        job_id = submit(anon, job_queue=queue_name)
+        assert agents[name].get(f"/v1/job?queue={queue_name}").json["job_id"] == job_id
+        clock[0] += seconds
+        agents[name].post_json(f"/v1/result/{job_id}", {"job_state": "complete"})
+    # History: q1 jobs ran 10, 30 and 20 s (median 20), a q2 job 5 s.
+    for queue_name, seconds, name in (("q1", 10, "a1"), ("q1", 30, "a1"), ("q1", 20, "a2"), ("q2", 5, "a2")):
+        run(queue_name, seconds, name)
+    busy = submit(anon)
+    agents["a1"].get("/v1/job?queue=q1")
+    clock[0] += 5                                   # a1 has run `busy` for 5 s: 15 s to go
+    submit(anon, job_queue="q2"), submit(anon)
+    job_id = submit(anon)
+    estimate = anon.get(f"/v1/job/{job_id}/estimate").json
+    # a2 (free) takes the q2 job (5 s), then the q1 one (20 s): free after 25 s; a1 is free after 15.
+    assert {k: estimate[k] for k in ("job_state", "job_queue", "position", "agents", "jobs_ahead", "busy_agents",
+                                     "run_seconds", "estimated_wait_seconds")} == {
+        "job_state": "waiting", "job_queue": "q1", "position": 1, "agents": ["a1", "a2"], "jobs_ahead": 2,
+        "busy_agents": 1, "run_seconds": {"q1": 20.0, "q2": 5.0}, "estimated_wait_seconds": 15}
+    assert estimate["estimated_start"] == agenthub.iso(clock[0] + 15) and estimate["method"]
+    anon.get(f"/v1/job/{busy}/estimate", status=410)
+    assert anon.get(f"/v1/job/{ANY_UUID}/estimate", status=410).text == "Job not found or already started\n"
+
+
+def test_queue_summary_of_the_queues_an_agent_serves(anon, agent):
+    submit(anon, job_queue="q1"), submit(anon, job_queue="q2"), submit(anon, job_queue="q3")
+    agent.get("/v1/job?queue=q1")
+    summary = anon.get("/v1/queues/summary?agent=agent1").json
+    assert [(q["name"], q["agents"], q["waiting"], q["running"]) for q in summary] == [
+        ("q1", ["agent1"], 0, 1), ("q2", ["agent1"], 1, 0)]
+    assert [q["name"] for q in anon.get("/v1/queues/summary").json] == ["q1", "q2", "q3"]
+    assert [q["waiting"] for q in anon.get("/v1/queues/summary?queue=q3&queue=q9").json] == [1, 0]
+    assert anon.get("/v1/queues/summary?agent=ghost", status=404).json["message"] == "Agent not found"
+    assert anon.get("/v1/queues/summary?color=red", status=422).json["detail"] == {
+        "query": {"color": ["Unknown field."]}}
+
+
 def test_search(anon, agent):
     a = submit(anon, tags=["x", "y"])
     b = submit(anon, tags=["x"])
@@ -1318,7 +1581,7 @@ def test_restricted_to_lists_owners(app, anon, agent):
 
 def test_provision_logs_and_streaks(app, anon, agent):
     assert agent.post_json("/v1/agents/provision_logs/ghost", {"job_id": "j", "exit_code": 0},
-                           status=404).text == "Agent not found\n"
+                           status=404).json == {"detail": {}, "message": "Agent not found"}   # JSON since #1253
     for code in (0, 0, 1):
         agent.post_json("/v1/agents/provision_logs/agent1", {"job_id": "j", "exit_code": code, "detail": "d"})
     data = anon.get("/v1/agents/data/agent1").json
