@@ -3618,25 +3618,36 @@ def _nested_repeat(parsed, inside=False):
     return False
 
 
-_GO_DURATION = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h)")
-_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+_GO_DURATION = re.compile(r"([0-9]*)(?:\.([0-9]*))?(ns|us|µs|μs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1, "us": 10 ** 3, "µs": 10 ** 3, "μs": 10 ** 3, "ms": 10 ** 6, "s": 10 ** 9, "m": 60 * 10 ** 9,
+             "h": 3600 * 10 ** 9}
 
 
 def parse_go_duration(text):
-    """Seconds from a Go ``time.ParseDuration`` string ("10s", "1m30s", "-5s", "0"); ValueError otherwise."""
-    sign, rest = (-1, text[1:]) if text[:1] == "-" else (1, text[1:] if text[:1] == "+" else text)
+    """Seconds from a Go ``time.ParseDuration`` string; ValueError where Go gives an error.
+
+    Go's forms: an optional sign, then "0" alone or numbers each with a unit (ns, us, µs U+00B5,
+    μs U+03BC, ms, s, m, h) in any order and repeated ("1h1h" is 2h), a number with digits before
+    or after a decimal point (".5s", "5.s", not ".s"); the total, counted in nanoseconds, must fit
+    a signed 64-bit integer (Go's "invalid duration")."""
+    negative, rest = (True, text[1:]) if text[:1] == "-" else (False, text[1:] if text[:1] == "+" else text)
     if rest == "0":
         return 0.0
-    total, pos = 0.0, 0
     if not rest:
         raise ValueError(text)
+    total, pos = 0, 0
     while pos < len(rest):
         match = _GO_DURATION.match(rest, pos)
-        if not match or match.group(1) in ("", "."):
+        if not match or not (match.group(1) or match.group(2)):
             raise ValueError(text)
-        total += float(match.group(1)) * _GO_UNITS[match.group(2)]
+        unit = _GO_UNITS[match.group(3)]
+        fraction = match.group(2) or ""
+        # Go truncates the fraction to whole nanoseconds.
+        total += int(match.group(1) or 0) * unit + int(fraction or 0) * unit // 10 ** len(fraction)
+        if total > 2 ** 63 - (0 if negative else 1):
+            raise ValueError(text)
         pos = match.end()
-    return sign * total
+    return (-total if negative else total) / 1e9
 
 
 class EventView:

@@ -2029,12 +2029,32 @@ def test_list_bad_blocking_parameters(anon, query, text):
     assert anon.get(f"/v1/event/list?{query}", status=400).text == text
 
 
+# Every form Go's time.ParseDuration takes, with its value, and forms it refuses.
+GO_DURATIONS = {"0": 0, "+0": 0, "-0": 0, "0s": 0, "1m30s": 90, "500ms": 0.5, "1.5h": 5400, "-1.5h": -5400,
+                "+5s": 5, "2h45m": 9900, "1h1h": 7200, "1s1m": 61, ".5s": 0.5, "5.s": 5, "1000ns": 1e-6,
+                "1000us": 1e-3, "1000\u00b5s": 1e-3, "1000\u03bcs": 1e-3, "1.0000000001s": 1, "1.5ns": 1e-9,
+                "2562047h": 2562047 * 3600, "9223372036854775807ns": 9223372036854775807e-9,
+                "-9223372036854775808ns": -9223372036854775808e-9}
+GO_BAD_DURATIONS = ("", "10", "s", ".s", "-.s", "+", "-", "1x", "1h2", "1 s", " 1s", "1H", "1sec", "1e3s", "00",
+                    "1hh", "1.2.3s", "9223372036854775808ns", "2562048h", "-9223372036854775809ns", "\uff11s",
+                    "1\u00b5", "\u00b5s")
+
+
 def test_go_durations():
-    assert agenthub.parse_go_duration("1m30s") == 90 and agenthub.parse_go_duration("500ms") == 0.5
-    assert agenthub.parse_go_duration("0") == 0 and agenthub.parse_go_duration("1.5h") == 5400
-    for bad in ("10", "", "s", "1x", "1h2"):
+    for text, seconds in GO_DURATIONS.items():
+        assert agenthub.parse_go_duration(text) == pytest.approx(seconds, rel=1e-12, abs=1e-12), text
+    for bad in GO_BAD_DURATIONS:
         with pytest.raises(ValueError):
             agenthub.parse_go_duration(bad)
+
+
+def test_every_go_duration_form_is_a_wait_time(anon):
+    fire(anon, "a")
+    index = anon.get("/v1/event/list").headers["X-Consul-Index"]
+    for text in GO_DURATIONS:                        # a stale index answers at once, whatever the wait
+        assert anon.get("/v1/event/list", {"index": int(index) + 1, "wait": text}).status_int == 200
+    for text in GO_BAD_DURATIONS[1:]:
+        assert anon.get("/v1/event/list", {"index": 1, "wait": text}, status=400).text == "Invalid wait time"
 
 
 def test_list_returns_at_once_when_the_index_differs(anon):
