@@ -777,10 +777,11 @@ class JobStore(_DomainStore):
     def run_times(self, queue_name, limit):
         """Seconds from start to finish of the newest completed jobs of a queue (None: of all),
         newest first."""
+        done = ("SELECT finished_at, started_at FROM {} WHERE (? IS NULL OR job_queue = ?) AND finished_at IS NOT NULL"
+                " AND started_at IS NOT NULL AND state IN ('complete', 'completed')")
         return [r[0] for r in self.read(
-            "SELECT finished_at - started_at FROM jobs WHERE (? IS NULL OR job_queue = ?) AND finished_at IS NOT NULL"
-            " AND started_at IS NOT NULL AND state IN ('complete', 'completed') ORDER BY finished_at DESC LIMIT ?",
-            (queue_name, queue_name, limit))]
+            f"SELECT finished_at - started_at FROM ({done.format('jobs')} UNION ALL {done.format('job_attempts')})"
+            " ORDER BY finished_at DESC LIMIT ?", (queue_name, queue_name, queue_name, queue_name, limit))]
 
     def jobs_ahead(self, queues, priority, seq, limit):
         """The queues of the waiting jobs an agent of ``queues`` takes before the job at (priority,
@@ -3212,6 +3213,10 @@ class JobQueue:
             "job_retried", now, agent_name=agent_name, attempt=attempt, queue_name=after["job_queue"], retry=retry,
             retries=self.config.provision_retries)])
 
+    def attempt(self, job_id, number):
+        """One attempt's row (current or earlier), or None."""
+        return self.store.get_attempt(job_id, number)
+
     def _attempt_row(self, job_id, attempt=None):
         return self.store.get_job(job_id) if attempt is None else self.store.get_attempt(job_id, attempt)
 
@@ -3402,7 +3407,10 @@ class JobQueue:
 
     def _submitters(self, rows):
         """{job id: who submitted it} for the jobs these agents run (Testflinger #1288)."""
-        return self.store.submitters([r["job_id"] for r in rows if r["job_id"]])
+        return self.submitters([r["job_id"] for r in rows if r["job_id"]])
+
+    def submitters(self, job_ids):
+        return self.store.submitters(job_ids)
 
     def queue_agents(self, queue_name):
         """The agents listening on a queue that exists (404 otherwise)."""
@@ -6013,6 +6021,7 @@ pre{background:#10141c;color:#e6e6e6;padding:.8em;overflow:auto;max-height:32em;
 .state-complete,.state-Idle,.state-active{background:#d5f0dc}.state-cancelled,.state-LostContact,.state-failed{background:#f7d7d7}
 .state-waiting,.state-Missing,.state-pending{background:#fdf0c9}.state-running,.state-Building,.state-test{background:#d6e6fb}
 form.inline{display:inline}button{font:inherit;padding:.3em .9em}.error{color:#a11}
+.icon{display:inline-block;width:1.3em;text-align:center;font-weight:700}.icon-success{color:#1a7f37}.icon-error{color:#b42318}.icon-info{color:#1f5fbf}
 .filters input,.filters select{font:inherit;margin-right:.5em}.pager{margin:.8em 0}td code{word-break:break-all}
 </style></head><body>
 <header><a class="brand" href="/">agenthub</a><a href="/jobs">Jobs</a><a href="/agents">Agents</a>
@@ -6069,7 +6078,7 @@ WEB_PAGES = {name: bottle.SimpleTemplate(source) for name, source in {
 </select><input name="queue" placeholder="queue" value="{{queue or ""}}"><input name="tag" placeholder="tag" value="{{tag or ""}}">
 <button>Filter</button></form>
 <p class="muted">{{total}} jobs</p>
-<table><tr><th>Job</th><th>Name</th><th>Queue</th><th>State</th><th>Priority</th><th>Agent</th><th>Created</th></tr>
+<table><tr><th>Job</th><th>Name</th><th>Queue</th><th>State</th><th>Priority</th><th>Agent</th><th>Submitted by</th><th>Created</th></tr>
 % for job in jobs:
 <tr><td><a href="/jobs/{{job["job_id"]}}"><code>{{job["job_id"]}}</code></a></td><td>{{job["name"] or ""}}</td>
 <td><a href="/queues/{{quote(job["job_queue"])}}">{{job["job_queue"]}}</a></td>
@@ -6078,7 +6087,7 @@ WEB_PAGES = {name: bottle.SimpleTemplate(source) for name, source in {
 % if job["agent_name"]:
 <a href="/agents/{{quote(job["agent_name"])}}">{{job["agent_name"]}}</a>
 % end
-</td><td>{{iso(job["created_at"])}}</td></tr>
+</td><td>{{job["client_id"] or "—"}}</td><td>{{iso(job["created_at"])}}</td></tr>
 % end
 </table>
 <p class="pager">
@@ -6091,15 +6100,15 @@ page {{page}} of {{pages}}
 % end
 </p>""",
     "job": """<h1>Job <code>{{job_id}}</code></h1>
+% if not current:
+<p class="error">This is attempt {{shown["attempt"]}}, an earlier run of this job: <a href="/jobs/{{job_id}}">the current attempt</a></p>
+% end
 <p>State: <span class="state state-{{result["job_state"]}}" id="job-state">{{result["job_state"]}}</span>
 % if position is not None:
 · position {{position}} in queue
 % end
-% if agent:
-· run by <a href="/agents/{{quote(agent)}}">{{agent}}</a>
-% end
 % if has_artifact:
-· <a href="/jobs/{{job_id}}/artifact">download artifact</a>
+· <a href="/jobs/{{job_id}}/artifact{{suffix}}">download artifact</a>
 % end
 % if cancellable:
 · <a href="/jobs/{{job_id}}/cancel">Cancel job…</a>
@@ -6108,6 +6117,52 @@ page {{page}} of {{pages}}
 % if notice:
 <p class="error">{{notice}}</p>
 % end
+<table>
+<tr><th>Queue</th><td><a href="/queues/{{quote(shown["job_queue"])}}">{{shown["job_queue"]}}</a></td></tr>
+<tr><th>Agent</th><td>
+% if shown["agent_name"]:
+<a href="/agents/{{quote(shown["agent_name"])}}">{{shown["agent_name"]}}</a>
+% else:
+—
+% end
+</td></tr>
+<tr><th>Submitted by</th><td>{{shown["client_id"] or "—"}}</td></tr>
+<tr><th>Attempt</th><td>{{shown["attempt"]}} of {{len(attempts)}}</td></tr>
+% if estimate:
+<tr><th>Estimated start</th><td id="estimate">
+% if estimate["estimated_start"]:
+{{estimate["estimated_start"]}} (in about {{minutes(estimate["estimated_wait_seconds"])}})
+<span class="muted">· {{estimate["jobs_ahead"]}} jobs ahead for {{len(estimate["agents"])}} agents, {{estimate["busy_agents"]}} busy; {{estimate["method"]}}</span>
+% else:
+unknown: {{estimate["reason"]}}
+% end
+</td></tr>
+% end
+</table>
+<h2>Activity</h2>
+<h3>Events</h3>
+% if events:
+<table id="activity"><tr><th>Time</th><th>Event</th></tr>
+% for event in events:
+<tr><td>{{clock(event["timestamp"])}}</td><td><span class="icon icon-{{event["kind"]}}" role="img" aria-label="{{event["kind"]}}" title="{{event["event_name"]}}">{{event["icon"]}}</span> {{event["message"]}}
+% if event["detail"]:
+<span class="muted">{{event["detail"]}}</span>
+% end
+</td></tr>
+% end
+</table>
+% else:
+<p class="muted">No events available for this job.</p>
+% end
+% if len(attempts) > 1:
+<h2>Attempts</h2>
+<table id="attempts"><tr><th>Attempt</th><th>State</th><th>Agent</th><th>Submitted by</th><th>Created</th><th>Started</th><th>Finished</th><th>Then</th></tr>
+% for a in attempts:
+<tr><td><a href="/jobs/{{job_id}}?attempt={{a["attempt"]}}">{{a["attempt"]}}</a></td><td><span class="state state-{{a["job_state"]}}">{{a["job_state"]}}</span></td>
+<td>{{a["agent"] or "—"}}</td><td>{{a["submitted_by"] or "—"}}</td><td>{{a["created_at"]}}</td><td>{{a["started_at"] or "—"}}</td><td>{{a["finished_at"] or "—"}}</td><td>{{a["ended_by"] or "current"}}</td></tr>
+% end
+</table>
+% end
 <h2>Phases</h2>
 <table><tr><th>Phase</th><th>Exit status</th></tr>
 % for phase in phases:
@@ -6115,10 +6170,10 @@ page {{page}} of {{pages}}
 % end
 </table>
 % for kind in ("output", "serial"):
-<h2>{{kind.title()}} log <a class="muted" href="/jobs/{{job_id}}/log/{{kind}}">(whole log as text)</a></h2>
+<h2>{{kind.title()}} log <a class="muted" href="/jobs/{{job_id}}/log/{{kind}}{{suffix}}">(whole log as text)</a></h2>
 % for phase in phases:
 <section class="{{"" if logs[kind][phase]["log_data"] else "empty"}}" id="{{kind}}-{{phase}}-section"><h3>{{phase}}</h3>
-<p class="muted {{"" if logs[kind][phase]["cut"] else "empty"}}" id="{{kind}}-{{phase}}-cut">Only the end of this log is shown: <a href="/jobs/{{job_id}}/log/{{kind}}?phase={{phase}}">the whole {{phase}} {{kind}} log</a></p>
+<p class="muted {{"" if logs[kind][phase]["cut"] else "empty"}}" id="{{kind}}-{{phase}}-cut">Only the end of this log is shown: <a href="/jobs/{{job_id}}/log/{{kind}}?phase={{phase}}{{suffix.replace("?", "&")}}">the whole {{phase}} {{kind}} log</a></p>
 <pre id="{{kind}}-{{phase}}" data-last="{{logs[kind][phase]["last_fragment_number"]}}">{{logs[kind][phase]["log_data"]}}</pre></section>
 % end
 % end
@@ -6167,14 +6222,16 @@ page {{page}} of {{pages}}
       })
       .catch(function () { setTimeout(poll, 5000); });
   }
-  if (done.indexOf(document.getElementById("job-state").textContent) < 0) { setTimeout(poll, 2000); }
+  if ({{"true" if current else "false"}} && done.indexOf(document.getElementById("job-state").textContent) < 0) {
+    setTimeout(poll, 2000);
+  }
 })();
 </script>""",
     "cancel": """<h1>Cancel job <code>{{job_id}}</code>?</h1>
 <p>The job is <span class="state state-{{state}}">{{state}}</span>. A running job is stopped by its agent at its next check.</p>
 <form method="post" action="/jobs/{{job_id}}/cancel"><input type="hidden" name="csrf" value="{{csrf}}"><button>Yes, cancel the job</button> <a href="/jobs/{{job_id}}">No, keep it</a></form>""",
     "agents": """<h1>Agents</h1>
-<table><tr><th>Agent</th><th>Testflinger state</th><th>GoCD state</th><th>Lifecycle</th><th>Last contact</th><th>Current job</th><th>Queues</th></tr>
+<table><tr><th>Agent</th><th>Testflinger state</th><th>GoCD state</th><th>Lifecycle</th><th>Last contact</th><th>Current job</th><th>Submitted by</th><th>Queues</th></tr>
 % for row, view in agents:
 <tr><td><a href="/agents/{{quote(row["name"])}}">{{row["name"]}}</a></td><td>{{row["state"] or "—"}}</td>
 <td><span class="state state-{{view.agent_state}}">{{view.config}} / {{view.agent_state}} / {{view.build_state}}</span></td>
@@ -6183,7 +6240,7 @@ page {{page}} of {{pages}}
 % if row["job_id"]:
 <a href="/jobs/{{row["job_id"]}}"><code>{{row["job_id"]}}</code></a>
 % end
-</td><td>{{", ".join(loads(row["queues"] or "[]"))}}</td></tr>
+</td><td>{{submitters.get(row["job_id"]) or "—"}}</td><td>{{", ".join(loads(row["queues"] or "[]"))}}</td></tr>
 % end
 </table>
 % if not agents:
@@ -6194,6 +6251,13 @@ page {{page}} of {{pages}}
 <tr><th>Testflinger state</th><td>{{row["state"] or "—"}} {{row["comment"] or ""}}</td></tr>
 <tr><th>GoCD state</th><td>{{view.config}} / {{view.agent_state}} / {{view.build_state}}</td></tr>
 <tr><th>Lifecycle</th><td>{{view.status}}</td></tr>
+<tr><th>Job</th><td id="agent-job">
+% if row["job_id"]:
+<a href="/jobs/{{row["job_id"]}}"><code>{{row["job_id"]}}</code></a> submitted by {{submitters.get(row["job_id"]) or "anonymous"}}
+% else:
+—
+% end
+</td></tr>
 <tr><th>Last contact</th><td>{{iso(row["last_seen_at"]) or "never"}} {{row["last_ip"] or ""}}</td></tr>
 <tr><th>Queues</th><td>
 % for q in loads(row["queues"] or "[]"):
@@ -6209,6 +6273,12 @@ page {{page}} of {{pages}}
 <tr><th>Provision streak</th><td>{{row["provision_streak_count"] or 0}} × {{row["provision_streak_type"] or "—"}}</td></tr>
 <tr><th>Instances</th><td>{{", ".join(f"{k} {v}" for k, v in view.counts.items())}}</td></tr>
 </table>
+<h2>Its queues</h2>
+<table id="agent-queues"><tr><th>Queue</th><th>Waiting</th><th>Running</th><th>Agents</th></tr>
+% for q in queues:
+<tr><td><a href="/queues/{{quote(q["name"])}}">{{q["name"]}}</a></td><td>{{q["waiting"]}}</td><td>{{q["running"]}}</td><td>{{len(q["agents"])}}</td></tr>
+% end
+</table>
 <h2>Recent jobs</h2>
 <table><tr><th>Job</th><th>Queue</th><th>State</th><th>Created</th></tr>
 % for job in jobs:
@@ -6216,9 +6286,13 @@ page {{page}} of {{pages}}
 % end
 </table>
 <h2>Provision history</h2>
-<table><tr><th>Time</th><th>Job</th><th>Exit code</th><th>Detail</th></tr>
+<table><tr><th>Time</th><th>Job</th><th>Submitted by</th><th>Exit code</th><th>Detail</th></tr>
 % for entry in provisions:
-<tr><td>{{iso(entry["timestamp"])}}</td><td><code>{{entry["job_id"]}}</code></td><td>{{entry["exit_code"]}}</td><td>{{entry["detail"] or ""}}</td></tr>
+<tr><td>{{iso(entry["timestamp"])}}</td><td><code>{{entry["job_id"]}}</code></td><td>{{entry["client_id"] or "—"}}</td><td>{{entry["exit_code"]}}</td><td>{{entry["detail"] or ""}}
+% if entry["recorded_by"] == "result":
+<span class="muted">(the agent posted no provision log)</span>
+% end
+</td></tr>
 % end
 </table>
 <h2>Notification deliveries</h2>
@@ -6247,9 +6321,9 @@ page {{page}} of {{pages}}
 </table>
 <h2>Jobs</h2>
 <p class="muted">{{total}} jobs · <a href="/jobs?queue={{quote(name)}}">all of them</a></p>
-<table><tr><th>Job</th><th>State</th><th>Created</th></tr>
+<table><tr><th>Job</th><th>State</th><th>Submitted by</th><th>Created</th></tr>
 % for job in jobs:
-<tr><td><a href="/jobs/{{job["job_id"]}}"><code>{{job["job_id"]}}</code></a></td><td>{{job["state"]}}</td><td>{{iso(job["created_at"])}}</td></tr>
+<tr><td><a href="/jobs/{{job["job_id"]}}"><code>{{job["job_id"]}}</code></a></td><td>{{job["state"]}}</td><td>{{job["client_id"] or "—"}}</td><td>{{iso(job["created_at"])}}</td></tr>
 % end
 </table>""",
     "events": """<h1>Events</h1>
@@ -6289,11 +6363,24 @@ def _seconds(value):
     return "—" if value is None else f"{value:.0f} s"
 
 
+def _minutes(seconds):
+    return f"{seconds} s" if seconds < 120 else f"{round(seconds / 60)} min"
+
+
+def _clock(event_date):
+    """A job event's time as the original's Activity table shows it."""
+    return event_date["$date"][:19].replace("T", " ")
+
+
+# The Activity table's icon of a job event: by its exit status, as the original's.
+EVENT_ICONS = {"success": "\u2714", "error": "\u2716", "info": "\u2139"}
+
+
 def web_page(title, template, identity=None, status=200, **values):
     """One page: the layout around a template, with a fresh CSP nonce for its inline style and
     script and the browser's CSRF token (WebStyle.call put it in the environ) for its forms."""
     helpers = {"iso": iso, "quote": urllib.parse.quote, "loads": json.loads, "payload_text": payload_text,
-               "seconds": _seconds}
+               "seconds": _seconds, "minutes": _minutes, "clock": _clock}
     nonce, csrf = secrets.token_urlsafe(12), request.environ.get("agenthub.csrf", "")
     body = WEB_PAGES[template].render(**helpers, **values, nonce=nonce, csrf=csrf)
     who = identity.client_id if identity is not None and identity.client_id else ""
@@ -6414,16 +6501,26 @@ def install_web(app, hub):
         job_id, row = job_or_none(job_id)
         if row is None:
             return web_not_found("That job")
-        definition = jobs.definition(job_id)
-        result = jobs.result(job_id)
-        logs = {kind: jobs.log_tail(job_id, kind, WEB_LOG_TAIL) for kind in ("output", "serial")}
+        number = parse_uint(request.query.get("attempt", ""), 10 ** 9)
+        shown = jobs.attempt(job_id, number) if number and number != row["attempt"] else row
+        if shown is None:
+            return web_not_found("That attempt")
+        current = shown is row
+        number = None if current else shown["attempt"]
+        logs = {kind: jobs.log_tail(job_id, kind, WEB_LOG_TAIL, attempt=number) for kind in ("output", "serial")}
         notice = "Cancel requested." if request.query.get("cancelled") else ""
-        return web_page(f"Job {job_id}", "job", who, job_id=job_id, result=result, logs=logs, phases=PHASES,
-                        limit=WEB_LOG_TAIL,
-                        position=jobs.position(job_id), agent=row["agent_name"],
-                        has_artifact=jobs.has_file(job_id, "artifact"),
-                        cancellable=row["state"] not in JobQueue.ACTIVE_END, notice=notice,
-                        definition=json.dumps(definition, indent=2, sort_keys=True))
+        events = []
+        for event in jobs.events(job_id):
+            kind = "info" if "status" not in event else "success" if event["status"] == 0 else "error"
+            events.append({**event, "kind": kind, "icon": EVENT_ICONS[kind]})
+        return web_page(f"Job {job_id}", "job", who, job_id=job_id, result=jobs.result(job_id, number), logs=logs,
+                        phases=PHASES, limit=WEB_LOG_TAIL, current=current, shown=shown,
+                        suffix="" if current else f"?attempt={number}",
+                        position=jobs.position(job_id) if current else None,
+                        estimate=jobs.estimate(job_id) if current else None,
+                        has_artifact=jobs.has_file(job_id, "artifact", number), attempts=jobs.attempts(job_id),
+                        events=events, cancellable=current and row["state"] not in JobQueue.ACTIVE_END,
+                        notice=notice, definition=json.dumps(json.loads(shown["job_data"]), indent=2, sort_keys=True))
 
     @page("/jobs/<job_id>/logs.json")
     def job_logs(who, job_id):
@@ -6446,12 +6543,14 @@ def install_web(app, hub):
         phase = request.query.get("phase") or None
         if row is None or (phase is not None and phase not in PHASES):
             return web_not_found("That log")
-        return stream_response(jobs.log_file(job_id, kind, phase), "text/plain; charset=utf-8")
+        number = parse_uint(request.query.get("attempt", ""), 10 ** 9) or None
+        return stream_response(jobs.log_file(job_id, kind, phase, number), "text/plain; charset=utf-8")
 
     @page("/jobs/<job_id>/artifact")
     def job_artifact(who, job_id):
         job_id, row = job_or_none(job_id)
-        found = jobs.open_file(job_id, "artifact") if row is not None else None
+        number = parse_uint(request.query.get("attempt", ""), 10 ** 9) or None
+        found = jobs.open_file(job_id, "artifact", number) if row is not None else None
         if found is None:
             return web_not_found("That artifact")
         return stream_response(found, "application/x-tar", f"attachment; filename={job_id}-artifact.tar.gz")
@@ -6477,7 +6576,8 @@ def install_web(app, hub):
     def agents_list(who):
         rows = sorted(registry.all(), key=lambda r: r["name"])
         now = utcnow()
-        return web_page("Agents", "agents", who, agents=[(r, registry.view(r, now)) for r in rows])
+        return web_page("Agents", "agents", who, agents=[(r, registry.view(r, now)) for r in rows],
+                        submitters=jobs.submitters([r["job_id"] for r in rows if r["job_id"]]))
 
     @page("/agents/<name>")
     def agent_page(who, name):
@@ -6486,6 +6586,8 @@ def install_web(app, hub):
             return web_not_found("That agent")
         recent, _ = jobs.page(agent_name=name, limit=20)
         return web_page(f"Agent {name}", "agent", who, row=row, view=registry.view(row), jobs=recent,
+                        submitters=jobs.submitters([row["job_id"]] if row["job_id"] else []),
+                        queues=jobs.queue_summaries(json.loads(row["queues"] or "[]")),
                         provisions=list(reversed(jobs.provision_logs(name))),
                         deliveries=hub.notifier.deliveries(name, 50))
 

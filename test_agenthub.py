@@ -2935,7 +2935,7 @@ def test_web_pages_render_and_link(app, anon):
     jobs = overview.click(href="/jobs\\?state=test")
     assert job_id in jobs.text
     job = jobs.click(href=f"/jobs/{job_id}$")
-    assert "setting up &lt;b&gt;" in job.text and "run by" in job.text
+    assert "setting up &lt;b&gt;" in job.text and re.search(r'<th>Agent</th><td>\s*<a href="/agents/agent1">', job.text)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in job.text and "<script>alert(1)" not in job.text
     agent_page = job.click(href="/agents/agent1")
     assert "rack &lt;3&gt;" in agent_page.text and "Enabled / Building / Building" in agent_page.text
@@ -2947,6 +2947,45 @@ def test_web_pages_render_and_link(app, anon):
     events = anon.get("/events")
     assert events.text.index("blob") < events.text.index("deploy")              # newest first
     assert "deploy" not in anon.get("/events?name=blob").text
+
+
+def test_web_job_page_shows_activity_attempts_and_who(app, anon):
+    owner = Client(app, token_headers(app, "contributor", "kernel-ci"))
+    agent = Client(app, {**token_headers(app, "agent", "agent1"), "Cookie": "agent_name=agent1"})
+    agent.post_json("/v1/agents/data/agent1", {"state": "waiting", "queues": ["lab", "spare"]})
+    job_id = owner.post_json("/v1/job", {"job_queue": "lab"}).json["job_id"]
+    submit(anon, job_queue="spare")
+    agent.get("/v1/job?queue=lab")
+    # The agent page: the job it runs, who submitted it, and its queues' counts.
+    page = anon.get("/agents/agent1").text
+    assert re.search(rf'id="agent-job">\s*<a href="/jobs/{job_id}"><code>{job_id}</code></a> submitted by kernel-ci',
+                     page)
+    rows = re.findall(r"<tr><td><a href=\"/queues/(\w+)\">\w+</a></td><td>(\d+)</td><td>(\d+)</td>", page)
+    assert rows == [("lab", "0", "1"), ("spare", "1", "0")]
+    assert "kernel-ci" in anon.get("/agents").text and "kernel-ci" in anon.get("/jobs").text
+    assert "kernel-ci" in anon.get("/queues/lab").text
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "provision", "status": {"setup": 0}})
+    agent.post_json(f"/v1/result/{job_id}/log/output", {"fragment_number": 0, "timestamp": "2026-11-24T04:00:00",
+                                                        "phase": "provision", "log_data": "first try\n"})
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "complete", "status": {"setup": 0, "provision": 4}})
+    owner.post_json("/v1/job", {"job_queue": "lab", "job_id": job_id})         # attempt 2
+    page = anon.get(f"/jobs/{job_id}").text
+    activity = re.findall(r'<tr><td>(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)</td><td><span class="icon icon-(\w+)"[^>]*>[^<]*</span> '
+                          r'([^<\n]+)', page)
+    assert [(kind, message) for _, kind, message in activity] == [
+        ("info", "Job submitted by user kernel-ci into queue lab."), ("info", "Job assigned to agent agent1."),
+        ("success", "Phase setup completed with exit code 0"), ("info", "Phase provision started."),
+        ("error", "Phase provision completed with exit code 4"), ("info", "Job completed."),
+        ("info", "Job resubmitted by user kernel-ci: attempt 2 is waiting in queue lab.")]
+    assert "<th>Submitted by</th><td>kernel-ci</td>" in page and "<th>Attempt</th><td>2 of 2</td>" in page
+    assert re.search(r'id="estimate">\s*\S+Z \(in about 0 s\)', page)            # agent1 is free again
+    assert "first try" not in page
+    first = anon.get(f"/jobs/{job_id}").click(href=r"\?attempt=1$")
+    assert "first try" in first.text and "This is attempt 1" in first.text and "<th>Attempt</th><td>1 of 2</td>" in first.text
+    assert anon.get(f"/jobs/{job_id}/log/output?attempt=1").text == "first try\n"
+    anon.get(f"/jobs/{job_id}?attempt=7", status=404)
+    quiet = anon.get(f"/jobs/{submit(anon, job_queue='lab')}").text
+    assert "No events available for this job." not in quiet                      # it has its submission
 
 
 def test_web_jobs_filters_and_pagination(app, anon):
