@@ -196,6 +196,34 @@ def test_migrating_an_older_database_gives_existing_agents_their_ids(tmp_path, m
         app.close()
 
 
+def test_migrating_jobs_of_an_older_database_makes_them_first_attempts(tmp_path, make_app):
+    path = str(tmp_path / "v6.db")
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    for step in agenthub.MIGRATIONS[:6]:                        # a database of the previous release
+        if callable(step):
+            step(conn)
+        else:
+            for statement in agenthub._split_sql(step):
+                conn.execute(statement)
+    conn.execute("PRAGMA user_version = 6")
+    job_id, now = str(uuid.uuid4()), time.time()
+    conn.execute("INSERT INTO jobs (job_id, created_at, started_at, job_queue, state, client_id, job_data,"
+                 " result_status, agent_name) VALUES (?, ?, ?, 'q', 'complete', NULL, ?, '{\"test\": 0}', 'a1')",
+                 (job_id, now - 60, now - 50, json.dumps({"job_queue": "q", "job_id": job_id})))
+    conn.execute("INSERT INTO log_fragments (job_id, log_type, phase, fragment_number, timestamp, log_data,"
+                 " inserted_at) VALUES (?, 'output', 'test', 0, ?, 'old log', ?)", (job_id, now, now))
+    conn.commit()
+    conn.close()
+    app = make_app(db=path)
+    test = webtest.TestApp(app)
+    assert test.get(f"/v1/result/{job_id}/status").json == {"job_state": "complete", "test_status": 0}
+    assert test.get(f"/v1/events/job/{job_id}").json == {"job_id": job_id, "events": []}
+    submit(test, job_queue="q", job_id=job_id)
+    assert test.get(f"/v1/result/{job_id}?attempt=1").json["test_output"] == "old log"
+    assert [a["attempt"] for a in test.get(f"/v1/job/{job_id}/attempts").json] == [1, 2]
+
+
 def test_failed_write_transaction_leaves_nothing(app):
     store = app.hub.db
     with pytest.raises(RuntimeError):
