@@ -3098,7 +3098,7 @@ class JobQueue:
                 "lower_bound": len(ahead) >= self.ESTIMATE_AHEAD,
                 "method": "jobs ahead (pop order over the queues the agents serve) handed to the first free agent,"
                           f" each taking the median run time of its queue's last {self.ESTIMATE_SAMPLES}"
-                          " completed jobs"}
+                          " completed jobs; a job running past it is taken to end now"}
 
     def cancel(self, job_id, identity):
         """Cancel an unfinished job and free its agent; False when neither changed anything."""
@@ -6020,7 +6020,7 @@ pre{background:#10141c;color:#e6e6e6;padding:.8em;overflow:auto;max-height:32em;
 .state{display:inline-block;padding:0 .5em;border-radius:.8em;background:#e3e6ea;font-size:.9em}
 .state-complete,.state-Idle,.state-active{background:#d5f0dc}.state-cancelled,.state-LostContact,.state-failed{background:#f7d7d7}
 .state-waiting,.state-Missing,.state-pending{background:#fdf0c9}.state-running,.state-Building,.state-test{background:#d6e6fb}
-form.inline{display:inline}button{font:inherit;padding:.3em .9em}.error{color:#a11}
+form.inline{display:inline}button{font:inherit;padding:.3em .9em}.error{color:#a11}.notice{background:#eef4fd;padding:.4em .7em}
 .icon{display:inline-block;width:1.3em;text-align:center;font-weight:700}.icon-success{color:#1a7f37}.icon-error{color:#b42318}.icon-info{color:#1f5fbf}
 .filters input,.filters select{font:inherit;margin-right:.5em}.pager{margin:.8em 0}td code{word-break:break-all}
 </style></head><body>
@@ -6087,7 +6087,7 @@ WEB_PAGES = {name: bottle.SimpleTemplate(source) for name, source in {
 % if job["agent_name"]:
 <a href="/agents/{{quote(job["agent_name"])}}">{{job["agent_name"]}}</a>
 % end
-</td><td>{{job["client_id"] or "—"}}</td><td>{{iso(job["created_at"])}}</td></tr>
+</td><td>{{job["client_id"] or "anonymous"}}</td><td>{{iso(job["created_at"])}}</td></tr>
 % end
 </table>
 <p class="pager">
@@ -6101,11 +6101,11 @@ page {{page}} of {{pages}}
 </p>""",
     "job": """<h1>Job <code>{{job_id}}</code></h1>
 % if not current:
-<p class="error">This is attempt {{shown["attempt"]}}, an earlier run of this job: <a href="/jobs/{{job_id}}">the current attempt</a></p>
+<p class="notice">This is attempt {{shown["attempt"]}}, an earlier run of this job. <a href="/jobs/{{job_id}}">The current attempt</a></p>
 % end
 <p>State: <span class="state state-{{result["job_state"]}}" id="job-state">{{result["job_state"]}}</span>
 % if position is not None:
-· position {{position}} in queue
+· {{position}} {{"job" if position == 1 else "jobs"}} ahead of it in its queue
 % end
 % if has_artifact:
 · <a href="/jobs/{{job_id}}/artifact{{suffix}}">download artifact</a>
@@ -6126,13 +6126,13 @@ page {{page}} of {{pages}}
 —
 % end
 </td></tr>
-<tr><th>Submitted by</th><td>{{shown["client_id"] or "—"}}</td></tr>
+<tr><th>Submitted by</th><td>{{shown["client_id"] or "anonymous"}}</td></tr>
 <tr><th>Attempt</th><td>{{shown["attempt"]}} of {{len(attempts)}}</td></tr>
 % if estimate:
 <tr><th>Estimated start</th><td id="estimate">
 % if estimate["estimated_start"]:
 {{estimate["estimated_start"]}} (in about {{minutes(estimate["estimated_wait_seconds"])}})
-<span class="muted">· {{estimate["jobs_ahead"]}} jobs ahead for {{len(estimate["agents"])}} agents, {{estimate["busy_agents"]}} busy; {{estimate["method"]}}</span>
+<span class="muted">· {{estimate["jobs_ahead"]}} of the agents' jobs ahead of it, {{len(estimate["agents"])}} {{"agent" if len(estimate["agents"]) == 1 else "agents"}} ({{estimate["busy_agents"]}} busy); {{estimate["method"]}}</span>
 % else:
 unknown: {{estimate["reason"]}}
 % end
@@ -6159,7 +6159,7 @@ unknown: {{estimate["reason"]}}
 <table id="attempts"><tr><th>Attempt</th><th>State</th><th>Agent</th><th>Submitted by</th><th>Created</th><th>Started</th><th>Finished</th><th>Then</th></tr>
 % for a in attempts:
 <tr><td><a href="/jobs/{{job_id}}?attempt={{a["attempt"]}}">{{a["attempt"]}}</a></td><td><span class="state state-{{a["job_state"]}}">{{a["job_state"]}}</span></td>
-<td>{{a["agent"] or "—"}}</td><td>{{a["submitted_by"] or "—"}}</td><td>{{a["created_at"]}}</td><td>{{a["started_at"] or "—"}}</td><td>{{a["finished_at"] or "—"}}</td><td>{{a["ended_by"] or "current"}}</td></tr>
+<td>{{a["agent"] or "—"}}</td><td>{{a["submitted_by"] or "anonymous"}}</td><td>{{a["created_at"]}}</td><td>{{a["started_at"] or "—"}}</td><td>{{a["finished_at"] or "—"}}</td><td>{{a["ended_by"] or "current"}}</td></tr>
 % end
 </table>
 % end
@@ -6240,7 +6240,7 @@ unknown: {{estimate["reason"]}}
 % if row["job_id"]:
 <a href="/jobs/{{row["job_id"]}}"><code>{{row["job_id"]}}</code></a>
 % end
-</td><td>{{submitters.get(row["job_id"]) or "—"}}</td><td>{{", ".join(loads(row["queues"] or "[]"))}}</td></tr>
+</td><td>{{(submitters.get(row["job_id"]) or "anonymous") if row["job_id"] in submitters else "—"}}</td><td>{{", ".join(loads(row["queues"] or "[]"))}}</td></tr>
 % end
 </table>
 % if not agents:
@@ -6288,7 +6288,7 @@ unknown: {{estimate["reason"]}}
 <h2>Provision history</h2>
 <table><tr><th>Time</th><th>Job</th><th>Submitted by</th><th>Exit code</th><th>Detail</th></tr>
 % for entry in provisions:
-<tr><td>{{iso(entry["timestamp"])}}</td><td><code>{{entry["job_id"]}}</code></td><td>{{entry["client_id"] or "—"}}</td><td>{{entry["exit_code"]}}</td><td>{{entry["detail"] or ""}}
+<tr><td>{{iso(entry["timestamp"])}}</td><td><code>{{entry["job_id"]}}</code></td><td>{{entry["client_id"] or "anonymous"}}</td><td>{{entry["exit_code"]}}</td><td>{{entry["detail"] or ""}}
 % if entry["recorded_by"] == "result":
 <span class="muted">(the agent posted no provision log)</span>
 % end
@@ -6323,7 +6323,7 @@ unknown: {{estimate["reason"]}}
 <p class="muted">{{total}} jobs · <a href="/jobs?queue={{quote(name)}}">all of them</a></p>
 <table><tr><th>Job</th><th>State</th><th>Submitted by</th><th>Created</th></tr>
 % for job in jobs:
-<tr><td><a href="/jobs/{{job["job_id"]}}"><code>{{job["job_id"]}}</code></a></td><td>{{job["state"]}}</td><td>{{job["client_id"] or "—"}}</td><td>{{iso(job["created_at"])}}</td></tr>
+<tr><td><a href="/jobs/{{job["job_id"]}}"><code>{{job["job_id"]}}</code></a></td><td>{{job["state"]}}</td><td>{{job["client_id"] or "anonymous"}}</td><td>{{iso(job["created_at"])}}</td></tr>
 % end
 </table>""",
     "events": """<h1>Events</h1>
