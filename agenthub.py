@@ -33,7 +33,6 @@ import dataclasses
 import datetime
 import functools
 import hashlib
-import heapq
 import hmac
 import http.client
 import itertools
@@ -450,6 +449,7 @@ MIGRATIONS = [
     ALTER TABLE files ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE provision_logs ADD COLUMN client_id TEXT;             -- who submitted the job
     ALTER TABLE provision_logs ADD COLUMN recorded_by TEXT NOT NULL DEFAULT 'agent';   -- 'agent' | 'result'
+    ALTER TABLE provision_logs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;          -- of the job
     CREATE INDEX jobs_finished ON jobs (job_queue, finished_at);
     CREATE TABLE job_attempts (
         job_id TEXT NOT NULL, attempt INTEGER NOT NULL,
@@ -774,6 +774,16 @@ class JobStore(_DomainStore):
     def job_events(self, job_id):
         return self.read("SELECT * FROM job_events WHERE job_id = ? ORDER BY id", (job_id,))
 
+    def attempt_run_by(self, job_id, agent_name):
+        """The newest attempt of a job that ``agent_name`` took, or None."""
+        return self.read_one("SELECT max(attempt) FROM (SELECT attempt FROM jobs WHERE job_id = ? AND agent_name = ?"
+                             " UNION ALL SELECT attempt FROM job_attempts WHERE job_id = ? AND agent_name = ?)",
+                             (job_id, agent_name, job_id, agent_name))[0]
+
+    def has_phase_event(self, job_id, attempt, phase):
+        return self.read_one("SELECT 1 FROM job_events WHERE job_id = ? AND attempt = ? AND"
+                             " event_name = 'job_phase_started' AND phase = ?", (job_id, attempt, phase)) is not None
+
     def run_times(self, queue_name, limit):
         """Seconds from start to finish of the newest completed jobs of a queue (None: of all),
         newest first."""
@@ -784,19 +794,19 @@ class JobStore(_DomainStore):
             " ORDER BY finished_at DESC LIMIT ?", (queue_name, queue_name, queue_name, queue_name, limit))]
 
     def jobs_ahead(self, queues, priority, seq, limit):
-        """The queues of the waiting jobs an agent of ``queues`` takes before the job at (priority,
-        seq), in the order it takes them (pop_job's order)."""
-        marks = ",".join("?" * len(queues))
-        return [r[0] for r in self.read(
-            f"SELECT job_queue FROM jobs WHERE state = 'waiting' AND job_queue IN ({marks})"
+        """(queue, excluded agents) of the waiting jobs that agents of ``queues`` may take before the
+        job at (priority, seq), in the order they take them (pop_job's order)."""
+        return self.read(
+            "SELECT job_queue, exclude_agents FROM jobs WHERE state = 'waiting' AND job_queue IN"
+            " (SELECT value FROM json_each(?)) AND (attachments_status IS NULL OR attachments_status = 'complete')"
             " AND (job_priority > ? OR (job_priority = ? AND seq < ?)) ORDER BY job_priority DESC, seq LIMIT ?",
-            (*queues, priority, priority, seq, limit))]
+            (json.dumps(queues), priority, priority, seq, limit))
 
     def running_on(self, agent_names):
         """(agent, queue, started_at) of the running jobs held by ``agent_names``."""
-        marks = ",".join("?" * len(agent_names))
-        return self.read(f"SELECT agent_name, job_queue, started_at FROM jobs WHERE agent_name IN ({marks})"
-                         " AND state NOT IN ('waiting', 'cancelled', 'complete', 'completed')", agent_names)
+        return self.read("SELECT agent_name, job_queue, started_at FROM jobs WHERE agent_name IN"
+                         " (SELECT value FROM json_each(?))"
+                         " AND state NOT IN ('waiting', 'cancelled', 'complete', 'completed')", (json.dumps(agent_names),))
 
     def get_job(self, job_id):
         return self.read_one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
@@ -1043,8 +1053,8 @@ class JobStore(_DomainStore):
         """{job_id: client_id} of these jobs (the ones that exist)."""
         if not job_ids:
             return {}
-        return {r[0]: r[1] for r in self.read(f"SELECT job_id, client_id FROM jobs WHERE job_id IN"
-                                              f" ({','.join('?' * len(job_ids))})", job_ids)}
+        return {r[0]: r[1] for r in self.read("SELECT job_id, client_id FROM jobs WHERE job_id IN"
+                                              " (SELECT value FROM json_each(?))", (json.dumps(job_ids),))}
 
     def job_state_counts(self):
         return {r[0]: r[1] for r in self.read("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")}
@@ -1102,11 +1112,11 @@ class JobStore(_DomainStore):
         with self.write() as db:
             done = db.execute("DELETE FROM jobs WHERE created_at < ? AND state != 'waiting' RETURNING job_id",
                               (cutoff,)).fetchall()
-            db.execute("DELETE FROM job_attempts WHERE created_at < ?", (cutoff,))
-            # A job's events go together once the newest is older than the cutoff (the original's TTL
-            # index on the events document's updated_at).
-            db.execute("DELETE FROM job_events WHERE job_id IN (SELECT job_id FROM job_events GROUP BY job_id"
-                       " HAVING max(timestamp) < ?)", (cutoff,))
+            # A job's earlier attempts, events, logs and files go with it (and none is left for a job
+            # submitted later under the same id).
+            gone = json.dumps([row[0] for row in done])
+            for table in ("job_attempts", "job_events", "log_fragments", "files"):
+                db.execute(f"DELETE FROM {table} WHERE job_id IN (SELECT value FROM json_each(?))", (gone,))
             db.execute("DELETE FROM log_fragments WHERE inserted_at < ?", (cutoff,))
             # Files expire with their age; an upload that never finished (client gone, crash)
             # is dropped after a day.
@@ -1180,20 +1190,21 @@ class AgentStore(_DomainStore):
                          f" ELSE state END WHERE job_id = ? RETURNING name", (*idle_from, job_id)).fetchone()
         return row[0] if row else None
 
-    def job_provision_logged(self, agent_name, job_id):
-        return self.read_one("SELECT 1 FROM provision_logs WHERE agent_name = ? AND job_id = ?",
-                             (agent_name, job_id)) is not None
+    def job_provision_logged(self, agent_name, job_id, attempt):
+        return self.read_one("SELECT 1 FROM provision_logs WHERE agent_name = ? AND job_id = ? AND attempt = ?",
+                             (agent_name, job_id, attempt)) is not None
 
-    def add_provision_log(self, agent_name, job_id, exit_code, detail, now, client_id=None, recorded_by="agent"):
+    def add_provision_log(self, agent_name, job_id, exit_code, detail, now, client_id=None, recorded_by="agent",
+                          attempt=1):
         """Append a provision log entry (kept even for unknown agents, last 100) and update the
-        agent's streak.  An agent's own entry replaces one agenthub recorded from the job's result.
-        Returns False when the agent is unknown."""
+        agent's streak.  An agent's own entry replaces one agenthub recorded from the same attempt's
+        result.  Returns False when the agent is unknown."""
         with self.write() as db:
-            replaced = db.execute("DELETE FROM provision_logs WHERE agent_name = ? AND job_id = ?"
-                                  " AND recorded_by = 'result'", (agent_name, job_id)).rowcount
+            replaced = db.execute("DELETE FROM provision_logs WHERE agent_name = ? AND job_id = ? AND attempt = ?"
+                                  " AND recorded_by = 'result'", (agent_name, job_id, attempt)).rowcount
             db.execute("INSERT INTO provision_logs (agent_name, job_id, exit_code, detail, timestamp, client_id,"
-                       " recorded_by) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (agent_name, job_id, exit_code, detail, now, client_id, recorded_by))
+                       " recorded_by, attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (agent_name, job_id, exit_code, detail, now, client_id, recorded_by, attempt))
             db.execute("DELETE FROM provision_logs WHERE agent_name = ? AND id NOT IN (SELECT id FROM"
                        " provision_logs WHERE agent_name = ? ORDER BY id DESC LIMIT 100)", (agent_name, agent_name))
             agent = db.execute("SELECT provision_streak_type, provision_streak_count FROM agents WHERE name = ?",
@@ -1209,8 +1220,8 @@ class AgentStore(_DomainStore):
             return True
 
     def provision_logs(self, agent_name):
-        return self.read("SELECT job_id, exit_code, detail, timestamp, client_id, recorded_by FROM provision_logs"
-                         " WHERE agent_name = ? ORDER BY id", (agent_name,))
+        return self.read("SELECT job_id, exit_code, detail, timestamp, client_id, recorded_by, attempt"
+                         " FROM provision_logs WHERE agent_name = ? ORDER BY id", (agent_name,))
 
     def setting(self, key, make_default):
         """Read a setting, storing ``make_default()`` the first time."""
@@ -1375,11 +1386,10 @@ class AuthStore(_DomainStore):
         """{queue: [client ids allowed]} for the restricted ones among ``queues`` that have owners."""
         if not queues:
             return {}
-        marks = ",".join("?" * len(queues))
         rows = self.read(
-            f"SELECT r.name AS queue, c.client_id FROM restricted_queues r"
-            f" JOIN clients c ON EXISTS (SELECT 1 FROM json_each(c.allowed_queues) WHERE value = r.name)"
-            f" WHERE r.name IN ({marks}) ORDER BY r.name, c.client_id", list(queues))
+            "SELECT r.name AS queue, c.client_id FROM restricted_queues r"
+            " JOIN clients c ON EXISTS (SELECT 1 FROM json_each(c.allowed_queues) WHERE value = r.name)"
+            " WHERE r.name IN (SELECT value FROM json_each(?)) ORDER BY r.name, c.client_id", (json.dumps(queues),))
         owners = {}
         for row in rows:
             owners.setdefault(row["queue"], []).append(row["client_id"])
@@ -2924,6 +2934,9 @@ class JobQueue:
         if current["client_id"] not in (None, identity.client_id) and identity.role not in ("admin", "manager"):
             raise ApiError(403, f"Job {job_id} was submitted by another client")
         attempt = current["attempt"] + 1
+        if job["attachments_status"] and current["attachments_status"] == "complete" \
+                and self.store.newest_file(job_id, "attachments", any_attempt=True):
+            job = {**job, "attachments_status": "complete"}     # it runs with the attachments already sent
         self.store.archive_job(db, job_id, "resubmitted")
         self.store.insert_job(db, {**job, "attempt": attempt})
         self.store.add_job_events(db, job_id, attempt, [job_event(
@@ -3047,12 +3060,14 @@ class JobQueue:
         a job that is not waiting.
 
         The agents that can take it are those serving its queue that are online, enabled and not
-        excluded.  Each takes jobs in pop order (priority, then arrival) from every queue it serves,
-        so the jobs ahead are the waiting ones of all those queues that rank before this one.  Each
-        job is assumed to run as long as the median of its queue's newest completed jobs (of all
-        queues when its own has none yet); a running job, that median less what it has run.  The
-        jobs ahead are handed in order to whichever agent is free first; this job starts when the
-        next one is.  Agents outside the pool that also serve those queues would make it earlier."""
+        excluded.  They take jobs in pop order (priority, then arrival) from every queue they serve,
+        so the jobs ahead are the waiting ones of those queues that rank before this one (those still
+        waiting for attachments cannot be taken yet and are skipped).  Each job is assumed to run as
+        long as the median of its queue's newest completed jobs (of all queues while its own has
+        none); a running job, that median less what it has run.  The jobs ahead go in order, each to
+        the first free agent that serves its queue and is not excluded; this job starts when the
+        first agent of its own pool is free.  Agents outside the pool that also serve those queues
+        would make it earlier."""
         row = self.store.waiting_job(job_id)
         if row is None:
             return None
@@ -3062,43 +3077,50 @@ class JobQueue:
                 if a["name"] not in excluded and self._takes_jobs(a, now)]
         out = {"job_id": job_id, "job_state": "waiting", "job_queue": queue_name,
                "position": self.store.job_position(job_id), "agents": [a["name"] for a in pool]}
-        medians = {}
-
-        def run_seconds(q):           # None: over every queue
-            if q not in medians:
-                times = sorted(self.store.run_times(q, self.ESTIMATE_SAMPLES))
-                medians[q] = statistics.median(times) if times else None
-            return medians[q]
-
-        def typical(q):               # unknown: the agent is never known to be free again
-            return next((m for m in (run_seconds(q), run_seconds(None)) if m is not None), math.inf)
-
         if not pool:
             return {**out, "estimated_start": None, "estimated_wait_seconds": None,
                     "reason": f"no online agent that may run this job serves queue {queue_name}"}
-        queues = sorted({q for a in pool for q in json.loads(a["queues"] or "[]")})
-        ahead = self.store.jobs_ahead(queues, row["job_priority"], row["seq"], self.ESTIMATE_AHEAD)
-        running = {r["agent_name"]: r for r in self.store.running_on([a["name"] for a in pool])}
-        free = []
-        for agent in pool:
-            job = running.get(agent["name"])
-            free.append(now if job is None else now + max(0.0, typical(job["job_queue"])
-                                                            - (now - (job["started_at"] or now))))
-        heapq.heapify(free)
-        for q in ahead:
-            heapq.heappush(free, heapq.heappop(free) + typical(q))
+        medians = {}
+
+        def typical(q):
+            """Median run seconds of queue ``q`` (of every queue while it has none); inf: unknown,
+            the agent is never known to be free again."""
+            for key in (q, None):
+                if key not in medians:
+                    times = self.store.run_times(key, self.ESTIMATE_SAMPLES)
+                    medians[key] = statistics.median(times) if times else None
+                if medians[key] is not None:
+                    return medians[key]
+            return math.inf
+
+        serves = {a["name"]: set(json.loads(a["queues"] or "[]")) for a in pool}
+        ahead = self.store.jobs_ahead(sorted(set().union(*serves.values())), row["job_priority"], row["seq"],
+                                      self.ESTIMATE_AHEAD)
+        running = {r["agent_name"]: r for r in self.store.running_on(list(serves))}
+        free = {}
+        for name in serves:
+            job = running.get(name)
+            free[name] = now if job is None else now + max(0.0, typical(job["job_queue"])
+                                                            - (now - (job["started_at"] or now)))
+        for job in ahead:
+            barred = set(json.loads(job["exclude_agents"]))
+            able = [n for n in serves if job["job_queue"] in serves[n] and n not in barred]
+            if able:
+                first = min(able, key=free.__getitem__)
+                free[first] += typical(job["job_queue"])
+        start = min(free.values())
         out.update(jobs_ahead=len(ahead), busy_agents=len(running),
-                   run_seconds={q: round(typical(q), 1) for q in sorted(set(ahead) | {queue_name}
+                   run_seconds={q: round(typical(q), 1) for q in sorted({j["job_queue"] for j in ahead} | {queue_name}
                                                                         | {r["job_queue"] for r in running.values()})
                                 if typical(q) < math.inf})
-        if free[0] == math.inf:
+        if start == math.inf:
             return {**out, "estimated_start": None, "estimated_wait_seconds": None,
                     "reason": "no completed job yet to learn run times from"}
-        return {**out, "estimated_start": iso(free[0]), "estimated_wait_seconds": int(free[0] - now),
+        return {**out, "estimated_start": iso(start), "estimated_wait_seconds": int(start - now),
                 "lower_bound": len(ahead) >= self.ESTIMATE_AHEAD,
-                "method": "jobs ahead (pop order over the queues the agents serve) handed to the first free agent,"
-                          f" each taking the median run time of its queue's last {self.ESTIMATE_SAMPLES}"
-                          " completed jobs; a job running past it is taken to end now"}
+                "method": "jobs ahead (pop order over the queues the agents serve) each handed to the first free"
+                          " agent that serves its queue, each taking the median run time of its queue's last"
+                          f" {self.ESTIMATE_SAMPLES} completed jobs; a job running past it is taken to end now"}
 
     def cancel(self, job_id, identity):
         """Cancel an unfinished job and free its agent; False when neither changed anything."""
@@ -3147,14 +3169,29 @@ class JobQueue:
 
     # -- results and logs ------------------------------------------------------------
 
-    def post_result(self, job_id, data):
+    def reports_on_earlier_attempt(self, job_id, agent_name):
+        """Whether an agent's report (result, log, artifact) is about an attempt that has ended: the
+        job was queued again (re-submitted, retried, reclaimed), so it is waiting, which no agent
+        can be running, or another agent has taken it since.  Such a report is dropped, answered as
+        if taken: it would else finish or fill the new attempt (the agent of a cancelled job posts
+        its closing result well after the cancel)."""
+        row = self.store.get_job(job_id)
+        if row is None:
+            return False
+        if row["state"] == "waiting":
+            return row["attempt"] > 1 or row["strands"] > 0
+        return bool(agent_name and row["agent_name"] and row["agent_name"] != agent_name)
+
+    def post_result(self, job_id, data, agent_name=None):
         """An agent's report: the result changes and the job's events, its agent freed when it ends,
         a failed provision in the agent's history, and a provision retry — one transaction."""
         now, state = utcnow(), data.get("job_state")
         with self.store.write() as db:
+            if self.reports_on_earlier_attempt(job_id, agent_name):
+                return
             before = self.store.get_job(job_id)
             finished = self.store.update_result(job_id, data.get("status"), data.get("device_info"), state, now,
-                                                data.get("agent_id"))
+                                                data.get("agent_id") or None)
             freed = None
             if before is not None:
                 self.store.add_job_events(db, job_id, before["attempt"], self._result_events(before, data, now))
@@ -3172,7 +3209,12 @@ class JobQueue:
             if phase not in old:
                 events.append(job_event("job_phase_completed", now, status=code, phase=phase))
         state = data.get("job_state")
-        if state in PHASES and state != before["state"]:
+        if before["state"] == "cancelled":
+            # Its state stays "cancelled" whatever the agent reports while it stops (cleanup, its
+            # closing "complete"), so each phase is told once and the job is never "completed".
+            if state in PHASES and not self.store.has_phase_event(before["job_id"], before["attempt"], state):
+                events.append(job_event("job_phase_started", now, phase=state))
+        elif state in PHASES and state != before["state"]:
             events.append(job_event("job_phase_started", now, phase=state))
         elif state in ("complete", "completed") and before["state"] not in ("complete", "completed"):
             events.append(job_event("job_completed", now))
@@ -3186,9 +3228,10 @@ class JobQueue:
         agent_name = data.get("agent_id") or before["agent_name"]
         code = status.get("provision")
         if code and agent_name and "provision" not in json.loads(before["result_status"]) \
-                and not self.agent_store.job_provision_logged(agent_name, before["job_id"]):
+                and not self.agent_store.job_provision_logged(agent_name, before["job_id"], before["attempt"]):
             self.agent_store.add_provision_log(agent_name, before["job_id"], code, "recorded from the job's"
-                                               " provision_status", now, before["client_id"], "result")
+                                               " provision_status", now, before["client_id"], "result",
+                                               before["attempt"])
         after = self.store.get_job(before["job_id"])
         failed = json.loads(after["result_status"]).get("provision")
         if not failed or after["state"] not in ("complete", "completed") or before["state"] in self.ACTIVE_END \
@@ -3281,9 +3324,12 @@ class JobQueue:
                     out[f"{phase}_{kind}"] = logs[f"{phase}_{kind}"]
         return out
 
-    def add_log(self, job_id, log_type, data):
-        self.store.add_log_fragment(job_id, log_type, data["phase"], data["fragment_number"],
-                                    data["timestamp"], data["log_data"], utcnow())
+    def add_log(self, job_id, log_type, data, agent_name=None):
+        with self.store.write():
+            if self.reports_on_earlier_attempt(job_id, agent_name):
+                return
+            self.store.add_log_fragment(job_id, log_type, data["phase"], data["fragment_number"],
+                                        data["timestamp"], data["log_data"], utcnow())
 
     def logs(self, job_id, log_type, start_fragment=0, start_timestamp=None, phase=None, attempt=None):
         phases = [phase] if phase else list(PHASES)
@@ -3471,8 +3517,10 @@ class JobQueue:
     def provision_log(self, agent_name, data):
         """An agent's provision outcome; the entry names who submitted the job (for the pages)."""
         job = self.store.get_job(parse_job_id(data["job_id"]) or data["job_id"])
+        attempt = self.store.attempt_run_by(job["job_id"], agent_name) if job else None
         if not self.agent_store.add_provision_log(agent_name, data["job_id"], data["exit_code"], data.get("detail"),
-                                                  utcnow(), job["client_id"] if job else None):
+                                                  utcnow(), job["client_id"] if job else None,
+                                                  attempt=attempt or (job["attempt"] if job else 1)):
             raise ApiError(404, "Agent not found")          # JSON since Testflinger #1253 (plain text in 1.5.0)
         self.registry.contact(agent_name)
 
@@ -3626,7 +3674,6 @@ def _nested_repeat(parsed, inside=False):
     return False
 
 
-_GO_DURATION = re.compile(r"([0-9]*)(?:\.([0-9]*))?(ns|us|µs|μs|ms|s|m|h)")
 _GO_UNITS = {"ns": 1, "us": 10 ** 3, "µs": 10 ** 3, "μs": 10 ** 3, "ms": 10 ** 6, "s": 10 ** 9, "m": 60 * 10 ** 9,
              "h": 3600 * 10 ** 9}
 
@@ -3634,27 +3681,61 @@ _GO_UNITS = {"ns": 1, "us": 10 ** 3, "µs": 10 ** 3, "μs": 10 ** 3, "ms": 10 **
 def parse_go_duration(text):
     """Seconds from a Go ``time.ParseDuration`` string; ValueError where Go gives an error.
 
-    Go's forms: an optional sign, then "0" alone or numbers each with a unit (ns, us, µs U+00B5,
-    μs U+03BC, ms, s, m, h) in any order and repeated ("1h1h" is 2h), a number with digits before
-    or after a decimal point (".5s", "5.s", not ".s"); the total, counted in nanoseconds, must fit
-    a signed 64-bit integer (Go's "invalid duration")."""
+    Go's algorithm step by step (its leadingInt, leadingFraction and unit table): an optional sign,
+    then "0" alone or numbers each with a unit (ns, us, µs U+00B5, μs U+03BC, ms, s, m, h) in any
+    order and repeated ("1h1h" is 2h); a number has digits before or after its decimal point
+    (".5s", "5.s", not ".s"); the fraction is scaled in float64 as Go does, its digits past 63 bits
+    ignored; the total, in nanoseconds, must fit a signed 64-bit integer."""
+    limit = 1 << 63
     negative, rest = (True, text[1:]) if text[:1] == "-" else (False, text[1:] if text[:1] == "+" else text)
     if rest == "0":
         return 0.0
     if not rest:
         raise ValueError(text)
-    total, pos = 0, 0
-    while pos < len(rest):
-        match = _GO_DURATION.match(rest, pos)
-        if not match or not (match.group(1) or match.group(2)):
+    total, pos, end = 0, 0, len(rest)
+    while pos < end:
+        if not (rest[pos] == "." or "0" <= rest[pos] <= "9"):
             raise ValueError(text)
-        unit = _GO_UNITS[match.group(3)]
-        fraction = match.group(2) or ""
-        # Go truncates the fraction to whole nanoseconds.
-        total += int(match.group(1) or 0) * unit + int(fraction or 0) * unit // 10 ** len(fraction)
-        if total > 2 ** 63 - (0 if negative else 1):
+        start, whole = pos, 0
+        while pos < end and "0" <= rest[pos] <= "9":
+            if whole > limit // 10:
+                raise ValueError(text)
+            whole = whole * 10 + ord(rest[pos]) - 48
+            if whole > limit:
+                raise ValueError(text)
+            pos += 1
+        digits_before = pos > start
+        fraction, scale, digits_after = 0, 1.0, False
+        if pos < end and rest[pos] == ".":
+            pos += 1
+            start, overflow = pos, False
+            while pos < end and "0" <= rest[pos] <= "9":
+                if not overflow:
+                    bigger = fraction * 10 + ord(rest[pos]) - 48
+                    if fraction > (limit - 1) // 10 or bigger > limit:
+                        overflow = True
+                    else:
+                        fraction, scale = bigger, scale * 10
+                pos += 1
+            digits_after = pos > start
+        if not (digits_before or digits_after):
             raise ValueError(text)
-        pos = match.end()
+        start = pos
+        while pos < end and not (rest[pos] == "." or "0" <= rest[pos] <= "9"):
+            pos += 1
+        unit = _GO_UNITS.get(rest[start:pos])
+        if unit is None or whole > limit // unit:
+            raise ValueError(text)
+        value = whole * unit
+        if fraction:
+            value += int(float(fraction) * (float(unit) / scale))
+            if value > limit:
+                raise ValueError(text)
+        total += value
+        if total > limit:
+            raise ValueError(text)
+    if not negative and total > limit - 1:
+        raise ValueError(text)
     return (-total if negative else total) / 1e9
 
 
@@ -5137,7 +5218,7 @@ def install_testflinger(app, hub):
         if request.content_length >= 16 * 1024 * 1024:
             raise ApiError(413, "Payload too large")
         data = tf_load(RESULT_SCHEMA, read_json(16 * 1024 * 1024))
-        jobs.post_result(tf_job_id(job_id), data)
+        jobs.post_result(tf_job_id(job_id), data, cookie("agent_name"))
         return text_response("OK")
 
     def attempt():
@@ -5167,7 +5248,7 @@ def install_testflinger(app, hub):
     @route("POST", "/v1/result/<job_id>/log/<log_type:re:output|serial>", AGENT)
     def post_log(job_id, log_type):
         data = body(LOG_POST_SCHEMA)
-        jobs.add_log(tf_job_id(job_id), log_type, data)
+        jobs.add_log(tf_job_id(job_id), log_type, data, cookie("agent_name"))
         return text_response("OK")
 
     @route("GET", "/v1/result/<job_id>/log/<log_type:re:output|serial>", AMC)
@@ -5181,7 +5262,12 @@ def install_testflinger(app, hub):
 
     @route("POST", "/v1/result/<job_id>/artifact", AGENT)
     def post_artifact(job_id):
-        return receive_file(tf_job_id(job_id, text=True), "artifact")
+        job_id = tf_job_id(job_id, text=True)
+        if jobs.reports_on_earlier_attempt(job_id, cookie("agent_name")):
+            for _ in iter(functools.partial(body_stream().read, CHUNK_SIZE), b""):
+                pass                                 # read and dropped (see reports_on_earlier_attempt)
+            return text_response("OK")
+        return receive_file(job_id, "artifact")
 
     @route("GET", "/v1/result/<job_id>/artifact", AMC)
     def get_artifact(job_id):

@@ -1365,6 +1365,115 @@ def test_no_provision_retry_without_the_setting_or_another_agent(make_app):
                         "Provisioning failed on agent a0; not retried: no other agent serves queue q1.")
 
 
+def test_an_agent_still_stopping_a_cancelled_attempt_cannot_touch_the_next_one(app, anon, agent):
+    job_id = submit(anon)
+    agent.get("/v1/job?queue=q1")
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "provision"})
+    anon.post_json(f"/v1/job/{job_id}/action", {"action": "cancel"})
+    submit(anon, job_id=job_id)                                       # attempt 2, waiting
+    # The old run goes on (provision is not interrupted), then cleans up and closes: all dropped.
+    agent.post_json(f"/v1/result/{job_id}/log/output", {"fragment_number": 0, "timestamp": "2026-01-01T00:00:00Z",
+                                                         "phase": "cleanup", "log_data": "OLD RUN"})
+    assert agent.post(f"/v1/result/{job_id}/artifact", upload_files=[("file", "a.tgz", b"OLD")]).text == "OK"
+    assert agent.post_json(f"/v1/result/{job_id}", {"job_state": "complete", "status": {"test": 247}}).text == "OK"
+    assert anon.get(f"/v1/result/{job_id}").json == {"job_state": "waiting"}
+    anon.get(f"/v1/result/{job_id}/artifact", status=204)
+    other = Client(app, {**token_headers(app, "agent", "agent2"), "Cookie": "agent_name=agent2"})
+    other.post_json("/v1/agents/data/agent2", {"queues": ["q1"]})
+    assert other.get("/v1/job?queue=q1").json["job_id"] == job_id
+    # Once agent2 runs it, agent1's late reports are still not taken for it.
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "complete"})
+    assert anon.get(f"/v1/result/{job_id}").json == {"job_state": "running"}
+    other.post_json(f"/v1/result/{job_id}", {"job_state": "setup"})
+    assert anon.get(f"/v1/result/{job_id}").json == {"job_state": "setup"}
+
+
+def test_a_repeated_final_result_does_not_use_up_a_provision_retry(make_app):
+    app = make_app(provision_retries=2)
+    anon = webtest.TestApp(app)
+    for name in ("a1", "a2", "a3"):
+        Client(app, token_headers(app, "agent", name)).post_json(f"/v1/agents/data/{name}", {"queues": ["q1"]})
+    agent = Client(app, {**token_headers(app, "agent", "a1"), "Cookie": "agent_name=a1"})
+    job_id = submit(anon)
+    agent.get("/v1/job?queue=q1")
+    for _ in range(2):                               # the agent re-sends a result that seemed lost
+        agent.post_json(f"/v1/result/{job_id}", {"job_state": "complete", "status": {"provision": 1}})
+    assert [(a["attempt"], a["job_state"]) for a in anon.get(f"/v1/job/{job_id}/attempts").json] == [
+        (1, "complete"), (2, "waiting")]
+
+
+def test_a_cancelled_job_tells_each_phase_once_and_never_completes(anon, agent):
+    job_id = submit(anon)
+    agent.get("/v1/job?queue=q1")
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "test"})
+    anon.post_json(f"/v1/job/{job_id}/action", {"action": "cancel"})
+    for state in ("cleanup", "cleanup", "complete", "complete"):
+        agent.post_json(f"/v1/result/{job_id}", {"job_state": state})
+    assert [e["event_name"] for e in job_events(anon, job_id)] == [
+        "job_submitted", "job_assigned", "job_phase_started", "job_cancelled", "job_phase_started"]
+
+
+def test_resubmitting_a_job_as_shown_runs_with_its_attachments(anon, agent):
+    job_id = submit(anon, test_data={"attachments": [{"agent": "file.bin"}]})
+    anon.post(f"/v1/job/{job_id}/attachments", upload_files=[("file", "a.tgz", b"ATTACHED")])
+    agent.get("/v1/job?queue=q1")
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "complete"})
+    shown = anon.get(f"/v1/job/{job_id}").json
+    assert anon.post_json("/v1/job", shown).json == {"job_id": job_id}
+    assert agent.get("/v1/job?queue=q1").json["job_id"] == job_id
+    assert agent.get(f"/v1/job/{job_id}/attachments").body == b"ATTACHED"
+
+
+def test_each_attempt_has_its_own_provision_history_entry(anon, agent):
+    job_id = submit(anon)
+    for attempt in (1, 2):
+        if attempt == 2:
+            submit(anon, job_id=job_id)
+        agent.get("/v1/job?queue=q1")
+        agent.post_json(f"/v1/result/{job_id}", {"job_state": "complete", "status": {"provision": 5}})
+    agent.post_json("/v1/agents/provision_logs/agent1", {"job_id": job_id, "exit_code": 5, "detail": "second"})
+    history = anon.app.hub.jobs.provision_logs("agent1")
+    assert [(h["attempt"], h["recorded_by"]) for h in history] == [(1, "result"), (2, "agent")]
+    assert anon.get("/v1/agents/data/agent1").json["provision_streak_count"] == 2
+
+
+def test_the_purge_takes_a_jobs_attempts_events_and_logs_with_it(make_app, monkeypatch):
+    app = make_app(retention_days=1)
+    anon = webtest.TestApp(app)
+    agent = Client(app, {**token_headers(app, "agent", "agent1"), "Cookie": "agent_name=agent1"})
+    agent.post_json("/v1/agents/data/agent1", {"queues": ["q1"]})
+    old_waiting, done = submit(anon), str(uuid.uuid4())
+    with app.hub.db.write() as db:
+        db.execute("UPDATE jobs SET job_queue = 'q9'")                # out of the agent's way
+    submit(anon, job_id=done)
+    agent.get("/v1/job?queue=q1")
+    agent.post_json(f"/v1/result/{done}/log/output", {"fragment_number": 0, "timestamp": "2026-01-01T00:00:00Z",
+                                                      "phase": "test", "log_data": "old"})
+    agent.post_json(f"/v1/result/{done}", {"job_state": "complete"})
+    submit(anon, job_id=done)
+    agent.get("/v1/job?queue=q1")
+    agent.post_json(f"/v1/result/{done}", {"job_state": "complete"})
+    monkeypatch.setattr(agenthub, "utcnow", lambda: time.time() + 2 * 86400)
+    app.hub.jobs.purge()
+    monkeypatch.undo()
+    assert job_events(anon, old_waiting)[0]["event_name"] == "job_submitted"      # a waiting job keeps all
+    anon.get(f"/v1/events/job/{done}", status=404)
+    submit(anon, job_id=done)                                           # a new job under the old id
+    assert [e["event_name"] for e in job_events(anon, done)] == ["job_submitted"]
+    assert anon.get(f"/v1/result/{done}/log/output").json["output"]["test"]["log_data"] == ""
+    assert [a["attempt"] for a in anon.get(f"/v1/job/{done}/attempts").json] == [1]
+
+
+def test_an_agent_with_a_huge_queue_list_breaks_no_page(app, anon):
+    agent = Client(app, {**token_headers(app, "agent", "wide"), "Cookie": "agent_name=wide"})
+    queues = ["q1"] + [f"x{n}" for n in range(40000)]
+    agent.post_json("/v1/agents/data/wide", {"queues": queues})
+    job_id = submit(anon)
+    assert anon.get(f"/v1/job/{job_id}/estimate").json["agents"] == ["wide"]
+    assert len(anon.get("/v1/agents/data/wide").json["queues"]) == 40001
+    anon.get(f"/jobs/{job_id}")
+
+
 def test_estimated_start_of_a_waiting_job(make_app, monkeypatch):
     clock = [1_800_000_000.0]
     monkeypatch.setattr(agenthub, "utcnow", lambda: clock[0])
@@ -1406,6 +1515,11 @@ def test_estimated_start_of_a_waiting_job(make_app, monkeypatch):
         "job_state": "waiting", "job_queue": "q1", "position": 1, "agents": ["a1", "a2"], "jobs_ahead": 2,
         "busy_agents": 1, "run_seconds": {"q1": 20.0, "q2": 5.0}, "estimated_wait_seconds": 15}
     assert estimate["estimated_start"] == agenthub.iso(clock[0] + 15) and estimate["method"]
+    # A q2 backlog that only a2 can take does not hold up a q1 job that a1 (or a3, offline) serves.
+    for _ in range(5):
+        submit(anon, job_queue="q2")
+    late = submit(anon)
+    assert anon.get(f"/v1/job/{late}/estimate").json["estimated_wait_seconds"] == 15 + 20
     anon.get(f"/v1/job/{busy}/estimate", status=410)
     assert anon.get(f"/v1/job/{ANY_UUID}/estimate", status=410).text == "Job not found or already started\n"
 
@@ -2063,6 +2177,9 @@ GO_DURATIONS = {"0": 0, "+0": 0, "-0": 0, "0s": 0, "1m30s": 90, "500ms": 0.5, "1
                 "1000us": 1e-3, "1000\u00b5s": 1e-3, "1000\u03bcs": 1e-3, "1.0000000001s": 1, "1.5ns": 1e-9,
                 "2562047h": 2562047 * 3600, "9223372036854775807ns": 9223372036854775807e-9,
                 "-9223372036854775808ns": -9223372036854775808e-9}
+GO_DURATIONS.update({"1." + "0" * 5000 + "s": 1, "0" * 4400 + "1s": 1,
+                     "0.3333333333333333333333h": 1200,              # the fraction scaled in float64, as Go
+                     "0.9999999999999999999999999ns": 1e-9})
 GO_BAD_DURATIONS = ("", "10", "s", ".s", "-.s", "+", "-", "1x", "1h2", "1 s", " 1s", "1H", "1sec", "1e3s", "00",
                     "1hh", "1.2.3s", "9223372036854775808ns", "2562048h", "-9223372036854775809ns", "\uff11s",
                     "1\u00b5", "\u00b5s")
