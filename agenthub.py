@@ -118,6 +118,8 @@ class Config:
     max_watchers: int = 2048        # blocking event queries in progress at once (more answer 429)
     max_watchers_per_client: int = 256   # … from one client address
     bench_route: bool = False       # mount GET /_bench/ping (a trivial JSON route) for `bench`
+    metrics_tokens: str = ""        # bearer tokens GET /metrics needs (comma-separated); empty: see README
+    log_format: str = "text"        # text | json: one line per log entry either way
 
     ENV = {
         "db": "AGENTHUB_DB", "host": "AGENTHUB_HOST", "port": "AGENTHUB_PORT",
@@ -139,6 +141,7 @@ class Config:
         "shutdown_grace": "AGENTHUB_SHUTDOWN_GRACE", "strand_seconds": "AGENTHUB_STRAND_SECONDS",
         "provision_retries": "AGENTHUB_PROVISION_RETRIES",
         "max_watchers": "AGENTHUB_MAX_WATCHERS", "max_watchers_per_client": "AGENTHUB_MAX_WATCHERS_PER_CLIENT",
+        "metrics_tokens": "AGENTHUB_METRICS_TOKENS", "log_format": "AGENTHUB_LOG_FORMAT",
     }
 
     @classmethod
@@ -289,6 +292,93 @@ def pfid_partition(pfid):
     for char in pfid[10:16]:
         value = value * 32 + CROCKFORD.index(char)
     return value
+
+
+###############################################################################
+# Telemetry and logs ##########################################################
+###############################################################################
+#
+# What the hub counts as it runs (read by GET /metrics, rendered in the operations section) and
+# how it writes its log lines: one line each, text or JSON (--log-format).
+
+class Tally:
+    """Thread-safe counters by label values: ``add(("q1", "waiting"))``; ``items()`` to read."""
+
+    def __init__(self):
+        self._lock, self._values = threading.Lock(), {}
+
+    def add(self, labels=(), amount=1):
+        with self._lock:
+            self._values[labels] = self._values.get(labels, 0) + amount
+
+    def items(self):
+        with self._lock:
+            return sorted(self._values.items())
+
+
+class Histogram:
+    """Thread-safe cumulative histograms by label values (Prometheus's buckets, sum and count)."""
+
+    def __init__(self, buckets):
+        self.buckets, self._lock, self._values = tuple(buckets), threading.Lock(), {}
+
+    def observe(self, value, labels=()):
+        with self._lock:
+            counts = self._values.get(labels)
+            if counts is None:
+                counts = self._values[labels] = [0] * len(self.buckets) + [0.0, 0]
+            for index, bound in enumerate(self.buckets):
+                if value <= bound:
+                    counts[index] += 1
+            counts[-2] += value
+            counts[-1] += 1
+
+    def items(self):
+        """[(labels, [cumulative count per bucket], sum, count)]."""
+        with self._lock:
+            return [(labels, list(c[:-2]), c[-2], c[-1]) for labels, c in sorted(self._values.items())]
+
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+WAIT_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 3 * 86400)
+
+_LOG = {"json": False}
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
+
+
+def _printable(text):
+    """A value for a text log line: control characters (a forged line break) escaped."""
+    return _UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()), str(text))
+
+
+def log(message, level="info", stream=None, **fields):
+    """One line of the application log on stderr: ``agenthub: message`` or, with --log-format
+    json, a JSON object with time, level, message and ``fields``."""
+    if _LOG["json"]:
+        line = json.dumps({"time": iso(utcnow(), digits=3), "level": level, "message": message, **fields},
+                          ensure_ascii=True, default=str)
+    elif level == "error" and "Traceback" in message:
+        line = "agenthub: " + message.rstrip("\n")          # a traceback stays readable, as Python prints it
+    else:
+        line = "agenthub: " + _printable(message)
+    print(line, file=stream or sys.stderr, flush=True)
+
+
+def access_log(environ, status, seconds, api, route):
+    """One line of the access log per answered request."""
+    identity = environ.get("agenthub.identity")
+    client = getattr(identity, "client_id", None)
+    fields = {"request_id": environ.get("agenthub.request_id"), "remote_addr": environ.get("REMOTE_ADDR"),
+              "method": environ.get("REQUEST_METHOD"), "path": environ.get("PATH_INFO"),
+              "status": status, "duration_ms": round(seconds * 1000, 2), "api": api, "route": route,
+              "client_id": client}
+    if _LOG["json"]:
+        print(json.dumps({"time": iso(utcnow(), digits=3), "level": "info", "message": "request", **fields},
+                         ensure_ascii=True), file=sys.stderr, flush=True)
+        return
+    print(f'{_printable(fields["remote_addr"] or "-")} {_printable(client or "-")} [{iso(utcnow())}] '
+          f'"{_printable(fields["method"])} {_printable(fields["path"])}" {status} {fields["duration_ms"]}ms '
+          f'{api} {_printable(route)} {fields["request_id"]}', file=sys.stderr, flush=True)
 
 
 ###############################################################################
@@ -590,6 +680,7 @@ class Database:
         self._local = threading.local()          # the connection this thread holds, and whether it writes
         self._closed = False
         self._full = False                       # in a disk-full episode (logged once)
+        self.write_seconds = Histogram(LATENCY_BUCKETS)     # time each write transaction held the writer
         if not self.memory:
             private_files(path)
         with self.write() as db:
@@ -663,6 +754,7 @@ class Database:
             self._local.writing = True
             try:
                 try:
+                    began = time.perf_counter()
                     conn.execute("BEGIN IMMEDIATE")
                     try:
                         yield conn
@@ -670,11 +762,12 @@ class Database:
                         conn.rollback()
                         raise
                     conn.commit()
+                    self.write_seconds.observe(time.perf_counter() - began)
                 except sqlite3.OperationalError as exc:
                     raise self._refusal(exc) from exc
                 if self._full:
                     self._full = False
-                    print("agenthub: the database takes writes again", file=sys.stderr, flush=True)
+                    log("the database takes writes again")
             finally:
                 self._local.writing = False
 
@@ -685,17 +778,35 @@ class Database:
         if code == sqlite3.SQLITE_FULL or "is full" in str(exc):
             if not self._full:
                 self._full = True
-                print(f"agenthub: the database or its disk is full ({exc}); writes answer 507 until there"
-                      " is space again", file=sys.stderr, flush=True)
+                log(f"the database or its disk is full ({exc}); writes answer 507 until there is space again",
+                    "error")
             return ApiError(507, "Insufficient storage: agenthub's database or disk is full")
         if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:
-            print(f"agenthub: database I/O error: {exc}", file=sys.stderr, flush=True)
+            log(f"database I/O error: {exc}", "error")
             return ApiError(503, "agenthub's database had an I/O error; try again")
         return exc
 
     def read(self, sql, args=()):
         with self.connection() as conn:
             return conn.execute(sql, args).fetchall()
+
+    def probe_write(self, now):
+        """A real write (GET /readyz): raises when the database refuses writes."""
+        with self.write() as db:
+            db.execute("INSERT INTO settings (key, value) VALUES ('ready_probe', ?) ON CONFLICT (key)"
+                       " DO UPDATE SET value = excluded.value", (str(now),))
+
+    def file_sizes(self):
+        """{"main": bytes, "wal": bytes} of a file database ({} in memory)."""
+        if self.memory:
+            return {}
+        sizes = {}
+        for name, path in (("main", self.path), ("wal", self.path + "-wal")):
+            try:
+                sizes[name] = os.path.getsize(path)
+            except OSError:
+                sizes[name] = 0
+        return sizes
 
     def read_one(self, sql, args=()):
         with self.connection() as conn:
@@ -1055,6 +1166,10 @@ class JobStore(_DomainStore):
             return {}
         return {r[0]: r[1] for r in self.read("SELECT job_id, client_id FROM jobs WHERE job_id IN"
                                               " (SELECT value FROM json_each(?))", (json.dumps(job_ids),))}
+
+    def counts_by_queue(self):
+        """{(queue, state): jobs} (the jobs_pop index covers it)."""
+        return {(r[1], r[0]): r[2] for r in self.read("SELECT state, job_queue, count(*) FROM jobs GROUP BY 1, 2")}
 
     def job_state_counts(self):
         return {r[0]: r[1] for r in self.read("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")}
@@ -2879,6 +2994,8 @@ class JobQueue:
         """``store``: jobs and files; ``agents``: the agents table; ``access``: restricted queues."""
         self.store, self.agent_store, self.access, self.config = store, agents, access, config
         self.secrets, self.registry = secrets_store, registry
+        self.tally = Tally()                       # ("submitted",), ("popped",), ("finished", state)
+        self.waits = Histogram(WAIT_BUCKETS)       # seconds a job waited before it was popped, by queue
 
     # -- jobs ----------------------------------------------------------------------
 
@@ -2919,6 +3036,7 @@ class JobQueue:
                     "job_submitted", now, client_id=who(identity.client_id), queue_name=queue_name)])
             else:
                 self._resubmit(db, current, job, identity, now)
+        self.tally.add(("submitted",))
         return job_id
 
     def _resubmit(self, db, current, job, identity, now):
@@ -3026,6 +3144,8 @@ class JobQueue:
         self.registry.contact(agent_name, throttle=1.0)
         if row is None:
             return None
+        self.tally.add(("popped",))
+        self.waits.observe(now - row["created_at"], (row["job_queue"],))
         self.registry.changed(agent_name)            # it now holds a running instance
         job = json.loads(row["job_data"])
         job["job_id"] = row["job_id"]
@@ -3133,6 +3253,8 @@ class JobQueue:
                     "job_cancelled", now, client_id=who(identity.client_id))])
         for name in {holder, freed} - {None}:
             self.registry.changed(name)
+        if changed:
+            self.tally.add(("finished", "cancelled"))
         return changed or freed is not None
 
     def search(self, tags, match, states, limit=None, offset=0):
@@ -3154,6 +3276,9 @@ class JobQueue:
 
     def state_counts(self):
         return self.store.job_state_counts()
+
+    def counts_by_queue(self):
+        return self.store.counts_by_queue()
 
     def queue_activity(self):
         return self.store.queue_activity()
@@ -3199,6 +3324,8 @@ class JobQueue:
                     # Its agent no longer runs it; one still saying it is in a phase of it is idle again.
                     freed = self.agent_store.clear_agent_job(db, job_id, idle_from=PHASES)
                 self._provision_outcome(db, before, data, now)
+                if state in ("complete", "completed") and before["state"] not in self.ACTIVE_END:
+                    self.tally.add(("finished", "complete"))
         for name in {finished, freed} - {None}:
             self.registry.changed(name)
 
@@ -3782,6 +3909,7 @@ class EventBuffer:
                                                r["service_filter"], r["tag_filter"], r["ltime"]) for r in rows), 0)
         self._changed = threading.Condition()
         self.listeners = []            # called after every stored event (the Watchers thread)
+        self.fired = Tally()           # by source: "api" (a PUT /v1/event/fire) or "hub" (its own)
 
     def validate(self, node, service, tag):
         """The filters' rules.  Consul answers 500 for these; they are bad input, so 400 here."""
@@ -3807,6 +3935,7 @@ class EventBuffer:
                 old = self._snapshot
                 self._snapshot = _Snapshot((old.events + (event,))[-self.size:], old.version + 1)
                 self._changed.notify_all()
+        self.fired.add(("hub" if internal else "api",))
         for listener in self.listeners:
             listener()
         return event
@@ -3987,7 +4116,7 @@ class Watchers:
                     except OSError:
                         pass                 # the client went away
                     except Exception as exc:  # never let one answer stop the others
-                        print(f"agenthub: answering a watcher failed: {exc!r}", file=sys.stderr)
+                        log(f"answering a watcher failed: {exc!r}", "error")
                 answered.append(watch)
         # Only now wake the sleeping request threads: woken earlier, they would compete for the
         # GIL with the answers still being written.
@@ -4423,6 +4552,7 @@ class Notifier:
         self.queues = {url: queue.Queue() for url in self.urls}
         self._closing = threading.Event()
         self._drain_until = None
+        self.outcomes = Tally()          # deliveries finished, by outcome
 
     def workers(self):
         return [(self._work, f"agenthub-gocd-{n}", url) for n, url in enumerate(self.urls)]
@@ -4463,7 +4593,7 @@ class Notifier:
                     continue
                 self._deliver(url, item)
             except Exception as exc:         # the worker must outlive any one delivery
-                print(f"agenthub: notification to {url} failed: {exc!r}", file=sys.stderr)
+                log(f"notification to {url} failed: {exc!r}", "error")
 
     def _deliver(self, url, item):
         headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "agenthub",
@@ -4516,6 +4646,7 @@ class Notifier:
 
     def _record(self, url, item, attempts, outcome, status, text, messages, error):
         now = utcnow()
+        self.outcomes.add((outcome,))
         self.store.record_delivery({
             "delivery_uuid": item["uuid"], "webhook_url": url, "agent_name": item["agent"], "body": item["body"],
             "attempts": attempts, "outcome": outcome, "http_status": status,
@@ -4857,9 +4988,9 @@ class ApiStyle:
     def crashed(self):
         """500 for an unexpected exception, logged once with the request id."""
         environ = request.environ
-        environ["wsgi.errors"].write(f"agenthub: request {environ.get('agenthub.request_id', '-')} "
-                                     f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')!r} failed:\n"
-                                     f"{traceback.format_exc()}")
+        log(f"request {environ.get('agenthub.request_id', '-')} {environ.get('REQUEST_METHOD')}"
+            f" {environ.get('PATH_INFO')!r} failed:\n{traceback.format_exc()}", "error", environ["wsgi.errors"],
+            request_id=environ.get("agenthub.request_id"))
         return self.crash_answer()
 
     def crash_answer(self):
@@ -4919,16 +5050,40 @@ def install_boundary(app, styles):
 
 
 class HubApp(bottle.Bottle):
-    """The Bottle app of one hub: every answer carries the request's ``X-Request-Id``."""
+    """The Bottle app of one hub: every answer carries the request's ``X-Request-Id``, is counted
+    (API, route template, method, status class; time to the answer's start) and logged."""
+
+    METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.requests = Tally()
+        self.latency = Histogram(LATENCY_BUCKETS)
 
     def __call__(self, environ, start_response):
         rid = environ["agenthub.request_id"] = f"{self._rid_prefix}-{next(self._rid_counter):x}"
+        began = time.perf_counter()
 
         def start(status, headers, exc_info=None):
             headers.extend((("X-Request-Id", rid), ("X-Content-Type-Options", "nosniff"),
                             ("Referrer-Policy", "same-origin")))
+            self._count(environ, int(status[:3]), time.perf_counter() - began)
             return start_response(status, headers, exc_info)
         return self.wsgi(environ, start)
+
+    def _count(self, environ, status, seconds):
+        route = environ.get("bottle.route")
+        if route is not None and route.name and ":" in route.name:
+            api, template = route.name.split(":", 1)[0], route.rule
+        else:
+            path = environ.get("PATH_INFO", "")
+            api = next((style.name for style in getattr(self, "styles", ()) if style.owns(path)), "web")
+            template = route.rule if route is not None else "(unmatched)"
+        method = environ.get("REQUEST_METHOD", "")
+        self.requests.add((api, template, method if method in self.METHODS else "other", f"{status // 100}xx"))
+        self.latency.observe(seconds, (api, template))
+        if not self.hub.config.quiet:
+            access_log(environ, status, seconds, api, template)
 
     _rid_prefix = secrets.token_hex(3)
     _rid_counter = itertools.count(1)
@@ -6731,6 +6886,198 @@ def install_web(app, hub):
 
 
 ###############################################################################
+# HTTP: operations ############################################################
+###############################################################################
+#
+# What a lab's usual tools read: GET /metrics (Prometheus text exposition 0.0.4), GET /healthz
+# (the process answers), GET /readyz (the hub can do its work).  Metrics are open like the APIs in
+# the default mode; with --metrics-token, or with --require-auth, they need a credential (README).
+
+OPS_PATHS = ("/metrics", "/healthz", "/readyz")
+PROCESS_STARTED = time.time()
+
+
+class OpsStyle(ApiStyle):
+    """The operations routes: JSON errors ``{"status": "error", "message": …}``."""
+
+    name = "ops"
+
+    def owns(self, path):
+        return path in OPS_PATHS
+
+    def error(self, status, message=None):
+        return json_response({"status": "error", "message": message or _status_text(status)}, status)
+
+    def refused(self, exc):
+        if exc.status == 503 and request.path == "/readyz":      # shutting down: still say what was checked
+            return json_response(*readiness(self.hub))
+        return super().refused(exc)
+
+
+def readiness(hub):
+    """(body, status) of GET /readyz: the database takes a write, the background threads live, no
+    shutdown has begun."""
+    checks, ready = {}, True
+    try:
+        hub.db.probe_write(utcnow())
+        checks["database"] = "writable"
+    except (sqlite3.Error, ApiError) as exc:
+        checks["database"] = f"refuses writes: {getattr(exc, 'message', None) or exc}"
+        ready = False
+    dead = [thread.name for thread in hub._threads if not thread.is_alive()]
+    checks["workers"] = "alive" if not dead else "stopped: " + ", ".join(dead)
+    checks["shutdown"] = "no" if hub.stopped_at is None else "in progress"
+    ready = ready and not dead and hub.stopped_at is None
+    return {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
+
+
+class Exposition:
+    """The Prometheus text format 0.0.4: ``# HELP``, ``# TYPE``, then the samples of each family."""
+
+    def __init__(self):
+        self.lines = []
+
+    @staticmethod
+    def _label(value):
+        return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+    @staticmethod
+    def _value(value):
+        if isinstance(value, float):
+            if math.isnan(value):
+                return "NaN"
+            if math.isinf(value):
+                return "+Inf" if value > 0 else "-Inf"
+            return repr(value)
+        return str(int(value))
+
+    def _sample(self, name, names, values, value):
+        labels = ",".join(f'{n}="{self._label(v)}"' for n, v in zip(names, values))
+        self.lines.append(f"{name}{{{labels}}} {self._value(value)}" if labels else f"{name} {self._value(value)}")
+
+    def family(self, name, kind, text, names=(), samples=()):
+        """A counter or gauge: ``samples`` are (label values, value)."""
+        self.lines.append(f"# HELP {name} {text.replace(chr(92), chr(92) * 2)}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for values, value in samples:
+            self._sample(name, names, values, value)
+
+    def histogram(self, name, text, names, histogram):
+        self.lines.append(f"# HELP {name} {text}")
+        self.lines.append(f"# TYPE {name} histogram")
+        for values, counts, total, count in histogram.items():
+            for bound, seen in zip(histogram.buckets, counts):
+                self._sample(f"{name}_bucket", (*names, "le"), (*values, self._value(float(bound))), seen)
+            self._sample(f"{name}_bucket", (*names, "le"), (*values, "+Inf"), count)
+            self._sample(f"{name}_sum", names, values, float(total))
+            self._sample(f"{name}_count", names, values, count)
+
+    def text(self):
+        return "\n".join(self.lines) + "\n"
+
+
+def _process_figures():
+    """(cpu seconds, resident bytes, open file descriptors) of this process, where the system says."""
+    times = os.times()
+    rss = fds = None
+    try:
+        with open("/proc/self/statm") as fh:
+            rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fds = len(os.listdir("/proc/self/fd"))
+    except (OSError, ValueError, IndexError):
+        pass
+    return times.user + times.system, rss, fds
+
+
+def metrics_text(app):
+    """Every family of GET /metrics, from the hub's tallies and a few cheap database counts."""
+    hub, out = app.hub, Exposition()
+    out.family("agenthub_build_info", "gauge", "The running agenthub.", ("version",), [((__version__,), 1)])
+    out.family("agenthub_http_requests_total", "counter", "HTTP requests answered, by API, route template, method"
+               " and status class.", ("api", "route", "method", "code"), app.requests.items())
+    out.histogram("agenthub_http_request_duration_seconds", "Seconds from a request to the start of its answer.",
+                  ("api", "route"), app.latency)
+    jobs = hub.jobs.counts_by_queue()
+    out.family("agenthub_jobs", "gauge", "Jobs stored, by queue and state.", ("queue", "state"),
+               [((q, state), n) for (q, state), n in sorted(jobs.items())])
+    tally = dict(hub.jobs.tally.items())
+    for event in ("submitted", "popped"):
+        out.family(f"agenthub_jobs_{event}_total", "counter", f"Jobs {event} since the process started.", (),
+                   [((), tally.get((event,), 0))])
+    out.family("agenthub_jobs_finished_total", "counter", "Jobs finished since the process started, by how.",
+               ("state",), [((labels[1],), n) for labels, n in sorted(tally.items()) if labels[0] == "finished"])
+    out.histogram("agenthub_queue_wait_seconds", "Seconds jobs waited in their queue before an agent took them.",
+                  ("queue",), hub.jobs.waits)
+    gocd, lifecycle = collections.Counter(), collections.Counter()
+    now = utcnow()
+    for row in hub.registry.all():
+        view = hub.registry.view(row, now)
+        gocd[(view.config, view.agent_state)] += 1
+        lifecycle[(view.status,)] += 1
+    out.family("agenthub_agents", "gauge", "Agents by GoCD config and runtime state.", ("config_state", "agent_state"),
+               sorted(gocd.items()))
+    out.family("agenthub_agents_lifecycle", "gauge", "Agents by Prefactor lifecycle status.", ("status",),
+               sorted(lifecycle.items()))
+    out.family("agenthub_webhook_deliveries_total", "counter", "GoCD notifications finished, by outcome.",
+               ("outcome",), hub.notifier.outcomes.items())
+    out.family("agenthub_webhook_queue_depth", "gauge", "GoCD notifications waiting to go out, by webhook.",
+               ("webhook",), [((url, ), q.qsize()) for url, q in sorted(hub.notifier.queues.items())])
+    out.family("agenthub_events_fired_total", "counter", "User events fired, by source (api or the hub's own).",
+               ("source",), hub.events.buffer.fired.items())
+    out.family("agenthub_event_watchers", "gauge", "Blocking event queries parked now.", (),
+               [((), hub.watchers.parked())])
+    sizes = hub.db.file_sizes()
+    out.family("agenthub_database_bytes", "gauge", "Size of the database files.", ("file",),
+               [((name,), size) for name, size in sorted(sizes.items())])
+    out.histogram("agenthub_database_write_seconds", "Seconds each write transaction held the writer.", (),
+                  hub.db.write_seconds)
+    cpu, rss, fds = _process_figures()
+    out.family("process_cpu_seconds_total", "counter", "User and system CPU time spent, in seconds.", (),
+               [((), float(cpu))])
+    if rss is not None:
+        out.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", (), [((), rss)])
+        out.family("process_open_fds", "gauge", "Open file descriptors.", (), [((), fds)])
+    out.family("process_start_time_seconds", "gauge", "Start time of the process since the epoch, in seconds.",
+               (), [((), float(PROCESS_STARTED))])
+    out.family("agenthub_threads", "gauge", "Python threads alive.", (), [((), threading.active_count())])
+    server = getattr(hub, "server", None)
+    if server is not None:
+        out.family("agenthub_http_connections", "gauge", "Client connections open now.", (),
+                   [((), server.connections)])
+    return out.text()
+
+
+def install_ops(app, hub):
+    """Mount GET /metrics, /healthz and /readyz; returns their style."""
+    api, config = OpsStyle(app, hub), hub.config
+    tokens = [t for t in re.split(r"[\s,]+", config.metrics_tokens) if t]
+
+    @api.route("GET", "/healthz")
+    def healthz():
+        return json_response({"status": "alive", "version": __version__,
+                              "uptime_seconds": round(time.time() - PROCESS_STARTED, 3)})
+
+    @api.route("GET", "/readyz")
+    def readyz():
+        return json_response(*readiness(hub))
+
+    @api.route("GET", "/metrics")
+    def metrics():
+        authorization = credential("Authorization")
+        given = bearer_token(authorization)
+        if tokens:
+            if not given or not any(hmac.compare_digest(given.encode(), t.encode()) for t in tokens):
+                raise ApiError(401, "GET /metrics needs a --metrics-token as a bearer token",
+                               headers={"WWW-Authenticate": "Bearer"})
+        elif config.require_auth:
+            identity = hub.auth.identify(authorization)
+            hub.auth.require(identity, ("admin", "manager"))
+        return text_response(metrics_text(app), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return api
+
+
+###############################################################################
 # Application #################################################################
 ###############################################################################
 
@@ -6810,7 +7157,7 @@ class Hub:
     def start(self):
         dropped = self.jobs.drop_partial_uploads()
         if dropped:
-            print(f"agenthub: dropped {dropped} upload(s) a previous run left unfinished", file=sys.stderr)
+            log(f"dropped {dropped} upload(s) a previous run left unfinished")
         if self.config.purge_interval > 0:
             self._spawn(self._purge_loop, "agenthub-purge")
         if self.config.lost_contact_seconds > 0:
@@ -6846,7 +7193,7 @@ class Hub:
                 self.registry.sweep()
                 self.jobs.reclaim_from_lost_agents()
             except (sqlite3.Error, ApiError) as exc:
-                print(f"agenthub: sweep failed: {exc}", file=sys.stderr)
+                log(f"sweep failed: {exc}", "error")
 
     def _purge_loop(self):
         """Emulates the original's TTL indexes (spec §4.5), waiting jobs excepted."""
@@ -6854,7 +7201,7 @@ class Hub:
             try:
                 self.jobs.purge()
             except (sqlite3.Error, ApiError) as exc:       # a busy or full disk must not kill the thread
-                print(f"agenthub: purge failed: {exc}", file=sys.stderr)
+                log(f"purge failed: {exc}", "error")
 
     # Bottle plugin protocol
     def apply(self, callback, route):
@@ -6895,8 +7242,10 @@ def create_app(config=None, **overrides):
         if len(path) > 1 and path.endswith("/") and not path.startswith(("/v1/event/", "/v1/secrets/")):
             request.environ["PATH_INFO"] = path.rstrip("/") or "/"
 
-    app.styles.extend([install_consul(app, hub), install_testflinger(app, hub), install_gocd(app, hub),
-                       install_prefactor(app, hub), install_rackspace(app, hub), install_web(app, hub)])
+    _LOG["json"] = config.log_format == "json"
+    app.styles.extend([install_ops(app, hub), install_consul(app, hub), install_testflinger(app, hub),
+                       install_gocd(app, hub), install_prefactor(app, hub), install_rackspace(app, hub),
+                       install_web(app, hub)])
     if config.bench_route:
         app.route("/_bench/ping", "GET", lambda: {"ok": True})
     hub.start()
@@ -7041,9 +7390,22 @@ class _RequestHandler(WSGIRequestHandler):
         self.wfile.flush()
         self.answered_raw = True
 
+    def log_request(self, code="-", size="-"):
+        """Nothing: the application writes the access log (with the request id, API and route)."""
+
     def log_message(self, format, *args):
         if not self.server.quiet:
-            super().log_message(format, *args)
+            log(format % args, "warning")
+
+    def setup(self):
+        super().setup()
+        self.server.connection_opened(1)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            self.server.connection_opened(-1)
 
 
 class ThreadedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
@@ -7055,6 +7417,11 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     def server_activate(self):
         super().server_activate()
         self.in_flight, self._idle = 0, threading.Condition()
+        self.connections = 0           # open client connections (GET /metrics)
+
+    def connection_opened(self, change):
+        with self._idle:
+            self.connections += change
 
     def begin(self):
         with self._idle:
@@ -7110,6 +7477,12 @@ def _serve_options(parser, env):
     parser.add_argument("--max-json-bytes", type=int, default=env.max_json_bytes,
                         help="larger JSON bodies answer 413 (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", default=env.quiet, help="no access log")
+    parser.add_argument("--metrics-token", action="append", metavar="TOKEN",
+                        help="GET /metrics needs this bearer token (repeatable; AGENTHUB_METRICS_TOKENS). Without"
+                             " one, /metrics is open, or with --require-auth needs an admin or manager client")
+    parser.add_argument("--log-format", choices=("text", "json"), default=env.log_format,
+                        help="access and application log lines on stderr: text or one JSON object each"
+                             " (default %(default)s; AGENTHUB_LOG_FORMAT)")
     parser.add_argument("--provision-retries", type=int, default=env.provision_retries, metavar="N",
                         help="a job whose provision phase failed is queued again as its next attempt, without the"
                              " agent that failed, at most N times (default %(default)s: never;"
@@ -7176,6 +7549,7 @@ def build_parser(environ=None):
         prog="agenthub", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="A hub for agents that run jobs: a Testflinger-compatible job queue on SQLite.\n"
                     "Without a command, `agenthub [options]` is `agenthub serve [options]`.")
+    parser.add_argument("--version", action="version", version=f"agenthub {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the HTTP server (the default command)")
@@ -7222,7 +7596,7 @@ def build_parser(environ=None):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, commands = build_parser()
-    if not argv or (argv[0] not in commands.choices and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0] not in commands.choices and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
     args = parser.parse_args(argv)
     command = {"add-client": add_client_command, "add-event-token": add_event_token_command,
@@ -7256,7 +7630,9 @@ def serve_command(args):
                     pfid_partition=args.pfid_partition, default_environment_id=args.default_environment_id,
                     activate_ttl=args.activate_ttl, shutdown_grace=args.shutdown_grace,
                     strand_seconds=args.strand_seconds, max_watchers=args.max_watchers,
-                    provision_retries=args.provision_retries,
+                    provision_retries=args.provision_retries, log_format=args.log_format,
+                    metrics_tokens=(",".join(args.metrics_token) if args.metrics_token
+                                    else env_default.metrics_tokens),
                     max_watchers_per_client=args.max_watchers_per_client, secure_cookies=args.secure_cookies,
                     allowed_hosts=(",".join(args.allowed_host) if args.allowed_host else env_default.allowed_hosts))
     app = create_app(config)
@@ -7266,9 +7642,8 @@ def serve_command(args):
                   "`agenthub add-client NAME --role admin --db PATH`", file=sys.stderr)
             return 1
         opened = app.hub.open_apis()
-        print("agenthub: " + (("open to anyone who can reach it: " + "; ".join(opened) + " (--require-auth "
-                               "closes them)") if opened else "--require-auth: every API needs a credential"),
-              file=sys.stderr, flush=True)
+        log(("open to anyone who can reach it: " + "; ".join(opened) + " (--require-auth closes them)")
+            if opened else "--require-auth: every API needs a credential")
         if config.server != "threaded":
             bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=config.quiet)
             return 0
@@ -7277,6 +7652,7 @@ def serve_command(args):
         except OSError as exc:
             print(f"agenthub: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
             return 1
+        app.hub.server = server
         print(f"agenthub {__version__} serving on http://{config.host}:{server.server_address[1]}/"
               f" (database {config.db})", flush=True)
         signals = []
@@ -7301,7 +7677,7 @@ def graceful_shutdown(app, server, reason):
     requests in flight ``--shutdown-grace`` seconds (new ones on kept-alive connections answer 503), then
     close the app: queued notifications get their drain and the rest are recorded as undelivered."""
     def say(text):
-        print(f"agenthub: {text}", file=sys.stderr, flush=True)
+        log(text)
     hub = app.hub
     server.server_close()
     hub.stopped_at = time.monotonic()

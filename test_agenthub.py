@@ -4004,15 +4004,18 @@ def test_a_credential_that_is_not_utf8_is_a_bad_credential(app):
 
 
 @pytest.mark.parametrize("style, path, text", [
-    (0, "/v1/event/boom", b"Internal server error (request id "), (1, "/v1/boom", b"Unhandled Exception: internal"),
-    (2, "/api/server_health_messages/boom", b'"message":"Internal server error (request id '),
-    (3, "/api/v1/boom", b'"code":"internal_error"'), (4, "/v2/boom", b'{"message":"Internal server error'),
-    (5, "/boom", b"Something went wrong")])
-def test_a_crash_answers_generically_with_the_request_id_and_is_logged_once(app, style, path, text):
+    ("consul", "/v1/event/boom", b"Internal server error (request id "),
+    ("tf", "/v1/boom", b"Unhandled Exception: internal"),
+    ("gocd", "/api/server_health_messages/boom", b'"message":"Internal server error (request id '),
+    ("prefactor", "/api/v1/boom", b'"code":"internal_error"'), ("rackspace", "/v2/boom", b'{"message":"Internal server error'),
+    ("web", "/boom", b"Something went wrong"), ("ops", "/opsboom", b'"message":"Internal server error (request id ')])
+def test_a_crash_answers_generically_with_the_request_id_and_is_logged_once(make_app, style, path, text):
+    app = make_app(quiet=True)
+
     def boom():
         raise RuntimeError("secret detail")
-    app.styles[style].route("GET", path, roles=None)(boom) if style in (1, 5) else \
-        app.styles[style].route("GET", path)(boom)
+    api = next(s for s in app.styles if s.name == style)
+    api.route("GET", path, roles=None)(boom) if style in ("tf", "web") else api.route("GET", path)(boom)
     status, headers, body, log = wsgi_call(app, "GET", path, headers={"X-Auth-Token": "t"})
     assert status == 500 and text in body and b"secret detail" not in body and b"RuntimeError" not in body
     rid = headers["X-Request-Id"]
@@ -4361,3 +4364,140 @@ def test_help_documents_every_flag(capsys):
                  "--purge-interval", "--role", "--token-file", "--jobs", "--artifact-mib", "--shutdown-grace",
                  "--strand-seconds"):
         assert flag in text
+
+
+# -- operations: metrics, health, logs (issue 16) -----------------------------------------------------
+
+def scrape(client, **kw):
+    """GET /metrics parsed by Prometheus's own text parser: {family name: family}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    answer = client.get("/metrics", **kw)
+    assert answer.content_type == "text/plain" and "version=0.0.4" in answer.headers["Content-Type"]
+    return {family.name: family for family in text_string_to_metric_families(answer.text)}
+
+
+def sample(families, name, suffix="", **labels):
+    family = families[name]
+    found = [s.value for s in family.samples if s.name == name + suffix
+             and all(s.labels.get(k) == v for k, v in labels.items())]
+    return sum(found) if found else None
+
+
+def test_metrics_are_prometheus_text_and_move_with_the_work(app, anon, agent):
+    before = scrape(anon)
+    for family in ("agenthub_http_requests", "agenthub_http_request_duration_seconds", "agenthub_jobs",
+                   "agenthub_jobs_submitted", "agenthub_jobs_popped", "agenthub_jobs_finished",
+                   "agenthub_queue_wait_seconds", "agenthub_agents", "agenthub_agents_lifecycle",
+                   "agenthub_webhook_deliveries", "agenthub_webhook_queue_depth", "agenthub_events_fired",
+                   "agenthub_event_watchers", "agenthub_database_bytes", "agenthub_database_write_seconds",
+                   "process_cpu_seconds", "process_resident_memory_bytes", "agenthub_threads", "agenthub_build_info"):
+        assert family in before, family
+    assert sample(before, "agenthub_jobs_submitted", "_total") == 0
+    weird = 'q"uo\\te\nline'                                    # label escaping, read back by the parser
+    job_ids = [submit(anon, job_queue="q1"), submit(anon, job_queue="q1"), submit(anon, job_queue=weird)]
+    agent.get("/v1/job?queue=q1")
+    agent.post_json(f"/v1/result/{job_ids[0]}", {"job_state": "complete"})
+    anon.put("/v1/event/fire/deploy", "v1")
+    after = scrape(anon)
+    assert sample(after, "agenthub_jobs_submitted", "_total") == 3
+    assert sample(after, "agenthub_jobs_popped", "_total") == 1
+    assert sample(after, "agenthub_jobs_finished", "_total", state="complete") == 1
+    assert sample(after, "agenthub_jobs", queue="q1", state="waiting") == 1
+    assert sample(after, "agenthub_jobs", queue="q1", state="complete") == 1
+    assert sample(after, "agenthub_jobs", queue=weird, state="waiting") == 1
+    assert sample(after, "agenthub_queue_wait_seconds", "_count", queue="q1") == 1
+    assert sample(after, "agenthub_queue_wait_seconds", "_bucket", queue="q1", le="+Inf") == 1
+    assert sample(after, "agenthub_events_fired", "_total", source="api") == 1
+    assert sample(after, "agenthub_agents", config_state="Enabled", agent_state="Idle") == 1
+    assert sample(after, "agenthub_agents_lifecycle", status="active") == 1
+    assert sample(after, "agenthub_http_requests", "_total", api="tf", route="/v1/job", method="POST",
+                  code="2xx") == 3
+    assert sample(after, "agenthub_http_request_duration_seconds", "_count", api="tf", route="/v1/job") == 4
+    assert sample(after, "agenthub_http_requests", "_total", api="ops", route="/metrics", code="2xx") == 1
+    assert sample(after, "agenthub_database_write_seconds", "_count") > sample(before,
+                                                                               "agenthub_database_write_seconds",
+                                                                               "_count")
+    anon.get("/nothing/here", status=404)
+    assert sample(scrape(anon), "agenthub_http_requests", "_total", route="(unmatched)", code="4xx") == 1
+
+
+def test_metrics_need_a_credential_when_asked(make_app):
+    closed = webtest.TestApp(make_app(metrics_tokens="s3cret,other"))
+    assert closed.get("/metrics", status=401).json == {
+        "status": "error", "message": "GET /metrics needs a --metrics-token as a bearer token"}
+    closed.get("/metrics", headers={"Authorization": "Bearer wrong"}, status=401)
+    scrape(closed, headers={"Authorization": "Bearer other"})
+    app = make_app(require_auth=True)
+    strict = webtest.TestApp(app)
+    strict.get("/metrics", status=401)
+    strict.get("/metrics", headers=token_headers(app, "contributor"), status=403)
+    scrape(strict, headers=token_headers(app, "manager"))
+    assert strict.get("/healthz").json["status"] == "alive"                 # health is always open
+    assert strict.get("/readyz").json["status"] == "ready"
+
+
+def test_a_file_hub_reports_its_database_files_and_connections(tmp_path, make_app):
+    app = make_app(db=str(tmp_path / "hub.db"))
+    httpd = agenthub.make_server(app, "127.0.0.1", 0)
+    app.hub.server = httpd
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+        conn = http.client.HTTPConnection("127.0.0.1", httpd.server_address[1], timeout=10)
+        conn.request("GET", "/metrics")
+        families = {f.name: f for f in text_string_to_metric_families(conn.getresponse().read().decode())}
+        assert sample(families, "agenthub_database_bytes", file="main") > 0
+        assert sample(families, "agenthub_database_bytes", file="wal") >= 0
+        assert sample(families, "agenthub_http_connections") >= 1                # this one
+        conn.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_health_and_readiness(app, anon):
+    assert anon.get("/healthz").json["status"] == "alive"
+    ready = anon.get("/readyz").json
+    assert ready == {"status": "ready", "checks": {"database": "writable", "workers": "alive", "shutdown": "no"}}
+    # The database starts refusing writes as a read-only one does (SQLite: attempt to write a readonly database).
+    with app.hub.db.connection() as conn:
+        conn.execute("PRAGMA query_only = ON")
+        refused = anon.get("/readyz", status=503).json
+        conn.execute("PRAGMA query_only = OFF")
+    assert refused["status"] == "not ready" and "readonly" in refused["checks"]["database"]
+    assert anon.get("/healthz").status_int == 200                              # alive all the same
+    # Shutting down: not ready, with what was checked.
+    app.hub.stopped_at = time.monotonic() - 1
+    down = anon.get("/readyz", status=503).json
+    assert down["checks"]["shutdown"] == "in progress" and down["status"] == "not ready"
+    app.hub.stopped_at = None
+    app.close()
+    assert "stopped:" in webtest.TestApp(app).get("/readyz", status=503).json["checks"]["workers"]
+
+
+def test_log_lines_are_one_line_each_text_or_json(make_app, capsys):
+    text_app = webtest.TestApp(make_app())
+    text_app.get("/v1/agents/data", headers={"X-Forwarded-For": "x"})
+    text_app.get("/v1/x%0Aforged", status=400)
+    lines = [line for line in capsys.readouterr().err.splitlines() if '"GET ' in line]
+    assert len(lines) == 2 and " 200 " in lines[0] and "tf /v1/agents/data" in lines[0]
+    assert "\\x0aforged" in lines[1]                                          # no forged second line
+    app = make_app(log_format="json")
+    client = Client(app, token_headers(app, "manager", "ops-person"))
+    client.get("/v1/agents/data")
+    app.hub.jobs.purge()
+    agenthub.log("something happened", "warning", detail="d")
+    entries = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    access = [e for e in entries if e["message"] == "request" and e["path"] == "/v1/agents/data"]
+    assert access and {k: access[0][k] for k in ("method", "status", "api", "route", "client_id")} == {
+        "method": "GET", "status": 200, "api": "tf", "route": "/v1/agents/data", "client_id": "ops-person"}
+    assert access[0]["request_id"] and access[0]["duration_ms"] >= 0 and access[0]["time"].endswith("Z")
+    assert {"level": "warning", "message": "something happened", "detail": "d"}.items() <= entries[-1].items()
+    agenthub._LOG["json"] = False
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit):
+        agenthub.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"agenthub {agenthub.__version__}"
