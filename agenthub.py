@@ -7578,6 +7578,17 @@ def build_parser(environ=None):
     token.add_argument("--secret", help="use this secret (default: a random UUID, printed)")
     token.add_argument("--db", default=env.db, help="SQLite file (default %(default)s; AGENTHUB_DB)")
 
+    backup = commands.add_parser("backup", help="copy a live database (and its key file) consistently; the server"
+                                                " keeps serving")
+    backup.add_argument("dest", metavar="DEST", help="the copy to write (DEST.key gets the key file)")
+    backup.add_argument("--db", default=env.db, help="SQLite file (default %(default)s; AGENTHUB_DB)")
+
+    restore = commands.add_parser("restore", help="check a backup and make it the database (the server must be"
+                                                  " stopped)")
+    restore.add_argument("source", metavar="BACKUP", help="a copy made by `agenthub backup`")
+    restore.add_argument("--db", default=env.db, help="SQLite file to replace (default %(default)s; AGENTHUB_DB)")
+    restore.add_argument("--force", action="store_true", help="replace a database that already holds data")
+
     bench = commands.add_parser("bench", help="measure the hub on a real server and print figures")
     bench.add_argument("--jobs", type=int, default=2000, help="jobs to submit and pop (default %(default)s)")
     bench.add_argument("--clients", type=int, default=8, help="concurrent clients (default %(default)s)")
@@ -7593,14 +7604,31 @@ def build_parser(environ=None):
     return parser, commands
 
 
+def _command_first(argv, commands):
+    """``agenthub --db X add-client NAME`` as ``agenthub add-client --db X NAME``: options may come
+    before the command, as most tools accept (a value of an option is never taken for the command)."""
+    valued = {option for sub in commands.choices.values() for action in sub._actions
+              if action.nargs != 0 for option in action.option_strings}
+    for index, word in enumerate(argv):
+        if word in commands.choices and not (index and argv[index - 1] in valued):
+            return [word, *argv[:index], *argv[index + 1:]]
+        if word == "--":
+            break
+    return argv
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, commands = build_parser()
+    argv = _command_first(argv, commands)
     if not argv or (argv[0] not in commands.choices and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:                                  # in the command's own usage, not the top-level one
+        commands.choices[args.command].error("unrecognized arguments: " + " ".join(extra))
     command = {"add-client": add_client_command, "add-event-token": add_event_token_command,
-               "bench": bench_command}.get(args.command, serve_command)
+               "bench": bench_command, "backup": backup_command,
+               "restore": restore_command}.get(args.command, serve_command)
     try:
         return command(args)
     except StartupError as exc:
@@ -7698,6 +7726,89 @@ def _command_store(args, command):
         print(f"agenthub: {command} needs a database file (--db PATH)", file=sys.stderr)
         return None
     return Database(args.db)
+
+
+def _integrity(path):
+    """(schema version, jobs, integrity_check's answer) of a database file, opened read-only."""
+    conn = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True)
+    try:
+        checked = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        jobs = conn.execute("SELECT count(*) FROM jobs").fetchone()[0] if version else 0
+        return version, jobs, checked
+    finally:
+        conn.close()
+
+
+def backup_command(args):
+    """SQLite's online backup API: one consistent snapshot while the server goes on serving; then
+    the key file, and a check that the copy opens and passes integrity_check."""
+    if args.db in (":memory:", "") or not os.path.exists(args.db):
+        print(f"agenthub: backup: no database file {args.db!r} (--db PATH)", file=sys.stderr)
+        return 1
+    dest = args.dest
+    if os.path.exists(dest):
+        print(f"agenthub: backup: {dest} exists; give a new file name", file=sys.stderr)
+        return 1
+    os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))       # private from the start
+    source = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(args.db))}?mode=ro", uri=True, timeout=30)
+    target = sqlite3.connect(dest)
+    try:
+        source.backup(target)                  # all pages in one step: a single read transaction
+    finally:
+        target.close()
+        source.close()
+    private_files(dest)
+    key = args.db + ".key"
+    copied = os.path.exists(key)
+    if copied:
+        with open(key, "rb") as fh, open(os.open(dest + ".key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                                          "wb") as out:
+            out.write(fh.read())
+    version, jobs, checked = _integrity(dest)
+    print(f"backup: {dest} ({os.path.getsize(dest)} bytes, schema {version}, {jobs} jobs), integrity {checked}")
+    print(f"key: {dest}.key" if copied else "key: none beside the database (the key comes from --secret-key or"
+                                             " AGENTHUB_SECRET_KEY: keep it with the backup)")
+    return 0 if checked == "ok" else 1
+
+
+def restore_command(args):
+    """Check a backup (opens, integrity_check ok, a schema this agenthub knows) and copy it over
+    ``--db`` with the backup API, key file included; refused while a server holds the database."""
+    if args.db in (":memory:", ""):
+        print("agenthub: restore needs a database file (--db PATH)", file=sys.stderr)
+        return 1
+    try:
+        version, jobs, checked = _integrity(args.source)
+    except sqlite3.Error as exc:
+        print(f"agenthub: restore: {args.source} is not a usable database: {exc}", file=sys.stderr)
+        return 1
+    if checked != "ok" or version > len(MIGRATIONS):
+        print(f"agenthub: restore: {args.source} fails its check (integrity {checked}, schema {version})",
+              file=sys.stderr)
+        return 1
+    lock = ProcessLock(args.db + ".lock")        # StartupError (one line) while a server runs on it
+    try:
+        if os.path.exists(args.db) and not args.force and _integrity(args.db)[1]:
+            print(f"agenthub: restore: {args.db} already holds jobs; add --force to replace it", file=sys.stderr)
+            return 1
+        source = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(args.source))}?mode=ro", uri=True)
+        target = sqlite3.connect(args.db)
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+            source.close()
+        private_files(args.db)
+        if os.path.exists(args.source + ".key"):
+            with open(args.source + ".key", "rb") as fh, open(os.open(args.db + ".key", os.O_WRONLY | os.O_CREAT
+                                                                      | os.O_TRUNC, 0o600), "wb") as out:
+                out.write(fh.read())
+    finally:
+        lock.release()
+    print(f"restored: {args.db} from {args.source} (schema {version}, {jobs} jobs, integrity ok)"
+          + ("" if os.path.exists(args.source + ".key") else "; no key file came with it"))
+    return 0
 
 
 def add_event_token_command(args):

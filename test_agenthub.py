@@ -4501,3 +4501,62 @@ def test_version_flag(capsys):
     with pytest.raises(SystemExit):
         agenthub.main(["--version"])
     assert capsys.readouterr().out.strip() == f"agenthub {agenthub.__version__}"
+
+
+def test_backup_of_a_live_hub_restores_to_a_hub_serving_the_same_jobs(tmp_path, make_app, capsys):
+    path = str(tmp_path / "live.db")
+    app = make_app(db=path)
+    test = webtest.TestApp(app)
+    owner = Client(app, token_headers(app, "contributor", "owner"))
+    owner.put_json("/v1/secrets/owner/db/pass", {"value": "hunter2"})
+    first = [submit(test) for _ in range(20)]
+    stop, written = threading.Event(), []
+
+    def writer():                                      # the hub keeps taking writes meanwhile
+        client = webtest.TestApp(app)
+        while not stop.is_set():
+            written.append(submit(client))
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert _wait_for(lambda: len(written) > 5)
+        assert agenthub.main(["backup", str(tmp_path / "copy.db"), "--db", path]) == 0
+    finally:
+        stop.set()
+        thread.join()
+    printed = capsys.readouterr().out
+    assert "integrity ok" in printed and f"key: {tmp_path / 'copy.db'}.key" in printed
+    assert os.stat(tmp_path / "copy.db").st_mode & 0o777 == 0o600
+    assert agenthub.main(["backup", str(tmp_path / "copy.db"), "--db", path]) == 1     # never overwrites
+    # Restoring over the served database is refused; into a fresh place it works.
+    assert agenthub.main(["restore", str(tmp_path / "copy.db"), "--db", path]) == 1
+    assert "already served by" in capsys.readouterr().err
+    restored = str(tmp_path / "restored.db")
+    assert agenthub.main(["restore", str(tmp_path / "copy.db"), "--db", restored]) == 0
+    assert "integrity ok" in capsys.readouterr().out
+    assert agenthub.main(["restore", str(tmp_path / "copy.db"), "--db", restored]) == 1    # holds jobs now
+    assert "--force" in capsys.readouterr().err
+    again = make_app(db=restored)
+    copy = webtest.TestApp(again)
+    ids = {j["job_id"] for j in copy.get("/v1/job/search?state=waiting").json}
+    assert set(first) <= ids and len(ids) >= 20 + 5 and ids <= set(first) | set(written)
+    # The key came along: the secrets it encrypted still open.
+    assert again.hub.secrets.resolve("owner", {"P": "db/pass"}) == {"P": "hunter2"}
+
+
+def test_restore_refuses_what_is_not_a_sound_backup(tmp_path, capsys):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database at all" * 100)
+    assert agenthub.main(["restore", str(junk), "--db", str(tmp_path / "x.db")]) == 1
+    assert "not a usable database" in capsys.readouterr().err
+    assert agenthub.main(["backup", str(tmp_path / "y.db"), "--db", str(tmp_path / "none.db")]) == 1
+
+
+def test_options_may_come_before_the_command(tmp_path, capsys):
+    db = str(tmp_path / "h.db")
+    assert agenthub.main(["--db", db, "add-client", "early", "--role", "manager"]) == 0
+    assert "role: manager" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        agenthub.main(["serve", "--bogus"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: agenthub serve") and "unrecognized arguments: --bogus" in err
