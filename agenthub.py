@@ -1735,8 +1735,21 @@ class Field:
     def convert(self, value):
         return value
 
+    TYPE = {}                   # this field's JSON Schema (GET /openapi.json); validators add to it
+
+    def openapi(self):
+        out = dict(self.TYPE)
+        for check in self.validators:
+            out.update(getattr(check, "openapi", {}))
+        if self.allow_none:
+            out = {"anyOf": [out, {"type": "null"}]} if "type" not in out else {
+                **out, "type": [out["type"], "null"]}
+        return out
+
 
 class String(Field):
+    TYPE = {"type": "string"}
+
     def convert(self, value):
         if not isinstance(value, str):
             raise Invalid(["Not a valid string."])
@@ -1745,6 +1758,8 @@ class String(Field):
 
 class Integer(Field):
     """Integers as marshmallow coerces them: "10" and 10.0 pass, bools and 1.5 do not."""
+
+    TYPE = {"type": "integer", "format": "int64"}
 
     def convert(self, value):
         if isinstance(value, bool):
@@ -1766,6 +1781,7 @@ class Integer(Field):
 
 
 class Boolean(Field):
+    TYPE = {"type": "boolean"}
     TRUE = {True, "true", "True", "TRUE", "t", "T", "on", "On", "ON", "yes", "Yes", "YES", "y", "Y", "1"}
     FALSE = {False, "false", "False", "FALSE", "f", "F", "off", "Off", "OFF", "no", "No", "NO", "n", "N", "0"}
 
@@ -1781,6 +1797,8 @@ class Boolean(Field):
 class URL(String):
     """An absolute http(s)/ftp URL whose host has a dot-separated TLD, is an IP or localhost."""
 
+    TYPE = {"type": "string", "format": "uri"}
+
     PATTERN = re.compile(
         r"^(?:https?|ftps?)://(?:[^\s:@/]+(?::[^\s@/]*)?@)?"
         r"(?:(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}\.?|localhost|"
@@ -1794,6 +1812,7 @@ class URL(String):
 
 
 class Email(String):
+    TYPE = {"type": "string", "format": "email"}
     PATTERN = re.compile(r"^[^@\s]+@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$", re.I)
 
     def convert(self, value):
@@ -1806,6 +1825,8 @@ class Email(String):
 class DateTime(Field):
     """ISO-8601 datetime, loaded as epoch seconds (naive means UTC)."""
 
+    TYPE = {"type": "string", "format": "date-time"}
+
     def convert(self, value):
         try:
             return parse_iso(value)
@@ -1815,6 +1836,8 @@ class DateTime(Field):
 
 class Duration(Field):
     """Seconds as an int or a string like "90", "30m", "1h30m", "2 days"."""
+
+    TYPE = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "examples": ["90", "30m", "1h30m"]}]}
 
     PART = re.compile(r"(\d+)\s*(secs?|mins?|hours?|days?|[smhd])")
     UNITS = {"s": 1, "sec": 1, "secs": 1, "m": 60, "min": 60, "mins": 60,
@@ -1846,6 +1869,13 @@ class List(Field):
         super().__init__(**kw)
         self.inner = inner
 
+    def openapi(self):
+        out = {"type": "array", "items": self.inner.openapi()}
+        for check in self.validators:
+            limits = getattr(check, "openapi", {})
+            out.update({k.replace("Length", "Items"): v for k, v in limits.items()})
+        return out
+
     def convert(self, value):
         if not isinstance(value, list):
             raise Invalid(["Not a valid list."])
@@ -1866,6 +1896,14 @@ class Dict(Field):
     def __init__(self, keys=None, values=None, **kw):
         super().__init__(**kw)
         self.keys, self.values = keys, values
+
+    def openapi(self):
+        out = {"type": "object"}
+        if self.keys:
+            out["propertyNames"] = self.keys.openapi()
+        if self.values:
+            out["additionalProperties"] = self.values.openapi()
+        return out
 
     def convert(self, value):
         if not isinstance(value, dict):
@@ -1893,6 +1931,9 @@ class Nested(Field):
     def convert(self, value):
         return self.schema.load(value)
 
+    def openapi(self):
+        return self.schema.openapi()
+
 
 class Schema:
     """A dict of fields; rejects unknown keys unless ``unknown="include"``.
@@ -1902,6 +1943,20 @@ class Schema:
 
     def __init__(self, fields, unknown="raise", checks=()):
         self.fields, self.unknown, self.checks = fields, unknown, checks
+
+    def openapi(self):
+        """This schema as JSON Schema (OpenAPI 3.1): GET /openapi.json is made from the very objects
+        that validate requests, so the two cannot drift apart."""
+        out = {"type": "object", "properties": {name: field.openapi() for name, field in self.fields.items()}}
+        required = [name for name, field in self.fields.items() if field.required]
+        if required:
+            out["required"] = required
+        if self.unknown == "raise":
+            out["additionalProperties"] = False
+        notes = [getattr(check, "__doc__", None) for check in self.checks]
+        if any(notes):
+            out["description"] = " ".join(n.strip() for n in notes if n)
+        return out
 
     def load(self, data):
         if not isinstance(data, dict):
@@ -1946,16 +2001,27 @@ class OneOfSchema(Field):
                 return schema.load(value)
         raise Invalid({"_schema": [self.message]})
 
+    def openapi(self):
+        out = {"anyOf": [schema.openapi() for schema in self.schemas], "description": "the first that loads wins"}
+        return {"anyOf": [out, {"type": "null"}]} if self.allow_none else out
+
+
+def _described(check, **schema):
+    """A validator that also says what it checks, as JSON Schema keywords."""
+    check.openapi = schema
+    return check
+
 
 def one_of(*choices):
     """Validator: value must be one of ``choices`` (marshmallow's wording)."""
     text = "Must be one of: " + ", ".join(choices) + "."
-    return lambda value: None if value in choices else text
+    return _described(lambda value: None if value in choices else text, enum=list(choices))
 
 
 def matches(pattern):
     regex = re.compile(pattern)
-    return lambda value: None if regex.match(value) else "String does not match expected pattern."
+    return _described(lambda value: None if regex.match(value) else "String does not match expected pattern.",
+                      pattern=pattern)
 
 
 def length(min=None, max=None):
@@ -1964,11 +2030,13 @@ def length(min=None, max=None):
             return f"Shorter than minimum length {min}."
         if max is not None and len(value) > max:
             return f"Longer than maximum length {max}."
-    return check
+    limits = {"minLength": min, "maxLength": max}
+    return _described(check, **{k: v for k, v in limits.items() if v is not None})
 
 
 def at_least(low):
-    return lambda value: None if value >= low else f"Must be greater than or equal to {low}."
+    return _described(lambda value: None if value >= low else f"Must be greater than or equal to {low}.",
+                      minimum=low)
 
 
 # -- strict JSON -------------------------------------------------------------------
@@ -4997,8 +5065,19 @@ class ApiStyle:
         """The answer to a crash: a generic text with the request id, never the exception."""
         return self.error(500, f"Internal server error (request id {request.environ.get('agenthub.request_id')})")
 
+    # What a route declares only for GET /openapi.json: ``summary`` (else the docstring's first line),
+    # ``doc_body`` / ``doc_query`` (a Schema or a JSON Schema dict, where the route reads its input
+    # by hand), ``answers`` ({status: description or (description, schema, media type)}),
+    # ``doc_methods`` (the methods an ANY route serves).
+    DOC_OPTIONS = ("summary", "doc_body", "doc_query", "answers", "doc_methods")
+
     def route(self, method, path, **options):
+        doc = {k: options.pop(k) for k in self.DOC_OPTIONS if k in options}
+
         def decorate(func):
+            self.app.documented.append({"method": method, "path": path, "style": self, "func": func,
+                                        "options": options, **doc})
+
             def handler(**kw):
                 try:
                     return self.call(func, kw, **options)
@@ -5059,6 +5138,7 @@ class HubApp(bottle.Bottle):
         super().__init__(*args, **kw)
         self.requests = Tally()
         self.latency = Histogram(LATENCY_BUCKETS)
+        self.documented = []           # every route an ApiStyle registered, for GET /openapi.json
 
     def __call__(self, environ, start_response):
         rid = environ["agenthub.request_id"] = f"{self._rid_prefix}-{next(self._rid_counter):x}"
@@ -5266,8 +5346,10 @@ class TestflingerStyle(ApiStyle):
     def refused(self, exc):
         return text_response(exc.message, exc.status) if exc.text else self.error(exc.status, exc.message)
 
-    def call(self, func, kw, roles=None):
-        """``roles`` gates the route: authentication first, then the role."""
+    def call(self, func, kw, roles=None, body=None, query=None, body_limit=None, query_status=422):
+        """``roles`` gates the route: authentication first, then the role.  ``body`` / ``query``: the
+        Schema the JSON body / the query is loaded with, passed as ``data`` / ``query`` (the same
+        objects GET /openapi.json describes).  ``body_limit``: a larger body is refused unread (413)."""
         if roles is not None:
             auth = self.hub.auth
             identity = auth.identify(credential("Authorization"))
@@ -5277,35 +5359,46 @@ class TestflingerStyle(ApiStyle):
             if agent_name and identity.role == "agent":
                 # Whatever an agent asks is a sign of life (spec agents.md §5.2).
                 self.hub.registry.contact(agent_name, client_addr(), throttle=1.0)
+        if body is not None:
+            if body_limit and request.content_length >= body_limit:
+                raise ApiError(413, "Payload too large")
+            kw["data"] = tf_load(body, read_json(body_limit or self.config.max_json_bytes))
+        if query is not None:
+            try:
+                kw["query"] = query.load(tf_query())
+            except Invalid as exc:
+                if query_status == 400:
+                    raise ApiError(400, exc.errors)
+                raise tf_validation_error(exc.errors, "query")
         return func(**kw)
 
 
 def install_testflinger(app, hub):
     """Mount the Testflinger v1 API on ``app``; returns its style."""
-    jobs, auth, config = hub.jobs, hub.auth, hub.config
+    jobs, auth = hub.jobs, hub.auth
     api = TestflingerStyle(app, hub)
 
-    def route(method, path, roles=None):
-        return api.route(method, path, roles=roles)
-
-    def body(schema):
-        return tf_load(schema, read_json(config.max_json_bytes))
+    def route(method, path, roles=None, **options):
+        return api.route(method, path, roles=roles, **options)
 
     # -- service ------------------------------------------------------------------
 
     @route("GET", "/v1")
     def home():
+        """The server's name and version"""
         return text_response(f"Testflinger Server vagenthub-{__version__}")
 
     # -- jobs -----------------------------------------------------------------------
 
-    @route("POST", "/v1/job", AMC)
-    def submit_job():
-        job_id = jobs.submit(body(JOB_SCHEMA), request.environ["agenthub.identity"])
+    @route("POST", "/v1/job", AMC, body=JOB_SCHEMA)
+    def submit_job(data):
+        """Submit a job (or re-submit a job_id: see the README)"""
+        job_id = jobs.submit(data, request.environ["agenthub.identity"])
         return json_response({"job_id": job_id})
 
     @route("GET", "/v1/job", AGENT)
     def pop_job():
+        """An agent takes the next job of its queues (204: none)"""
         queues = request.query.getall("queue")
         if not queues:
             raise ApiError(400, "No queue(s) specified in request")
@@ -5315,23 +5408,26 @@ def install_testflinger(app, hub):
         job = jobs.pop(queues, agent_name)
         return no_content() if job is None else json_response(job)
 
-    @route("GET", "/v1/job/search", AMC)
-    def search_jobs():
-        query = tf_load(SEARCH_SCHEMA, tf_query(), "query")
+    @route("GET", "/v1/job/search", AMC, query=SEARCH_SCHEMA)
+    def search_jobs(query):
+        """Search jobs by tags and state"""
         return json_response(jobs.search(query.get("tags"), query.get("match", "any"), query.get("state"),
                                          query.get("limit"), query.get("offset", 0)))
 
     @route("GET", "/v1/job/<job_id>", AMC)
     def get_job(job_id):
+        """A job's definition (204: unknown job)"""
         job = jobs.definition(tf_job_id(job_id))
         return no_content() if job is None else json_response(job)
 
     @route("GET", "/v1/job/<job_id>/attachments", AGENT)
     def get_attachments(job_id):
+        """A job's attachments archive"""
         return send_file(tf_job_id(job_id, text=True), "attachments", "application/gzip")
 
     @route("POST", "/v1/job/<job_id>/attachments", AMC)
     def post_attachments(job_id):
+        """Upload a job's attachments (multipart field file)"""
         job_id = tf_job_id(job_id, text=True)
         if jobs.check_attachments_upload(job_id) == "done":
             return text_response("OK")
@@ -5339,6 +5435,7 @@ def install_testflinger(app, hub):
 
     @route("GET", "/v1/job/<job_id>/position", AMC)
     def job_position(job_id):
+        """How many jobs are ahead of a waiting job in its queue (410: not waiting)"""
         position = jobs.position(tf_job_id(job_id))
         if position is None:
             raise ApiError(410, "Job not found or already started\n", text=True)
@@ -5347,6 +5444,7 @@ def install_testflinger(app, hub):
     # agenthub extensions: when a waiting job should start (Testflinger #858), and its attempts.
     @route("GET", "/v1/job/<job_id>/estimate", AMC)
     def job_estimate(job_id):
+        """When a waiting job should start, and how that was worked out (an agenthub extension)"""
         estimate = jobs.estimate(tf_job_id(job_id))
         if estimate is None:
             raise ApiError(410, "Job not found or already started\n", text=True)
@@ -5354,25 +5452,24 @@ def install_testflinger(app, hub):
 
     @route("GET", "/v1/job/<job_id>/attempts", AMC)
     def job_attempts(job_id):
+        """Every attempt of a job (an agenthub extension)"""
         found = jobs.attempts(tf_job_id(job_id))
         return no_content() if found is None else json_response(found)
 
-    @route("POST", "/v1/job/<job_id>/action", AMC)
-    def job_action(job_id):
-        body(ACTION_SCHEMA)
+    @route("POST", "/v1/job/<job_id>/action", AMC, body=ACTION_SCHEMA)
+    def job_action(data, job_id):
+        """Cancel a job"""
         if not jobs.cancel(tf_job_id(job_id, text=True), request.environ["agenthub.identity"]):
             raise ApiError(400, "The job is already completed or cancelled", text=True)
         return text_response("OK")
 
     # -- results, logs, artifacts ------------------------------------------------------
 
-    @route("POST", "/v1/result/<job_id>", AGENT)
-    def post_result(job_id):
-        # The original validates, then checks the id, then refuses >= 16 MiB; the size is checked
-        # first here so that a huge body is never read into memory just to be refused.
-        if request.content_length >= 16 * 1024 * 1024:
-            raise ApiError(413, "Payload too large")
-        data = tf_load(RESULT_SCHEMA, read_json(16 * 1024 * 1024))
+    # The original validates, then checks the id, then refuses >= 16 MiB; the size is checked
+    # first here so that a huge body is never read into memory just to be refused.
+    @route("POST", "/v1/result/<job_id>", AGENT, body=RESULT_SCHEMA, body_limit=16 * 1024 * 1024)
+    def post_result(data, job_id):
+        """An agent reports a job's state, exit codes and device info"""
         jobs.post_result(tf_job_id(job_id), data, cookie("agent_name"))
         return text_response("OK")
 
@@ -5381,18 +5478,21 @@ def install_testflinger(app, hub):
         return tf_load(ATTEMPT_QUERY_SCHEMA, {k: v for k, v in tf_query().items() if k == "attempt"},
                        "query").get("attempt")
 
-    @route("GET", "/v1/result/<job_id>", ANY_ROLE)
+    @route("GET", "/v1/result/<job_id>", ANY_ROLE, doc_query=ATTEMPT_QUERY_SCHEMA)
     def get_result(job_id):
+        """A job's result: state, exit codes, logs, device info (?attempt=N: an earlier attempt)"""
         result = jobs.result(tf_job_id(job_id), attempt())
         return no_content() if result is None else json_response(result)
 
-    @route("GET", "/v1/result/<job_id>/status", ANY_ROLE)
+    @route("GET", "/v1/result/<job_id>/status", ANY_ROLE, doc_query=ATTEMPT_QUERY_SCHEMA)
     def get_status(job_id):
+        """A job's state and exit codes only (204: unknown job)"""
         status = jobs.status(tf_job_id(job_id), attempt())
         return no_content() if status is None else json_response(status)
 
     @route("GET", "/v1/events/job/<job_id>", ANY_ROLE)
     def get_job_events(job_id):
+        """A job's events, oldest first"""
         canonical = parse_job_id(job_id)
         events = None if canonical is None else jobs.events(canonical)
         if events is None:
@@ -5400,23 +5500,22 @@ def install_testflinger(app, hub):
         return json_response({"job_id": canonical, "events": events})
 
     # The original raises inside URL matching (a 500) for other log types; here they are unknown URLs.
-    @route("POST", "/v1/result/<job_id>/log/<log_type:re:output|serial>", AGENT)
-    def post_log(job_id, log_type):
-        data = body(LOG_POST_SCHEMA)
+    @route("POST", "/v1/result/<job_id>/log/<log_type:re:output|serial>", AGENT, body=LOG_POST_SCHEMA)
+    def post_log(data, job_id, log_type):
+        """An agent sends one fragment of a phase's log"""
         jobs.add_log(tf_job_id(job_id), log_type, data, cookie("agent_name"))
         return text_response("OK")
 
-    @route("GET", "/v1/result/<job_id>/log/<log_type:re:output|serial>", AMC)
-    def get_log(job_id, log_type):
-        try:
-            query = LOG_QUERY_SCHEMA.load(tf_query())
-        except Invalid as exc:
-            raise ApiError(400, exc.errors)
+    @route("GET", "/v1/result/<job_id>/log/<log_type:re:output|serial>", AMC, query=LOG_QUERY_SCHEMA,
+           query_status=400)
+    def get_log(query, job_id, log_type):
+        """A job's log, by phase, from a fragment or a time on"""
         return json_response(jobs.logs(tf_job_id(job_id), log_type, query.get("start_fragment", 0),
                                        query.get("start_timestamp"), query.get("phase"), query.get("attempt")))
 
     @route("POST", "/v1/result/<job_id>/artifact", AGENT)
     def post_artifact(job_id):
+        """An agent uploads a job's artifact (multipart field file)"""
         job_id = tf_job_id(job_id, text=True)
         if jobs.reports_on_earlier_attempt(job_id, cookie("agent_name")):
             for _ in iter(functools.partial(body_stream().read, CHUNK_SIZE), b""):
@@ -5424,8 +5523,9 @@ def install_testflinger(app, hub):
             return text_response("OK")
         return receive_file(job_id, "artifact")
 
-    @route("GET", "/v1/result/<job_id>/artifact", AMC)
+    @route("GET", "/v1/result/<job_id>/artifact", AMC, doc_query=ATTEMPT_QUERY_SCHEMA)
     def get_artifact(job_id):
+        """A job's artifact (?attempt=N: an earlier attempt's)"""
         return send_file(tf_job_id(job_id, text=True), "artifact", "application/x-tar",
                          "inline; filename=artifact.tar.gz", attempt())
 
@@ -5444,48 +5544,56 @@ def install_testflinger(app, hub):
 
     @route("GET", "/v1/agents/queues", AMC)
     def get_queues():
+        """The advertised queues and their descriptions"""
         return json_response(jobs.advertised_queues())
 
-    @route("POST", "/v1/agents/queues", AMA)
-    def post_queues():
-        jobs.advertise_queues(body(QUEUES_SCHEMA))
+    @route("POST", "/v1/agents/queues", AMA, body=QUEUES_SCHEMA)
+    def post_queues(data):
+        """Advertise queues with their descriptions"""
+        jobs.advertise_queues(data)
         return text_response("OK")
 
     @route("GET", "/v1/agents/images/<queue_name>", AMC)
     def get_images(queue_name):
+        """The images a queue offers"""
         return json_response(jobs.images(queue_name))
 
-    @route("POST", "/v1/agents/images", AMA)
-    def post_images():
-        jobs.set_images(body(IMAGES_SCHEMA))
+    @route("POST", "/v1/agents/images", AMA, body=IMAGES_SCHEMA)
+    def post_images(data):
+        """Set the images each queue offers"""
+        jobs.set_images(data)
         return text_response("OK")
 
     @route("GET", "/v1/agents/data", AMC)
     def list_agents():
+        """Every Testflinger agent"""
         return json_response(jobs.agents())
 
     @route("GET", "/v1/agents/data/<agent_name>", ANY_ROLE)
     def get_agent(agent_name):
+        """One Testflinger agent"""
         agent = jobs.agent(agent_name)
         return json_response({}, 404) if agent is None else json_response(agent)
 
-    @route("POST", "/v1/agents/data/<agent_name>", AMA)
-    def post_agent(agent_name):
-        jobs.post_agent(agent_name, body(AGENT_SCHEMA), client_addr())
+    @route("POST", "/v1/agents/data/<agent_name>", AMA, body=AGENT_SCHEMA)
+    def post_agent(data, agent_name):
+        """An agent reports its state and queues (sets the agent_name cookie)"""
+        jobs.post_agent(agent_name, data, client_addr())
         answer = json_response({"status": "OK"})
         answer.set_cookie("agent_name", agent_name, httponly=True, samesite="strict", path="/")
         return answer
 
-    @route("POST", "/v1/agents/provision_logs/<agent_name>", AGENT)
-    def post_provision_log(agent_name):
-        jobs.provision_log(agent_name, body(PROVISION_LOG_SCHEMA))
+    @route("POST", "/v1/agents/provision_logs/<agent_name>", AGENT, body=PROVISION_LOG_SCHEMA)
+    def post_provision_log(data, agent_name):
+        """An agent reports how a provision ended"""
+        jobs.provision_log(agent_name, data)
         return text_response("OK")
 
-    @route("GET", "/v1/queues/summary", AMC)
-    def queue_summary():
-        """An agenthub extension (Testflinger #870): agents and waiting/running counts of the queues
-        named by ``?queue=``, or of those ``?agent=`` serves, or of every queue."""
-        query = tf_load(SUMMARY_QUERY_SCHEMA, tf_query(), "query")
+    @route("GET", "/v1/queues/summary", AMC, query=SUMMARY_QUERY_SCHEMA)
+    def queue_summary(query):
+        """Agents and waiting/running counts of queues (an agenthub extension)
+
+        Testflinger #870: the queues named by ``?queue=``, or those ``?agent=`` serves, or every queue."""
         names = query.get("queue")
         if "agent" in query:
             agent = jobs.agent(query["agent"])
@@ -5496,16 +5604,18 @@ def install_testflinger(app, hub):
 
     @route("GET", "/v1/queues/wait_times", AMC)
     def wait_times():
+        """Wait-time percentiles of queues (?queue=, repeatable)"""
         return json_response(jobs.wait_times(request.query.getall("queue")))
 
     @route("GET", "/v1/queues/<queue_name>/agents", AMC)
     def queue_agents(queue_name):
+        """The agents of a queue"""
         agents = jobs.queue_agents(queue_name)
         return json_response(agents) if agents else no_content()
 
-    @route("GET", "/v1/queues/<queue_name>/jobs", AMC)
-    def queue_jobs(queue_name):
-        query = tf_load(PAGE_SCHEMA, tf_query(), "query")
+    @route("GET", "/v1/queues/<queue_name>/jobs", AMC, query=PAGE_SCHEMA)
+    def queue_jobs(query, queue_name):
+        """The jobs of a queue"""
         found = jobs.queue_jobs(queue_name, query.get("limit"), query.get("offset", 0))
         return json_response(found) if found else no_content()
 
@@ -5513,22 +5623,25 @@ def install_testflinger(app, hub):
 
     @route("POST", "/v1/oauth2/token")
     def oauth_token():
+        """Log in with Basic client id and secret: an access and a refresh token"""
         return json_response(auth.login(credential("Authorization"), client_addr()))
 
-    @route("POST", "/v1/oauth2/refresh")
-    def oauth_refresh():
-        return json_response(auth.refresh(body(REFRESH_SCHEMA)["refresh_token"]))
+    @route("POST", "/v1/oauth2/refresh", body=REFRESH_SCHEMA)
+    def oauth_refresh(data):
+        """A new access token for a refresh token"""
+        return json_response(auth.refresh(data["refresh_token"]))
 
-    @route("POST", "/v1/oauth2/revoke", ("admin",))
-    def oauth_revoke():
-        auth.revoke(body(REFRESH_SCHEMA)["refresh_token"])
+    @route("POST", "/v1/oauth2/revoke", ("admin",), body=REFRESH_SCHEMA)
+    def oauth_revoke(data):
+        """Revoke a refresh token"""
+        auth.revoke(data["refresh_token"])
         return json_response({"status": "OK"})
 
     # -- job status webhook ------------------------------------------------------------
 
-    @route("POST", "/v1/job/<job_id>/events", AGENT)
-    def job_events(job_id):
-        data = body(STATUS_UPDATE_SCHEMA)
+    @route("POST", "/v1/job/<job_id>/events", AGENT, body=STATUS_UPDATE_SCHEMA)
+    def job_events(data, job_id):
+        """Forward an agent's job events to the job's status webhook"""
         status, text = jobs.forward_status(tf_job_id(job_id), data)
         return HTTPResponse(text, status, {"Content-Type": "text/html; charset=utf-8"})
 
@@ -5536,53 +5649,61 @@ def install_testflinger(app, hub):
 
     @route("GET", "/v1/restricted-queues", AMC)
     def restricted_queues():
+        """The restricted queues and their clients"""
         return json_response(auth.restricted_queues())
 
     @route("GET", "/v1/restricted-queues/<queue_name>", AMC)
     def restricted_queue(queue_name):
+        """One restricted queue and its clients"""
         return json_response(auth.restricted_queues(queue_name))
 
-    @route("POST", "/v1/restricted-queues/<queue_name>", ("admin", "manager"))
-    def restrict_queue(queue_name):
-        auth.restrict_queue(queue_name, body(RESTRICTED_QUEUE_SCHEMA)["client_id"])
+    @route("POST", "/v1/restricted-queues/<queue_name>", ("admin", "manager"), body=RESTRICTED_QUEUE_SCHEMA)
+    def restrict_queue(data, queue_name):
+        """Restrict a queue to a client"""
+        auth.restrict_queue(queue_name, data["client_id"])
         return text_response("OK")
 
-    @route("DELETE", "/v1/restricted-queues/<queue_name>", ("admin", "manager"))
-    def unrestrict_queue(queue_name):
-        auth.unrestrict_queue(queue_name, body(RESTRICTED_QUEUE_SCHEMA)["client_id"])
+    @route("DELETE", "/v1/restricted-queues/<queue_name>", ("admin", "manager"), body=RESTRICTED_QUEUE_SCHEMA)
+    def unrestrict_queue(data, queue_name):
+        """Remove a client from a restricted queue"""
+        auth.unrestrict_queue(queue_name, data["client_id"])
         return text_response("OK")
 
     @route("GET", "/v1/client-permissions", ("admin", "manager"))
     def all_client_permissions():
+        """Every client's permissions"""
         return json_response(auth.client_permissions())
 
     @route("GET", "/v1/client-permissions/<client_id>", ("admin", "manager"))
     def client_permissions(client_id):
+        """One client's permissions"""
         found = auth.client_permissions(client_id)
         if found is None:
             raise ApiError(404, "Error: Specified client_id does not exist.")
         return json_response(found)
 
-    @route("PUT", "/v1/client-permissions/<client_id>", ("admin", "manager"))
-    def set_client_permissions(client_id):
-        data = body(CLIENT_PERMISSIONS_SCHEMA)
+    @route("PUT", "/v1/client-permissions/<client_id>", ("admin", "manager"), body=CLIENT_PERMISSIONS_SCHEMA)
+    def set_client_permissions(data, client_id):
+        """Create or change a client: secret, role, limits"""
         return text_response(auth.set_client_permissions(request.environ["agenthub.identity"], client_id, data))
 
     @route("DELETE", "/v1/client-permissions/<client_id>", ("admin",))
     def delete_client_permissions(client_id):
+        """Delete a client"""
         auth.delete_client(client_id)
         return text_response("OK")
 
     # -- secrets ---------------------------------------------------------------------------------
 
-    @route("PUT", "/v1/secrets/<client_id>/<path:path>", ("contributor", "manager", "admin"))
-    def put_secret(client_id, path):
-        data = body(SECRET_SCHEMA)
+    @route("PUT", "/v1/secrets/<client_id>/<path:path>", ("contributor", "manager", "admin"), body=SECRET_SCHEMA)
+    def put_secret(data, client_id, path):
+        """Store a secret under a path of a client"""
         expires = hub.secrets.write(request.environ["agenthub.identity"], client_id, path, data)
         return json_response({"expires_at": iso(expires)})
 
     @route("DELETE", "/v1/secrets/<client_id>/<path:path>", ("contributor", "manager", "admin"))
     def delete_secret(client_id, path):
+        """Delete a secret"""
         hub.secrets.delete(request.environ["agenthub.identity"], client_id, path)
         return text_response("OK")
 
@@ -5647,8 +5768,9 @@ def install_consul(app, hub):
         """Query values, None when absent (already UTF-8: the boundary decoded the query)."""
         return [request.query.get(n) for n in names]
 
-    @api.route("ANY", "/v1/event/fire/<name:path>")
+    @api.route("ANY", "/v1/event/fire/<name:path>", doc_methods=("PUT",), doc_body={"type": "string", "contentMediaType": "application/octet-stream"}, doc_query={"node": {"type": "string"}, "service": {"type": "string"}, "tag": {"type": "string"}, "dc": {"type": "string"}, "token": {"type": "string"}})
     def fire(name):
+        """Fire a user event; the body is its payload (other methods: 405)"""
         refused = method_guard("PUT")
         if refused:
             return refused
@@ -5662,17 +5784,20 @@ def install_consul(app, hub):
         event = events.fire(token(), name, payload or None, dc, node or "", service or "", tag or "")
         return answer(event.as_json(ltime=0))
 
-    @api.route("ANY", "/v1/event/fire/")
+    @api.route("ANY", "/v1/event/fire/", doc_methods=("PUT",))
     def fire_without_name():
+        """Consul's answer to a fire without a name"""
         return method_guard("PUT") or error(400, "Missing name")
 
-    @api.route("ANY", "/v1/event/fire")
+    @api.route("ANY", "/v1/event/fire", doc_methods=("PUT",))
     def fire_redirect():
+        """Consul's redirect to /v1/event/fire/"""
         # Go's ServeMux answers a path without its registered trailing slash with a redirect.
         return HTTPResponse("", 301, headers(Location="/v1/event/fire/"))
 
-    @api.route("ANY", "/v1/event/list")
+    @api.route("ANY", "/v1/event/list", doc_query={"name": {"type": "string"}, "node": {"type": "string"}, "service": {"type": "string"}, "tag": {"type": "string"}, "index": {"type": "string", "pattern": "^[0-9]+$"}, "wait": {"type": "string", "examples": ["5m", "30s"]}, "dc": {"type": "string"}, "token": {"type": "string"}})
     def list_events():
+        """The newest events, filtered; a blocking query with ?index= and ?wait="""
         refused = method_guard("GET")
         if refused:
             return refused
@@ -5730,6 +5855,7 @@ def install_consul(app, hub):
 
     @api.route("ANY", "/v1/event/<rest:path>")
     def unknown(rest):
+        """Anything else under /v1/event: Consul's 404 and 405 texts"""
         raise ApiError(404, CONSUL_NOT_FOUND)
 
     return api
@@ -5744,6 +5870,22 @@ def install_consul(app, hub):
 # errors {status: "error", code, message[, errors]}.
 
 PF_SORT_FIELDS = ("id", "name", "status", "last_seen")
+
+# What GET /openapi.json says of the bodies /api/v1 reads by hand (Prefactor's own error shapes).
+_PF_KEY = {"idempotency_key": {"type": "string", "maxLength": 64,
+                               "description": "or the Idempotency-Key header: a repeat within a day gets the first answer"}}
+PF_AGENT_BODY = {"type": "object", "required": ["details"], "properties": {**_PF_KEY, "details": {
+    "type": "object", "properties": {"name": {"type": "string", "maxLength": 255}, "description": {"type": ["string", "null"]},
+                                     "environment_id": {"type": ["string", "null"]},
+                                     "external_identifier": {"type": ["string", "null"]}, "id": {"type": "string"},
+                                     "current_version_id": {"type": ["string", "null"]}}}}}
+PF_IDEMPOTENT_BODY = {"type": "object", "properties": {**_PF_KEY, "timestamp": {"type": "string", "format": "date-time"}}}
+PF_REGISTER_BODY = {"type": "object", "required": ["agent_id"], "properties": {
+    **_PF_KEY, "agent_id": {"type": "string"}, "agent_version": {"type": "object"},
+    "agent_schema_version": {"type": "object"}, "update_current_version": {"type": "boolean"},
+    "environment_id": {"type": "string"}, "id": {"type": "string"}}}
+PF_FINISH_BODY = {"type": "object", "required": ["status"], "properties": {
+    **PF_IDEMPOTENT_BODY["properties"], "status": {"enum": ["complete", "failed", "cancelled"]}}}
 
 
 def pf_error(status, code, message, errors=None):
@@ -5868,10 +6010,12 @@ def install_prefactor(app, hub):
 
     @route("GET", "/api/v1/ping")
     def ping():
+        """Check a token"""
         return json_response({"status": "success", "details": {"token_type": "api"}})
 
-    @route("POST", "/api/v1/agent")
+    @route("POST", "/api/v1/agent", doc_body=PF_AGENT_BODY)
     def create_agent(body):
+        """Create an agent"""
         data = body.get("details")
         if not isinstance(data, dict):
             raise Invalid({"details": ["can't be blank"]})
@@ -5889,8 +6033,9 @@ def install_prefactor(app, hub):
                               external_identifier=data.get("external_identifier"))
         return details(row)
 
-    @route("GET", "/api/v1/agent")
+    @route("GET", "/api/v1/agent", doc_query={"environment_id": {"type": "string"}, "sorting": {"type": "string", "examples": ["-id", "name"]}, "pagination[offset]": {"type": "integer"}, "pagination[page_size]": {"type": "integer"}})
     def list_agents():
+        """List agents, paginated and sorted"""
         query = request.query
         env = query.get("environment_id")
         if env and pfid_partition(env) is None:
@@ -5918,8 +6063,9 @@ def install_prefactor(app, hub):
                               "pagination": pf_pagination(len(views), offset, size, len(page)),
                               "sorting": {"field": field, "direction": "desc" if descending else "asc"}})
 
-    @route("GET", "/api/v1/agent/show")
+    @route("GET", "/api/v1/agent/show", doc_query={"agent_id": {"type": "string"}, "external_identifier": {"type": "string"}, "environment_id": {"type": "string"}})
     def show_agent():
+        """Find an agent by id or external identifier"""
         by_id, by_ext = request.query.get("agent_id"), request.query.get("external_identifier")
         if bool(by_id) == bool(by_ext):
             raise Invalid({"agent_id": ["exactly one of agent_id or external_identifier is required"]})
@@ -5930,10 +6076,12 @@ def install_prefactor(app, hub):
 
     @route("GET", "/api/v1/agent/<agent_id>")
     def get_agent(agent_id):
+        """One agent"""
         return details(registry.agent(agent_id), environment_id=request.query.get("environment_id"))
 
-    @route("PUT", "/api/v1/agent/<agent_id>")
+    @route("PUT", "/api/v1/agent/<agent_id>", doc_body=PF_AGENT_BODY)
     def update_agent(body, agent_id):
+        """Change an agent's name, description or current version"""
         registry.agent(agent_id)
         data = body.get("details")
         if not isinstance(data, dict):
@@ -5954,16 +6102,19 @@ def install_prefactor(app, hub):
             raise Invalid(errors)
         return details(registry.update(agent_id, values))
 
-    @route("POST", "/api/v1/agent/<agent_id>/retire")
+    @route("POST", "/api/v1/agent/<agent_id>/retire", doc_body=PF_IDEMPOTENT_BODY)
     def retire_agent(body, agent_id):
+        """Retire an agent (it takes no jobs)"""
         return details(registry.set_retired(agent_id, True))
 
-    @route("POST", "/api/v1/agent/<agent_id>/reinstate")
+    @route("POST", "/api/v1/agent/<agent_id>/reinstate", doc_body=PF_IDEMPOTENT_BODY)
     def reinstate_agent(body, agent_id):
+        """Reinstate a retired agent"""
         return details(registry.set_retired(agent_id, False))
 
     @route("DELETE", "/api/v1/agent/<agent_id>")
     def delete_agent(body, agent_id):
+        """Delete an agent"""
         row, view = registry.delete(agent_id)
         return json_response({"status": "success", "details": agent_json(row, view)})
 
@@ -5990,8 +6141,9 @@ def install_prefactor(app, hub):
         except ValueError:
             raise Invalid({"timestamp": ["is invalid"]})
 
-    @route("POST", "/api/v1/agent_instance/register")
+    @route("POST", "/api/v1/agent_instance/register", doc_body=PF_REGISTER_BODY)
     def register_instance(body):
+        """Register an instance of an agent"""
         errors = {}
         if not body.get("agent_id"):
             errors["agent_id"] = ["can't be blank"]
@@ -6009,14 +6161,16 @@ def install_prefactor(app, hub):
                                           bool(body.get("update_current_version")))
         return json_response({"status": "success", "details": instance_json(inst)})
 
-    @route("POST", "/api/v1/agent_instance/<instance_id>/start")
+    @route("POST", "/api/v1/agent_instance/<instance_id>/start", doc_body=PF_IDEMPOTENT_BODY)
     def start_instance(body, instance_id):
+        """Start an instance"""
         registry.instance(instance_id)                   # 404 before the body's errors
         inst = registry.start_instance(instance_id, timestamp(body))
         return json_response({"status": "success", "details": instance_json(inst)})
 
-    @route("POST", "/api/v1/agent_instance/<instance_id>/finish")
+    @route("POST", "/api/v1/agent_instance/<instance_id>/finish", doc_body=PF_FINISH_BODY)
     def finish_instance(body, instance_id):
+        """Finish an instance"""
         registry.instance(instance_id)
         status = body.get("status") or "complete"
         if status not in ("complete", "failed", "cancelled"):
@@ -6026,10 +6180,12 @@ def install_prefactor(app, hub):
 
     @route("GET", "/api/v1/agent_instance/<instance_id>")
     def get_instance(instance_id):
+        """One instance"""
         return json_response({"status": "success", "details": instance_json(registry.instance(instance_id))})
 
-    @route("GET", "/api/v1/agent_instance")
+    @route("GET", "/api/v1/agent_instance", doc_query={"agent_id": {"type": "string"}})
     def list_instances():
+        """List instances"""
         rows = registry.instances(request.query.get("agent_id"))
         offset, size = pf_page(request.query, len(rows))
         page = rows[offset:offset + size]
@@ -6049,6 +6205,9 @@ def install_prefactor(app, hub):
 
 RS_EVENTS = ("startup", "shutdown", "agent_activate")
 RS_MODES = ("idle", "active", "real_time")
+RS_EVENT_BODY = {"type": "object", "required": ["event"], "properties": {
+    "event": {"enum": list(RS_EVENTS)}, "mode": {"enum": list(RS_MODES)},
+    "agents": {"type": "array", "items": {"type": "string"}}, "timestamp": {"type": "string"}}}
 
 
 class RsInvalid(Exception):
@@ -6105,8 +6264,9 @@ def install_rackspace(app, hub):
             raise RsInvalid("mode must be one of: idle, active, real_time.")
         return body["mode"]
 
-    @route("POST", "/v2/<project_id>/agents/<agent_id>/events")
+    @route("POST", "/v2/<project_id>/agents/<agent_id>/events", doc_body=RS_EVENT_BODY, answers={202: "Accepted"})
     def agent_events(project_id, agent_id):
+        """An agent's startup, shutdown or activation (202)"""
         caller = credential("X-Agent-Id").strip()
         if not caller:
             raise RsInvalid("X-Agent-Id header is required.")
@@ -6128,17 +6288,20 @@ def install_rackspace(app, hub):
         registry.activate_projects(project_id, check_mode(body))
         return accepted()
 
-    @route("POST", "/v2/<project_id>/events")
+    @route("POST", "/v2/<project_id>/events", doc_body=RS_EVENT_BODY, answers={202: "Accepted"})
     def post_project_events(project_id):
+        """Activate the agents of a project (202)"""
         return project_events(project_id)
 
-    @route("POST", "/v2/events")
+    @route("POST", "/v2/events", doc_body=RS_EVENT_BODY, answers={202: "Accepted"})
     def post_events_for_token():
+        """Activate the agents of the token's project (202)"""
         # The seed's literal path: the project bound to the token, or every project's agents.
         return project_events(request.environ["agenthub.rs_project"])
 
     @route("GET", "/v2/<project_id>/agents/<agent_id>/status")
     def agent_status(project_id, agent_id):
+        """Whether an agent is online and busy"""
         view = registry.view(registry.project_agent(project_id, agent_id))
         return json_response({"busy": view.busy, "online": view.online})
 
@@ -6168,12 +6331,14 @@ def install_rackspace(app, hub):
                              "rel": "next"}]
         return json_response(out)
 
-    @route("GET", "/v2/<project_id>/agents/<agent_id>/events")
+    @route("GET", "/v2/<project_id>/agents/<agent_id>/events", doc_query={"marker": {"type": "string"}, "limit": {"type": "integer"}, "sort_dir": {"enum": ["asc", "desc"]}})
     def agent_feed(project_id, agent_id):
+        """An agent's event feed"""
         return feed(project_id, registry.project_agent(project_id, agent_id)["name"], "asc")
 
-    @route("GET", "/v2/<project_id>/events")
+    @route("GET", "/v2/<project_id>/events", doc_query={"marker": {"type": "string"}, "limit": {"type": "integer"}, "sort_dir": {"enum": ["asc", "desc"]}})
     def project_feed(project_id):
+        """A project's event feed"""
         return feed(project_id, None, "desc")
 
     def rs_agent(row, view):
@@ -6186,11 +6351,13 @@ def install_rackspace(app, hub):
 
     @route("GET", "/v2/<project_id>/agents/<agent_id>")
     def get_rs_agent(project_id, agent_id):
+        """One agent of a project"""
         row = registry.project_agent(project_id, agent_id)
         return json_response(rs_agent(row, registry.view(row)))
 
     @route("GET", "/v2/<project_id>/agents")
     def list_rs_agents(project_id):
+        """The agents of a project"""
         if request.query.get("host_machine_id"):
             return json_response({"agents": []})       # agenthub keeps no host data
         rows = [r for r in registry.all() if r["project_id"] == project_id]
@@ -6225,6 +6392,7 @@ def install_gocd(app, hub):
 
     @api.route("GET", "/api/server_health_messages")
     def health_messages():
+        """GoCD server health messages: the failing notification webhooks"""
         return json_response([{"message": r["message"], "detail": r["detail"], "level": r["level"],
                                "time": iso(r["time"])} for r in hub.notifier.health()])
 
@@ -6710,6 +6878,7 @@ def install_web(app, hub):
 
     @page("/")
     def overview(who):
+        """Overview page"""
         states = {}
         for row in registry.all():
             view = registry.view(row)
@@ -6720,6 +6889,7 @@ def install_web(app, hub):
 
     @page("/jobs")
     def jobs_list(who):
+        """Jobs page: filter by state, queue and tag"""
         query = request.query
         state, queue_name, tag = query.get("state"), query.get("queue"), query.get("tag")
         number = parse_uint(query.page, 10 ** 9) or 1
@@ -6739,6 +6909,7 @@ def install_web(app, hub):
 
     @page("/jobs/<job_id>")
     def job_page(who, job_id):
+        """A job's page: activity, attempts, phases, logs"""
         job_id, row = job_or_none(job_id)
         if row is None:
             return web_not_found("That job")
@@ -6765,6 +6936,7 @@ def install_web(app, hub):
 
     @page("/jobs/<job_id>/logs.json")
     def job_logs(who, job_id):
+        """New log text of a job, for its page's live view"""
         job_id, row = job_or_none(job_id)
         if row is None:
             return json_response({"message": "Job not found"}, 404)
@@ -6779,6 +6951,7 @@ def install_web(app, hub):
 
     @page("/jobs/<job_id>/log/<kind:re:output|serial>")
     def job_log_text(who, job_id, kind):
+        """A whole log as plain text"""
         """A whole log as plain text, streamed (the page shows only its tail)."""
         job_id, row = job_or_none(job_id)
         phase = request.query.get("phase") or None
@@ -6789,6 +6962,7 @@ def install_web(app, hub):
 
     @page("/jobs/<job_id>/artifact")
     def job_artifact(who, job_id):
+        """Download a job's artifact"""
         job_id, row = job_or_none(job_id)
         number = parse_uint(request.query.get("attempt", ""), 10 ** 9) or None
         found = jobs.open_file(job_id, "artifact", number) if row is not None else None
@@ -6798,6 +6972,7 @@ def install_web(app, hub):
 
     @page("/jobs/<job_id>/cancel")
     def cancel_form(who, job_id):
+        """Confirm a cancel"""
         job_id, row = job_or_none(job_id)
         if row is None:
             return web_not_found("That job")
@@ -6805,6 +6980,7 @@ def install_web(app, hub):
 
     @page("/jobs/<job_id>/cancel", method="POST")
     def cancel_job(who, fields, job_id):
+        """Cancel a job (a form with its CSRF token)"""
         job_id, row = job_or_none(job_id)
         if row is None:
             return web_not_found("That job")
@@ -6815,6 +6991,7 @@ def install_web(app, hub):
 
     @page("/agents")
     def agents_list(who):
+        """Agents page"""
         rows = sorted(registry.all(), key=lambda r: r["name"])
         now = utcnow()
         return web_page("Agents", "agents", who, agents=[(r, registry.view(r, now)) for r in rows],
@@ -6822,6 +6999,7 @@ def install_web(app, hub):
 
     @page("/agents/<name>")
     def agent_page(who, name):
+        """An agent's page"""
         row = registry.find("name", name)
         if row is None:
             return web_not_found("That agent")
@@ -6834,10 +7012,12 @@ def install_web(app, hub):
 
     @page("/queues")
     def queues_list(who):
+        """Queues page"""
         return web_page("Queues", "queues", who, queues=jobs.queue_summaries())
 
     @page("/queues/<name>")
     def queue_page(who, name):
+        """A queue's page"""
         summary = next((q for q in jobs.queue_summaries() if q["name"] == name), None)
         rows, total = jobs.page(queue_name=name, limit=100)
         if summary is None and not total:
@@ -6848,16 +7028,19 @@ def install_web(app, hub):
 
     @page("/events")
     def events_page(who):
+        """Events page"""
         name = request.query.get("name")
         events = [e for e in reversed(hub.events.buffer.events()) if not name or e.name == name]
         return web_page("Events", "events", who, events=events, name=name)
 
     @page("/login", roles=None)
     def login_form():
+        """Login form"""
         return web_page("Log in", "login", error="", next=safe_next(request.query.get("next")))
 
     @page("/login", roles=None, method="POST")
     def login(fields):
+        """Log in (client id and secret; a form with its CSRF token)"""
         target = safe_next(fields.get("next"))            # only ever back into agenthub
         client_id = fields.get("client_id") or ""
         try:
@@ -6877,6 +7060,7 @@ def install_web(app, hub):
 
     @page("/logout", roles=None, method="POST")
     def logout(fields):
+        """Log out"""
         auth.end_session(cookie(WEB_SESSION))
         answer = HTTPResponse(status=303, headers={"Location": "/"})
         answer.delete_cookie(WEB_SESSION, path="/")
@@ -6893,7 +7077,7 @@ def install_web(app, hub):
 # (the process answers), GET /readyz (the hub can do its work).  Metrics are open like the APIs in
 # the default mode; with --metrics-token, or with --require-auth, they need a credential (README).
 
-OPS_PATHS = ("/metrics", "/healthz", "/readyz")
+OPS_PATHS = ("/metrics", "/healthz", "/readyz", "/openapi.json", "/docs")
 PROCESS_STARTED = time.time()
 
 
@@ -7047,22 +7231,181 @@ def metrics_text(app):
     return out.text()
 
 
+# -- the OpenAPI document ---------------------------------------------------------------
+#
+# Made from what each route declares when it is registered (ApiStyle.route): its method and path,
+# the Schema its body or query is loaded with (Testflinger's: the very objects that validate, so
+# the document cannot drift), or, where an API reads its input by hand, the JSON Schema declared
+# beside the route; each API's error body; the roles.
+
+API_DOCS = {   # style name: (tag, description, security scheme, error media type, error schema)
+    "tf": ("Testflinger", "The job queue, wire-compatible with the Testflinger server (/v1).", "bearer",
+           "application/json", {"type": "object", "properties": {"message": {}, "detail": {"type": "object"}},
+                                "required": ["message"]}),
+    "consul": ("Consul events", "Consul-style user events (/v1/event).", "consulToken", "text/plain",
+               {"type": "string"}),
+    "prefactor": ("Agents (Prefactor)", "Agent resources in Prefactor's style (/api/v1).", "bearer",
+                  "application/json", {"type": "object", "properties": {
+                      "status": {"const": "error"}, "code": {"type": "string"}, "message": {"type": "string"},
+                      "errors": {"type": "object"}}, "required": ["status", "code", "message"]}),
+    "rackspace": ("Agent events (Rackspace)", "Rackspace Cloud Backup v2 style agent events (/v2).", "authToken",
+                  "application/json", {"type": "object", "properties": {"message": {"type": "string"}}}),
+    "gocd": ("GoCD server health", "The failing GoCD webhooks as GoCD server health messages.", "bearer",
+             "application/json", {"type": "object", "properties": {"message": {"type": "string"}}}),
+    "web": ("Web pages", "Pages for people (HTML).", "session", "text/html", {"type": "string"}),
+    "ops": ("Operations", "Metrics, health, this document.", "bearer", "application/json",
+            {"type": "object", "properties": {"status": {"const": "error"}, "message": {"type": "string"}}}),
+}
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "A Testflinger client's access token"
+               " (POST /v1/oauth2/token); /api/v1 also takes --api-token values, /metrics --metrics-token."},
+    "consulToken": {"type": "apiKey", "in": "header", "name": "X-Consul-Token",
+                    "description": "An event ACL token (agenthub add-event-token), or a client's access token;"
+                                   " also ?token= or a bearer token."},
+    "authToken": {"type": "apiKey", "in": "header", "name": "X-Auth-Token",
+                  "description": "A --rackspace-token value, or a client's access token."},
+    "session": {"type": "apiKey", "in": "cookie", "name": WEB_SESSION, "description": "The session of POST /login."},
+}
+_RULE_PART = re.compile(r"<([a-zA-Z_][a-zA-Z0-9_]*)(?::(re|path|int)(?::([^>]*))?)?>")
+
+
+def _openapi_path(rule):
+    """A Bottle rule as an OpenAPI path and its path parameters."""
+    params = []
+
+    def one(match):
+        name, kind, pattern = match.groups()
+        schema = {"type": "string"}
+        if kind == "re" and pattern and re.fullmatch(r"[\w|-]+", pattern):
+            schema["enum"] = pattern.split("|")
+        elif kind == "re":
+            schema["pattern"] = f"^(?:{pattern})$"
+        params.append({"name": name, "in": "path", "required": True, "schema": schema,
+                       **({"description": "may contain slashes"} if kind == "path" else {})})
+        return "{" + name + "}"
+    return _RULE_PART.sub(one, rule), params
+
+
+def _query_parameters(schema):
+    if isinstance(schema, Schema):
+        return [{"name": name, "in": "query", "required": field.required,
+                 "schema": field.openapi()} | ({"style": "form", "explode": True} if isinstance(field, List) else {})
+                for name, field in schema.fields.items()]
+    return [{"name": name, "in": "query", "schema": spec} for name, spec in (schema or {}).items()]
+
+
+def _summary(entry):
+    if entry.get("summary"):
+        return entry["summary"]
+    doc = (entry["func"].__doc__ or "").strip()
+    return doc.splitlines()[0].rstrip(".") if doc else entry["func"].__name__.replace("_", " ").capitalize()
+
+
+def openapi_document(app):
+    """OpenAPI 3.1 for every route registered through an ApiStyle."""
+    paths, used_tags, operation_ids = {}, {}, collections.Counter()
+    for entry in app.documented:
+        style, options = entry["style"], entry["options"]
+        tag, _, scheme, error_type, error_schema = API_DOCS[style.name]
+        used_tags[tag] = style.name
+        path, params = _openapi_path(entry["path"])
+        methods = entry.get("doc_methods") or ((entry["method"],) if entry["method"] != "ANY" else ("GET",))
+        for method in methods:
+            base = f"{style.name}_{entry['func'].__name__}"
+            operation_ids[base] += 1
+            operation = {"tags": [tag], "summary": _summary(entry),
+                         "operationId": base if operation_ids[base] == 1 else f"{base}_{method.lower()}",
+                         "parameters": params + _query_parameters(options.get("query") or entry.get("doc_query"))}
+            doc = (entry["func"].__doc__ or "").strip()
+            if "\n" in doc:
+                operation["description"] = " ".join(line.strip() for line in doc.splitlines()[1:] if line.strip())
+            if options.get("roles") is not None:
+                operation["description"] = (operation.get("description", "") + " Roles: " + ", ".join(
+                    options["roles"]) + ".").strip()
+            body = options.get("body") or entry.get("doc_body")
+            if body is not None:
+                operation["requestBody"] = {"required": True, "content": {"application/json": {
+                    "schema": body.openapi() if isinstance(body, Schema) else body}}}
+            responses = {}
+            for status, answer in (entry.get("answers") or {200: "OK"}).items():
+                description, schema, media = (answer, None, None) if isinstance(answer, str) else (*answer, None)[:3]
+                responses[str(status)] = {"description": description}
+                if schema is not None:
+                    responses[str(status)]["content"] = {media or "application/json": {"schema": schema}}
+            for status, description in (("4XX", "Refused: the API's own error body"),
+                                        ("5XX", "A fault: a generic text and the request id, never the exception")):
+                responses[status] = {"description": description, "content": {error_type: {"schema": error_schema}}}
+            operation["responses"] = responses
+            operation["security"] = [{scheme: []}, {}]
+            paths.setdefault(path, {})[method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "agenthub", "version": __version__,
+                 "description": "A hub for agents that run jobs: the Testflinger job queue, Consul-style user events,"
+                                " an agent registry (Prefactor, Rackspace and GoCD styles) and web pages. Every"
+                                " API answers errors in its own style. In the default mode anonymous callers are"
+                                " let in where the README says; --require-auth closes every API."},
+        "tags": [{"name": tag, "description": API_DOCS[name][1]} for tag, name in used_tags.items()],
+        "paths": dict(sorted(paths.items())),
+        "components": {"securitySchemes": SECURITY_SCHEMES},
+    }
+
+
+DOCS_PAGE = bottle.SimpleTemplate("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>API · agenthub</title><style nonce="{{nonce}}">
+body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:72em;padding:0 1.2em;color:#1d2330}
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.3em .6em;border-bottom:1px solid #e3e6ea;vertical-align:top}
+code{font:13px ui-monospace,monospace}.m{font-weight:700;font-size:.85em;display:inline-block;min-width:4.5em}
+.get{color:#1a7f37}.post{color:#1f5fbf}.put{color:#9a6700}.delete{color:#b42318}.muted{color:#68707d}
+details{margin:.2em 0}pre{background:#f6f7f9;padding:.6em;overflow:auto;font-size:12px}
+</style></head><body>
+<h1>agenthub {{doc["info"]["version"]}} API</h1>
+<p>{{doc["info"]["description"]}}</p>
+<p>The whole description as OpenAPI 3.1: <a href="/openapi.json">/openapi.json</a>. {{count}} operations.</p>
+% for tag in doc["tags"]:
+<h2 id="{{tag["name"]}}">{{tag["name"]}}</h2><p class="muted">{{tag["description"]}}</p>
+<table>
+% for path, method, op in operations:
+% if op["tags"][0] == tag["name"]:
+<tr><td><span class="m {{method}}">{{method.upper()}}</span> <code>{{path}}</code></td><td>{{op["summary"]}}
+% if op.get("description"):
+<br><span class="muted">{{op["description"]}}</span>
+% end
+% if op.get("requestBody"):
+<details><summary>request body</summary><pre>{{dumps(op["requestBody"]["content"]["application/json"]["schema"], indent=1)}}</pre></details>
+% end
+% query = [p["name"] for p in op["parameters"] if p["in"] == "query"]
+% if query:
+<br><span class="muted">query: {{", ".join(query)}}</span>
+% end
+</td></tr>
+% end
+% end
+</table>
+% end
+</body></html>""")
+
+
 def install_ops(app, hub):
-    """Mount GET /metrics, /healthz and /readyz; returns their style."""
+    """Mount GET /metrics, /healthz, /readyz, /openapi.json and /docs; returns their style."""
     api, config = OpsStyle(app, hub), hub.config
     tokens = [t for t in re.split(r"[\s,]+", config.metrics_tokens) if t]
 
     @api.route("GET", "/healthz")
     def healthz():
+        """The process is alive"""
         return json_response({"status": "alive", "version": __version__,
                               "uptime_seconds": round(time.time() - PROCESS_STARTED, 3)})
 
     @api.route("GET", "/readyz")
     def readyz():
+        """The hub can work: database writable, workers alive, not shutting down (503 when not)"""
         return json_response(*readiness(hub))
 
     @api.route("GET", "/metrics")
     def metrics():
+        """Prometheus metrics (text exposition format 0.0.4)"""
         authorization = credential("Authorization")
         given = bearer_token(authorization)
         if tokens:
@@ -7073,6 +7416,27 @@ def install_ops(app, hub):
             identity = hub.auth.identify(authorization)
             hub.auth.require(identity, ("admin", "manager"))
         return text_response(metrics_text(app), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    made = {}
+
+    def document():
+        if "doc" not in made:                  # the routes are all registered by the first request
+            made["doc"] = openapi_document(app)
+        return made["doc"]
+
+    @api.route("GET", "/openapi.json")
+    def openapi_json():
+        """This document: every route of every API (OpenAPI 3.1)"""
+        return json_response(document())
+
+    @api.route("GET", "/docs")
+    def docs():
+        """The routes of every API, for people (works offline)"""
+        doc = document()
+        operations = [(path, method, op) for path, item in doc["paths"].items() for method, op in item.items()]
+        nonce = secrets.token_urlsafe(12)
+        page = DOCS_PAGE.render(doc=doc, operations=operations, count=len(operations), nonce=nonce, dumps=json.dumps)
+        return text_response(page, headers={"Content-Security-Policy": f"default-src 'none'; style-src 'nonce-{nonce}'"})
 
     return api
 

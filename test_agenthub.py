@@ -4560,3 +4560,36 @@ def test_options_may_come_before_the_command(tmp_path, capsys):
         agenthub.main(["serve", "--bogus"])
     err = capsys.readouterr().err
     assert err.startswith("usage: agenthub serve") and "unrecognized arguments: --bogus" in err
+
+
+def test_the_openapi_document_is_valid_and_names_every_route(app, anon):
+    from openapi_spec_validator import validate
+    doc = anon.get("/openapi.json").json
+    validate(doc)                                            # against the OpenAPI 3.1 schema
+    operations = {(path, method) for path, item in doc["paths"].items() for method in item}
+    for route in app.routes:
+        path, _ = agenthub._openapi_path(route.rule)
+        methods = {m for p, m in operations if p == path}
+        assert methods, f"{route.rule} is missing"
+        assert route.method == "ANY" or route.method.lower() in methods, (route.method, route.rule)
+    # Made from the schemas that validate: what POST /v1/job refuses is what the document says.
+    job = doc["paths"]["/v1/job"]["post"]
+    schema = job["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["required"] == ["job_queue"] and schema["properties"]["job_queue"]["minLength"] == 1
+    assert schema["additionalProperties"] is False and "Roles: admin, manager, contributor." in job["description"]
+    log = doc["paths"]["/v1/result/{job_id}/log/{log_type}"]["get"]
+    assert {p["name"] for p in log["parameters"]} == {"job_id", "log_type", "start_fragment", "start_timestamp",
+                                                      "phase", "attempt"}
+    assert [p for p in log["parameters"] if p["name"] == "log_type"][0]["schema"]["enum"] == ["output", "serial"]
+    assert doc["paths"]["/v1/event/fire/{name}"]["put"]["responses"]["4XX"]["content"]["text/plain"]
+    assert anon.post_json("/v1/job", {"job_queue": ""}, status=422).json["detail"]["json"]["job_queue"]
+
+
+def test_the_docs_page_lists_every_operation_offline(anon):
+    doc = anon.get("/openapi.json").json
+    page = anon.get("/docs")
+    assert page.content_type == "text/html" and "default-src 'none'" in page.headers["Content-Security-Policy"]
+    for path, item in doc["paths"].items():
+        for method in item:
+            assert f'<span class="m {method}">{method.upper()}</span> <code>{path}</code>' in page.text
+    assert "<script" not in page.text and "http://" not in page.text.replace("http://www.w3.org", "")
