@@ -6788,7 +6788,7 @@ EVENT_ICONS = {"success": "\u2714", "error": "\u2716", "info": "\u2139"}
 def web_page(title, template, identity=None, status=200, **values):
     """One page: the layout around a template, with a fresh CSP nonce for its inline style and
     script and the browser's CSRF token (WebStyle.call put it in the environ) for its forms."""
-    helpers = {"iso": iso, "quote": urllib.parse.quote, "loads": json.loads, "payload_text": payload_text,
+    helpers = {"iso": iso, "quote": functools.partial(urllib.parse.quote, safe=""), "loads": json.loads, "payload_text": payload_text,
                "seconds": _seconds, "minutes": _minutes, "clock": _clock}
     nonce, csrf = secrets.token_urlsafe(12), request.environ.get("agenthub.csrf", "")
     body = WEB_PAGES[template].render(**helpers, **values, nonce=nonce, csrf=csrf)
@@ -7015,7 +7015,7 @@ def install_web(app, hub):
         """Queues page"""
         return web_page("Queues", "queues", who, queues=jobs.queue_summaries())
 
-    @page("/queues/<name>")
+    @page("/queues/<name:path>")
     def queue_page(who, name):
         """A queue's page"""
         summary = next((q for q in jobs.queue_summaries() if q["name"] == name), None)
@@ -7601,9 +7601,10 @@ def create_app(config=None, **overrides):
     def _strip_trailing_slash():
         # Trailing slashes are optional everywhere (the original's strict_slashes=False).
         # Not on /v1/event/…: there a trailing slash is part of an event name, or a Consul 404; not on
-        # /v1/secrets/…: there it is part of the secret's path, which must not end with one (422).
+        # /v1/secrets/…: there it is part of the secret's path, which must not end with one (422); not
+        # on /queues/…: a queue's name may end with one.
         path = request.environ.get("PATH_INFO", "/")
-        if len(path) > 1 and path.endswith("/") and not path.startswith(("/v1/event/", "/v1/secrets/")):
+        if len(path) > 1 and path.endswith("/") and not path.startswith(("/v1/event/", "/v1/secrets/", "/queues/")):
             request.environ["PATH_INFO"] = path.rstrip("/") or "/"
 
     _LOG["json"] = config.log_format == "json"
@@ -7821,8 +7822,8 @@ def _serve_options(parser, env):
                         help="'threaded' (built in, default) or any server name Bottle knows, e.g. waitress,"
                              " cheroot (must be installed; AGENTHUB_SERVER)")
     parser.add_argument("--secret-key", default=env.secret_key,
-                        help="key that signs access tokens (AGENTHUB_SECRET_KEY); by default one is generated"
-                             " and kept in the database")
+                        help="key that signs access tokens and encrypts secrets (AGENTHUB_SECRET_KEY); by default"
+                             " one is generated and kept in <db>.key beside the database (mode 0600), never in it")
     parser.add_argument("--require-auth", action="store_true", default=env.require_auth,
                         help="every API needs a credential for all but its public reads (anonymous Testflinger"
                              " callers no longer act as 'contributor'); refuses to start while no client can log"

@@ -24,6 +24,7 @@ import tracemalloc
 import urllib.parse
 import urllib.request
 import uuid
+from html import escape as html_escape
 
 import pytest
 import webtest
@@ -4593,3 +4594,11 @@ def test_the_docs_page_lists_every_operation_offline(anon):
         for method in item:
             assert f'<span class="m {method}">{method.upper()}</span> <code>{path}</code>' in page.text
     assert "<script" not in page.text and "http://" not in page.text.replace("http://www.w3.org", "")
+
+
+def test_a_queue_name_with_slashes_links_to_its_page(app, anon, agent):
+    for name in ("team/lab", "odd/", "a b?c#d"):
+        submit(anon, job_queue=name)
+        listing = anon.get("/queues")
+        page = listing.click(href="/queues/" + urllib.parse.quote(name, safe="") + "$")
+        assert f"<h1>Queue {html_escape(name)}</h1>" in page.text
