@@ -8388,7 +8388,7 @@ def _bench_events(server, args):
 
 
 def _bench_web(server, args):
-    """The pages people open, with at least 10 000 jobs in the database."""
+    """The pages people open, and a Prometheus scrape, with at least 10 000 jobs in the database."""
     conn = server.connection()
     existing = json.loads(_request(conn, "GET", "/v1/job/search?limit=1000000")[1])
     missing = max(0, 10000 - len(existing))
@@ -8398,7 +8398,7 @@ def _bench_web(server, args):
     total = len(json.loads(_request(conn, "GET", "/v1/job/search?limit=1000000")[1]))
     print(f"agenthub {__version__} bench: web pages with {total} jobs in the database")
     for path in ("/jobs", "/jobs?page=150", "/jobs?tag=bench-web&page=20", "/jobs?state=waiting&queue=web",
-                 "/", "/queues", "/agents"):
+                 "/", "/queues", "/agents", "/metrics"):
         times = []
         for _ in range(20):
             start = time.perf_counter()
