@@ -34,6 +34,7 @@ import datetime
 import functools
 import hashlib
 import hmac
+import html
 import http.client
 import itertools
 import json
@@ -1195,8 +1196,8 @@ class JobStore(_DomainStore):
         clause = (" WHERE " + " AND ".join(where)) if where else ""
         with self.connection() as db:
             total = db.execute(f"SELECT count(*) FROM jobs{clause}", args).fetchone()[0]
-            rows = db.execute(f"SELECT job_id, created_at, started_at, state, job_queue, job_priority, agent_name,"
-                              f" client_id, attempt,"
+            rows = db.execute(f"SELECT job_id, created_at, started_at, finished_at, state, job_queue, job_priority,"
+                              f" agent_name, client_id, attempt, result_status,"
                               f" json_extract(job_data, '$.name') AS name, json_extract(job_data, '$.tags') AS tags"
                               f" FROM jobs{clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
                               (*args, limit, offset)).fetchall()
@@ -3047,6 +3048,23 @@ def who(client_id):
     return client_id or "anonymous"
 
 
+def job_outcome(state, status):
+    """What a job came to, from its state and its phases' exit codes: (key, words).  A finished job
+    passed when every phase exited 0; a non-zero provision is a provisioning failure (the device,
+    not the test); else it failed in its first phase that exited non-zero.  Unfinished jobs are
+    their state."""
+    if state == "cancelled":
+        return "cancelled", "cancelled"
+    if state not in ("complete", "completed"):
+        return ("waiting", "waiting") if state == "waiting" else ("running", state)
+    failed = [phase for phase in PHASES if status.get(phase)]
+    if not failed:
+        return "passed", "passed"
+    if failed[0] == "provision":
+        return "provision-failed", "provision failed"
+    return "failed", f"failed in {failed[0]}"
+
+
 def bson_date(ts):
     """A time as the original's jsonify writes a Mongo datetime (spec testflinger-2026: real clients
     read ``{"$date": …}``)."""
@@ -3339,8 +3357,24 @@ class JobQueue:
         return self.store.get_job(job_id)
 
     def page(self, state=None, queue_name=None, tag=None, agent_name=None, limit=50, offset=0):
-        """(rows, total) of the newest jobs matching the filters, for people."""
-        return self.store.jobs_page(state, queue_name, tag, agent_name=agent_name, limit=limit, offset=offset)
+        """(jobs, total) of the newest jobs matching the filters, for people: each with its outcome
+        and how long it waited and ran (so far)."""
+        rows, total = self.store.jobs_page(state, queue_name, tag, agent_name=agent_name, limit=limit, offset=offset)
+        now = utcnow()
+        return [self._for_people(row, now) for row in rows], total
+
+    def for_people(self, row, now=None):
+        """A job row (current or earlier attempt) with its outcome, waited and ran."""
+        return self._for_people(row, utcnow() if now is None else now)
+
+    def _for_people(self, row, now):
+        job = dict(row)
+        job["outcome"], job["outcome_text"] = job_outcome(row["state"], json.loads(row["result_status"]))
+        started, finished = row["started_at"], row["finished_at"]
+        job["waited"] = (started - row["created_at"]) if started else \
+            (now - row["created_at"]) if row["state"] == "waiting" else None
+        job["ran"] = ((finished or now) - started) if started else None
+        return job
 
     def state_counts(self):
         return self.store.job_state_counts()
@@ -6415,30 +6449,72 @@ WEB_PAGE_SIZE = 50
 
 WEB_LAYOUT = bottle.SimpleTemplate("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
 <title>{{title}} · agenthub</title>
 <style nonce="{{nonce}}">
-body{font:15px/1.45 system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
-header{background:#1d2330;color:#fff;padding:.6em 1.2em;display:flex;gap:1.2em;align-items:center}
+:root{--fg:#1d2330;--bg:#f6f7f9;--card:#fff;--line:#e3e6ea;--head:#eef0f3;--muted:#68707d;--link:#1f5fbf;
+--ok:#d5f0dc;--okfg:#14532d;--bad:#f7d7d7;--badfg:#7f1d1d;--wait:#fdf0c9;--waitfg:#713f12;--run:#d6e6fb;--runfg:#1e3a8a;
+--grey:#e3e6ea;--greyfg:#374151;--pre:#10141c;--prefg:#e6e6e6}
+@media (prefers-color-scheme: dark){:root{--fg:#e5e7eb;--bg:#0f141b;--card:#161d27;--line:#2a3441;--head:#1c2530;
+--muted:#9aa4b2;--link:#7fb0ff;--ok:#173d25;--okfg:#b7f0c8;--bad:#4a1d1d;--badfg:#ffc9c9;--wait:#3f3210;--waitfg:#fde9a8;
+--run:#1b2f52;--runfg:#c7dbff;--grey:#2a3441;--greyfg:#d1d5db;--pre:#05080c}}
+*{box-sizing:border-box}
+body{font:15px/1.45 system-ui,sans-serif;margin:0;color:var(--fg);background:var(--bg)}
+header{background:#1d2330;color:#fff;padding:.6em 1.2em;display:flex;flex-wrap:wrap;gap:.4em 1.2em;align-items:center}
 header a{color:#fff;text-decoration:none}header .brand{font-weight:700}header .who{margin-left:auto;opacity:.8}
-main{max-width:72em;margin:1.2em auto;padding:0 1.2em}h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em}
-table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid #e3e6ea;vertical-align:top}
-th{background:#eef0f3;font-weight:600}a{color:#1f5fbf}code,pre{font:13px/1.4 ui-monospace,monospace}
-pre{background:#10141c;color:#e6e6e6;padding:.8em;overflow:auto;max-height:32em;white-space:pre-wrap}
-.cards{display:flex;flex-wrap:wrap;gap:.8em}.card{background:#fff;border:1px solid #e3e6ea;padding:.7em 1em;min-width:9em}
-.card b{display:block;font-size:1.4em}.muted{color:#68707d}.empty{display:none}
-.state{display:inline-block;padding:0 .5em;border-radius:.8em;background:#e3e6ea;font-size:.9em}
-.state-complete,.state-Idle,.state-active{background:#d5f0dc}.state-cancelled,.state-LostContact,.state-failed{background:#f7d7d7}
-.state-waiting,.state-Missing,.state-pending{background:#fdf0c9}.state-running,.state-Building,.state-test{background:#d6e6fb}
-form.inline{display:inline}button{font:inherit;padding:.3em .9em}.error{color:#a11}.notice{background:#eef4fd;padding:.4em .7em}
-.icon{display:inline-block;width:1.3em;text-align:center;font-weight:700}.icon-success{color:#1a7f37}.icon-error{color:#b42318}.icon-info{color:#1f5fbf}
-.filters input,.filters select{font:inherit;margin-right:.5em}.pager{margin:.8em 0}td code{word-break:break-all}
+main{max-width:76em;margin:1.2em auto;padding:0 1.2em}h1{font-size:1.5em;overflow-wrap:anywhere}h2{font-size:1.15em;margin-top:1.6em}
+.scroll{overflow-x:auto;max-width:100%;border:1px solid var(--line);background:var(--card)}
+table{border-collapse:collapse;width:100%;background:var(--card)}th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid var(--line);vertical-align:top;white-space:nowrap}
+td.wrap{white-space:normal;min-width:12em}
+.scroll tr>:first-child{position:sticky;left:0;background:var(--card);z-index:1}
+th,.scroll tr>th:first-child{background:var(--head);font-weight:600}a{color:var(--link)}code,pre{font:13px/1.4 ui-monospace,monospace}
+pre{background:var(--pre);color:var(--prefg);padding:.8em;overflow:auto;max-height:32em;white-space:pre-wrap;overflow-wrap:anywhere}
+.cards{display:flex;flex-wrap:wrap;gap:.8em}.card{background:var(--card);border:1px solid var(--line);padding:.7em 1em;min-width:8em;color:inherit;text-decoration:none}
+.card b{display:block;font-size:1.4em}.muted{color:var(--muted)}.empty{display:none}
+.state{display:inline-block;padding:0 .5em;border-radius:.8em;background:var(--grey);color:var(--greyfg);font-size:.9em;white-space:nowrap}
+.state-complete,.state-passed,.state-Idle,.state-active,.state-success{background:var(--ok);color:var(--okfg)}
+.state-failed,.state-provision-failed,.state-LostContact,.state-error,.state-failure{background:var(--bad);color:var(--badfg)}
+.state-waiting,.state-Missing,.state-pending{background:var(--wait);color:var(--waitfg)}
+.state-running,.state-Building,.state-test,.state-setup,.state-provision,.state-cleanup,.state-reserve,.state-allocate,.state-firmware_update{background:var(--run);color:var(--runfg)}
+.code-0{color:var(--okfg);font-weight:600}.code-bad{color:var(--badfg);font-weight:600}
+form.inline{display:inline}button{font:inherit;padding:.3em .9em}.error{color:#c43}.notice{background:var(--run);color:var(--runfg);padding:.4em .7em}
+.icon{display:inline-block;width:1.3em;text-align:center;font-weight:700}.icon-success{color:#1a9f47}.icon-error{color:#d43318}.icon-info{color:#3f7fdf}
+.filters{display:flex;flex-wrap:wrap;gap:.4em}.filters input,.filters select{font:inherit;max-width:100%}.pager{margin:.8em 0}
+.legend{font-size:.9em}.legend dt{font-weight:600;display:inline}.legend dd{display:inline;margin:0 1em 0 .3em}
+svg.chart{max-width:100%;height:auto;background:var(--card);border:1px solid var(--line)}
+svg.chart text{fill:var(--muted);font:11px system-ui,sans-serif}svg.chart .axis{stroke:var(--line)}
+@media (max-width:600px){main{padding:0 .6em}body{font-size:14px}th,td{padding:.3em .4em}}
 </style></head><body>
 <header><a class="brand" href="/">agenthub</a><a href="/jobs">Jobs</a><a href="/agents">Agents</a>
 <a href="/queues">Queues</a><a href="/events">Events</a>
 % if who:
 <span class="who">{{who}} <form class="inline" method="post" action="/logout"><input type="hidden" name="csrf" value="{{csrf}}"><button>Log out</button></form></span>
 % end
-</header><main>{{!body}}</main></body></html>""")
+</header><main id="main" data-live="{{live}}">{{!body}}</main>
+% if live:
+<script nonce="{{nonce}}">
+(function () {
+  // A list page refreshes in place every few seconds while it is visible (it works without this).
+  var main = document.getElementById("main"), busy = false;
+  function refresh() {
+    if (document.hidden || busy) { return; }
+    busy = true;
+    fetch(location.href, {headers: {"X-Agenthub-Fragment": "main"}, credentials: "same-origin"})
+      .then(function (r) { if (!r.ok) { throw new Error(r.status); } return r.text(); })
+      .then(function (html) {
+        if (!document.activeElement || !main.contains(document.activeElement) || document.activeElement === document.body) {
+          main.innerHTML = html;
+        }
+      })
+      .catch(function () {})
+      .then(function () { busy = false; });
+  }
+  setInterval(refresh, {{live}} * 1000);
+  document.addEventListener("visibilitychange", refresh);
+})();
+</script>
+% end
+</body></html>""")
 
 WEB_PAGES = {name: bottle.SimpleTemplate(source) for name, source in {
     "overview": """<h1>Overview</h1>
@@ -6459,17 +6535,25 @@ WEB_PAGES = {name: bottle.SimpleTemplate(source) for name, source in {
 % end
 </div>
 <h2>Queues with work</h2>
+% if not queues:
+<p class="muted">No job is waiting or running.</p>
+% else:
 <table><tr><th>Queue</th><th>Waiting</th><th>Running</th></tr>
 % for name, counts in queues.items():
 <tr><td><a href="/queues/{{quote(name)}}">{{name}}</a></td><td>{{counts["waiting"]}}</td><td>{{counts["running"]}}</td></tr>
 % end
 </table>
+% end
 <h2>Newest events</h2>
-<table><tr><th>Name</th><th>Payload</th><th>LTime</th></tr>
+% if not events:
+<p class="muted">No events yet.</p>
+% else:
+<table><tr><th>Name</th><th>What</th><th>LTime</th></tr>
 % for event in events:
-<tr><td>{{event.name}}</td><td><code>{{payload_text(event.payload)[:160]}}</code></td><td>{{event.ltime}}</td></tr>
+<tr><td>{{event.name}}</td><td class="wrap"><code>{{event_summary(event)[:160]}}</code></td><td>{{event.ltime}}</td></tr>
 % end
 </table>
+% end
 <h2>Server health</h2>
 % if not health:
 <p class="muted">All webhooks are delivering.</p>
@@ -6487,18 +6571,22 @@ WEB_PAGES = {name: bottle.SimpleTemplate(source) for name, source in {
 </select><input name="queue" placeholder="queue" value="{{queue or ""}}"><input name="tag" placeholder="tag" value="{{tag or ""}}">
 <button>Filter</button></form>
 <p class="muted">{{total}} jobs</p>
-<table><tr><th>Job</th><th>Name</th><th>Queue</th><th>State</th><th>Priority</th><th>Agent</th><th>Submitted by</th><th>Created</th></tr>
+% if not jobs:
+<p class="muted">No jobs match. Submit one with <code>testflinger-cli submit job.yaml</code> or <code>POST /v1/job</code>.</p>
+% else:
+<table id="jobs"><tr><th>Job</th><th>Name</th><th>Queue</th><th>Outcome</th><th>Agent</th><th>Submitted by</th><th>Created</th><th>Waited</th><th>Ran</th></tr>
 % for job in jobs:
-<tr><td><a href="/jobs/{{job["job_id"]}}"><code>{{job["job_id"]}}</code></a></td><td>{{job["name"] or ""}}</td>
+<tr><td><a href="/jobs/{{job["job_id"]}}">{{!short(job["job_id"])}}</a></td><td class="wrap">{{job["name"] or ""}}</td>
 <td><a href="/queues/{{quote(job["job_queue"])}}">{{job["job_queue"]}}</a></td>
-<td><span class="state state-{{job["state"]}}">{{job["state"]}}</span></td><td>{{job["job_priority"]}}</td>
+<td><span class="state state-{{job["outcome"]}}" data-outcome="{{job["outcome"]}}">{{job["outcome_text"]}}</span>{{" · attempt %d" % job["attempt"] if job["attempt"] > 1 else ""}}</td>
 <td>
 % if job["agent_name"]:
 <a href="/agents/{{quote(job["agent_name"])}}">{{job["agent_name"]}}</a>
 % end
-</td><td>{{job["client_id"] or "anonymous"}}</td><td>{{iso(job["created_at"])}}</td></tr>
+</td><td>{{job["client_id"] or "anonymous"}}</td><td>{{!when(job["created_at"])}}</td><td>{{duration(job["waited"])}}</td><td>{{duration(job["ran"])}}</td></tr>
 % end
 </table>
+% end
 <p class="pager">
 % if page > 1:
 <a href="{{page_url(page - 1)}}">← newer</a>
@@ -6512,7 +6600,8 @@ page {{page}} of {{pages}}
 % if not current:
 <p class="notice">This is attempt {{shown["attempt"]}}, an earlier run of this job. <a href="/jobs/{{job_id}}">The current attempt</a></p>
 % end
-<p>State: <span class="state state-{{result["job_state"]}}" id="job-state">{{result["job_state"]}}</span>
+<p><span class="state state-{{outcome[0]}}" id="job-outcome" data-outcome="{{outcome[0]}}">{{outcome[1]}}</span>
+State: <span class="state state-{{result["job_state"]}}" id="job-state">{{result["job_state"]}}</span>
 % if position is not None:
 · {{position}} {{"job" if position == 1 else "jobs"}} ahead of it in its queue
 % end
@@ -6537,6 +6626,14 @@ page {{page}} of {{pages}}
 </td></tr>
 <tr><th>Submitted by</th><td>{{shown["client_id"] or "anonymous"}}</td></tr>
 <tr><th>Attempt</th><td>{{shown["attempt"]}} of {{len(attempts)}}</td></tr>
+<tr><th>Times</th><td>created {{!when(shown["created_at"])}} · waited {{duration(times["waited"])}}
+% if shown["started_at"]:
+· started {{!when(shown["started_at"])}} · ran {{duration(times["ran"])}}
+% end
+% if shown["finished_at"]:
+· finished {{!when(shown["finished_at"])}}
+% end
+</td></tr>
 % if estimate:
 <tr><th>Estimated start</th><td id="estimate">
 % if estimate["estimated_start"]:
@@ -6573,18 +6670,25 @@ unknown: {{estimate["reason"]}}
 </table>
 % end
 <h2>Phases</h2>
-<table><tr><th>Phase</th><th>Exit status</th></tr>
+% ran = [phase for phase in phases if phase + "_status" in result or any(logs[k][phase]["log_data"] for k in logs)]
+% if not ran:
+<p class="muted" id="no-phases">No phase has run yet.</p>
+% end
+<table id="phases" class="{{"" if ran else "empty"}}"><tr><th>Phase</th><th>Exit status</th></tr>
 % for phase in phases:
-<tr><td>{{phase}}</td><td id="status-{{phase}}">{{result.get(phase + "_status", "—")}}</td></tr>
+% code = result.get(phase + "_status")
+<tr id="row-{{phase}}" class="{{"" if phase in ran else "empty"}}"><td>{{phase}}</td><td id="status-{{phase}}" class="{{"" if code is None else exit_class(code)}}">{{"—" if code is None else code}}</td></tr>
 % end
 </table>
 % for kind in ("output", "serial"):
+<div id="{{kind}}-log" class="{{"" if any(logs[kind][p]["log_data"] for p in phases) or (kind == "output" and current) else "empty"}}">
 <h2>{{kind.title()}} log <a class="muted" href="/jobs/{{job_id}}/log/{{kind}}{{suffix}}">(whole log as text)</a></h2>
 % for phase in phases:
 <section class="{{"" if logs[kind][phase]["log_data"] else "empty"}}" id="{{kind}}-{{phase}}-section"><h3>{{phase}}</h3>
 <p class="muted {{"" if logs[kind][phase]["cut"] else "empty"}}" id="{{kind}}-{{phase}}-cut">Only the end of this log is shown: <a href="/jobs/{{job_id}}/log/{{kind}}?phase={{phase}}{{suffix.replace("?", "&")}}">the whole {{phase}} {{kind}} log</a></p>
 <pre id="{{kind}}-{{phase}}" data-last="{{logs[kind][phase]["last_fragment_number"]}}">{{logs[kind][phase]["log_data"]}}</pre></section>
 % end
+</div>
 % end
 <h2>Definition</h2><pre>{{definition}}</pre>
 <script nonce="{{nonce}}">
@@ -6619,11 +6723,22 @@ unknown: {{estimate["reason"]}}
             }
             pre.dataset.last = part.last_fragment_number;
             document.getElementById(kind + "-" + phase + "-section").className = "";
+            document.getElementById(kind + "-log").className = "";
+            document.getElementById("row-" + phase).className = "";
+            document.getElementById("phases").className = "";
           });
         });
         Object.keys(data.status).forEach(function (phase) {
-          document.getElementById("status-" + phase).textContent = data.status[phase];
+          var cell = document.getElementById("status-" + phase);
+          cell.textContent = data.status[phase];
+          cell.className = data.status[phase] === 0 ? "code-0" : "code-bad";
+          document.getElementById("row-" + phase).className = "";
+          document.getElementById("phases").className = "";
         });
+        var outcome = document.getElementById("job-outcome");
+        outcome.textContent = data.outcome[1];
+        outcome.className = "state state-" + data.outcome[0];
+        outcome.dataset.outcome = data.outcome[0];
         var state = document.getElementById("job-state");
         state.textContent = data.job_state;
         state.className = "state state-" + data.job_state;
@@ -6640,20 +6755,26 @@ unknown: {{estimate["reason"]}}
 <p>The job is <span class="state state-{{state}}">{{state}}</span>. A running job is stopped by its agent at its next check.</p>
 <form method="post" action="/jobs/{{job_id}}/cancel"><input type="hidden" name="csrf" value="{{csrf}}"><button>Yes, cancel the job</button> <a href="/jobs/{{job_id}}">No, keep it</a></form>""",
     "agents": """<h1>Agents</h1>
-<table><tr><th>Agent</th><th>Testflinger state</th><th>GoCD state</th><th>Lifecycle</th><th>Last contact</th><th>Current job</th><th>Submitted by</th><th>Queues</th></tr>
+% if not agents:
+<p class="muted">No agents yet. Start a Testflinger agent against this hub, or create one with <code>POST /api/v1/agent</code>.</p>
+% else:
+<table id="agents"><tr><th>Agent</th><th>State</th><th>Testflinger</th><th>Lifecycle</th><th>Last contact</th><th>Current job</th><th>Submitted by</th><th>Queues</th></tr>
 % for row, view in agents:
-<tr><td><a href="/agents/{{quote(row["name"])}}">{{row["name"]}}</a></td><td>{{row["state"] or "—"}}</td>
-<td><span class="state state-{{view.agent_state}}">{{view.config}} / {{view.agent_state}} / {{view.build_state}}</span></td>
-<td><span class="state state-{{view.status}}">{{view.status}}</span></td><td>{{iso(row["last_seen_at"]) or "never"}}</td>
+<tr><td><a href="/agents/{{quote(row["name"])}}">{{row["name"]}}</a></td>
+<td><span class="state state-{{view.agent_state}}" title="GoCD: {{view.config}} / {{view.agent_state}} / {{view.build_state}}">{{view.agent_state}}</span>{{"" if view.config == "Enabled" else " (disabled)"}}</td>
+<td>{{row["state"] or "—"}}</td>
+<td><span class="state state-{{view.status}}">{{view.status}}</span></td><td>{{!when(row["last_seen_at"]) if row["last_seen_at"] else "never"}}</td>
 <td>
 % if row["job_id"]:
-<a href="/jobs/{{row["job_id"]}}"><code>{{row["job_id"]}}</code></a>
+<a href="/jobs/{{row["job_id"]}}">{{!short(row["job_id"])}}</a>
 % end
 </td><td>{{(submitters.get(row["job_id"]) or "anonymous") if row["job_id"] in submitters else "—"}}</td><td>{{", ".join(loads(row["queues"] or "[]"))}}</td></tr>
 % end
 </table>
-% if not agents:
-<p class="muted">No agents yet.</p>
+<dl class="legend muted"><dt>Idle</dt><dd>heard from, no job</dd><dt>Building</dt><dd>running a job</dd>
+<dt>LostContact</dt><dd>silent for --lost-contact-seconds</dd><dt>Missing</dt><dd>never heard from</dd>
+<dt>Unknown</dt><dd>said goodbye (shutdown)</dd><dt>disabled</dt><dd>offline, in maintenance or retired</dd>
+<dt>Lifecycle</dt><dd>Prefactor's pending / active / dormant / retired</dd></dl>
 % end""",
     "agent": """<h1>Agent {{row["name"]}}</h1>
 <table>
@@ -6689,11 +6810,20 @@ unknown: {{estimate["reason"]}}
 % end
 </table>
 <h2>Recent jobs</h2>
-<table><tr><th>Job</th><th>Queue</th><th>State</th><th>Created</th></tr>
+% if not jobs:
+<p class="muted">This agent has run no job yet.</p>
+% else:
+<p class="muted" id="history">
+% for job in reversed(jobs):
+<a href="/jobs/{{job["job_id"]}}" class="state state-{{job["outcome"]}}" title="{{job["outcome_text"]}}">{{"✔" if job["outcome"] == "passed" else "✖" if "failed" in job["outcome"] else "·"}}</a>
+% end
+oldest → newest</p>
+<table><tr><th>Job</th><th>Queue</th><th>Outcome</th><th>Created</th><th>Ran</th></tr>
 % for job in jobs:
-<tr><td><a href="/jobs/{{job["job_id"]}}"><code>{{job["job_id"]}}</code></a></td><td>{{job["job_queue"]}}</td><td>{{job["state"]}}</td><td>{{iso(job["created_at"])}}</td></tr>
+<tr><td><a href="/jobs/{{job["job_id"]}}">{{!short(job["job_id"])}}</a></td><td>{{job["job_queue"]}}</td><td><span class="state state-{{job["outcome"]}}">{{job["outcome_text"]}}</span></td><td>{{!when(job["created_at"])}}</td><td>{{duration(job["ran"])}}</td></tr>
 % end
 </table>
+% end
 <h2>Provision history</h2>
 <table><tr><th>Time</th><th>Job</th><th>Submitted by</th><th>Exit code</th><th>Detail</th></tr>
 % for entry in provisions:
@@ -6723,28 +6853,38 @@ unknown: {{estimate["reason"]}}
     "queue": """<h1>Queue {{name}}</h1>
 <p>{{description}}</p>
 <h2>Agents</h2>
+% if not agents:
+<p class="muted">No agent serves this queue: its jobs wait until one lists it in its <code>job_queues</code>.</p>
+% else:
 <table><tr><th>Agent</th><th>State</th></tr>
 % for agent in agents:
 <tr><td><a href="/agents/{{quote(agent["name"])}}">{{agent["name"]}}</a></td><td>{{agent.get("state", "")}}</td></tr>
 % end
 </table>
+% end
 <h2>Jobs</h2>
 <p class="muted">{{total}} jobs · <a href="/jobs?queue={{quote(name)}}">all of them</a></p>
-<table><tr><th>Job</th><th>State</th><th>Submitted by</th><th>Created</th></tr>
+% if not jobs:
+<p class="muted">No jobs in this queue yet.</p>
+% else:
+<table><tr><th>Job</th><th>Outcome</th><th>Agent</th><th>Submitted by</th><th>Created</th><th>Waited</th><th>Ran</th></tr>
 % for job in jobs:
-<tr><td><a href="/jobs/{{job["job_id"]}}"><code>{{job["job_id"]}}</code></a></td><td>{{job["state"]}}</td><td>{{job["client_id"] or "anonymous"}}</td><td>{{iso(job["created_at"])}}</td></tr>
-% end
-</table>""",
-    "events": """<h1>Events</h1>
-<form class="filters" method="get" action="/events"><input name="name" placeholder="event name" value="{{name or ""}}"><button>Filter</button></form>
-<table><tr><th>LTime</th><th>Name</th><th>Payload</th><th>Filters</th><th>ID</th></tr>
-% for event in events:
-<tr><td>{{event.ltime}}</td><td>{{event.name}}</td><td><code>{{payload_text(event.payload)}}</code></td>
-<td>{{" ".join(f for f in (event.node_filter, event.service_filter, event.tag_filter) if f)}}</td><td><code>{{event.id}}</code></td></tr>
+<tr><td><a href="/jobs/{{job["job_id"]}}">{{!short(job["job_id"])}}</a></td><td><span class="state state-{{job["outcome"]}}">{{job["outcome_text"]}}</span></td>
+<td>{{job["agent_name"] or "—"}}</td><td>{{job["client_id"] or "anonymous"}}</td><td>{{!when(job["created_at"])}}</td><td>{{duration(job["waited"])}}</td><td>{{duration(job["ran"])}}</td></tr>
 % end
 </table>
+% end""",
+    "events": """<h1>Events</h1>
+<form class="filters" method="get" action="/events"><input name="name" placeholder="event name" value="{{name or ""}}"><button>Filter</button></form>
 % if not events:
-<p class="muted">No events.</p>
+<p class="muted">No events yet. Fire one with <code>curl -X PUT localhost:8000/v1/event/fire/deploy -d v1</code>.</p>
+% else:
+<table id="events"><tr><th>LTime</th><th>Name</th><th>Payload</th><th>Filters</th><th>ID</th></tr>
+% for event in events:
+<tr><td>{{event.ltime}}</td><td>{{event.name}}</td><td class="wrap"><code>{{event_summary(event)}}</code></td>
+<td>{{" ".join(f for f in (event.node_filter, event.service_filter, event.tag_filter) if f)}}</td><td>{{!short(event.id)}}</td></tr>
+% end
+</table>
 % end""",
     "login": """<h1>Log in</h1>
 % if error:
@@ -6758,14 +6898,33 @@ unknown: {{estimate["reason"]}}
 }.items()}
 
 
+_UNPRINTED = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+
+
 def payload_text(payload):
-    """An event payload for people: the text when it is UTF-8, base64 otherwise."""
+    """An event payload for people: the text when it is printable UTF-8 (tabs and line breaks
+    allowed), base64 otherwise (control bytes would show as boxes, or hide text)."""
     if payload is None:
         return ""
     try:
-        return payload.decode("utf-8")
+        text = payload.decode("utf-8")
+        if not _UNPRINTED.search(text):
+            return text
     except UnicodeDecodeError:
-        return "base64:" + base64.b64encode(payload).decode()
+        pass
+    return "base64:" + base64.b64encode(payload).decode()
+
+
+def event_summary(event):
+    """An event in one line: an agent-status event as the state change it announces."""
+    if event.name == "agent-status" and event.payload:
+        try:
+            body = json.loads(event.payload)
+            return (f"{body['host_name']}: {body['agent_config_state']} / {body['agent_state']} /"
+                    f" {body['build_state']}")
+        except (ValueError, KeyError, TypeError):
+            pass
+    return payload_text(event.payload)
 
 
 def _seconds(value):
@@ -6785,17 +6944,63 @@ def _clock(event_date):
 EVENT_ICONS = {"success": "\u2714", "error": "\u2716", "info": "\u2139"}
 
 
-def web_page(title, template, identity=None, status=200, **values):
+def _duration(seconds):
+    """A span for people: "45 s", "3 min 5 s", "2 h 10 min", "3 d 4 h"."""
+    if seconds is None:
+        return "—"
+    seconds = max(0, int(seconds))
+    for size, unit, small, small_unit in ((86400, "d", 3600, "h"), (3600, "h", 60, "min"), (60, "min", 1, "s")):
+        if seconds >= size:
+            rest = (seconds % size) // small
+            return f"{seconds // size} {unit}" + (f" {rest} {small_unit}" if rest else "")
+    return f"{seconds} s"
+
+
+def _when(ts, now=None):
+    """A moment as the cell shows it: relative, with the absolute time on hover (HTML, safe)."""
+    if ts is None:
+        return "—"
+    stamp = iso(ts)
+    if stamp is None:
+        return "—"
+    delta = (utcnow() if now is None else now) - ts
+    text = "just now" if abs(delta) < 5 else f"{_duration(delta)} ago" if delta > 0 else f"in {_duration(-delta)}"
+    return f'<time datetime="{stamp}" title="{stamp}">{text}</time>'
+
+
+def _short(text, keep=8):
+    """A long id shortened in the cell, the whole of it on hover and in the copy (HTML, safe)."""
+    full = html.escape(str(text))
+    shown = html.escape(str(text)[:keep]) + ("…" if len(str(text)) > keep else "")
+    return f'<code title="{full}">{shown}</code>'
+
+
+def _exit_class(code):
+    return "code-0" if code == 0 else "code-bad"
+
+
+WEB_HELPERS = {"iso": iso, "quote": functools.partial(urllib.parse.quote, safe=""), "loads": json.loads,
+               "payload_text": payload_text, "seconds": _seconds, "minutes": _minutes, "clock": _clock,
+               "duration": _duration, "when": _when, "short": _short, "exit_class": _exit_class,
+               "event_summary": event_summary}
+
+
+def web_page(title, template, identity=None, status=200, live=0, **values):
     """One page: the layout around a template, with a fresh CSP nonce for its inline style and
-    script and the browser's CSRF token (WebStyle.call put it in the environ) for its forms."""
-    helpers = {"iso": iso, "quote": functools.partial(urllib.parse.quote, safe=""), "loads": json.loads, "payload_text": payload_text,
-               "seconds": _seconds, "minutes": _minutes, "clock": _clock}
+    script and the browser's CSRF token (WebStyle.call put it in the environ) for its forms.
+    ``live``: seconds between the in-place refreshes of a list page, which asks for its <main>
+    alone (``X-Agenthub-Fragment: main``)."""
     nonce, csrf = secrets.token_urlsafe(12), request.environ.get("agenthub.csrf", "")
-    body = WEB_PAGES[template].render(**helpers, **values, nonce=nonce, csrf=csrf)
+    body = WEB_PAGES[template].render(**WEB_HELPERS, **values, nonce=nonce, csrf=csrf)
+    # Every table scrolls sideways inside its own box: a phone never gets a page wider than itself.
+    body = body.replace("<table", '<div class="scroll"><table').replace("</table>", "</table></div>")
+    headers = {"Content-Type": "text/html; charset=utf-8", "X-Frame-Options": "DENY",
+               "Content-Security-Policy": WEB_CSP.format(nonce=nonce), "Vary": "X-Agenthub-Fragment"}
+    if request.get_header("X-Agenthub-Fragment") == "main":
+        return HTTPResponse(body, status, headers)
     who = identity.client_id if identity is not None and identity.client_id else ""
-    return HTTPResponse(WEB_LAYOUT.render(title=title, body=body, who=who, nonce=nonce, csrf=csrf), status,
-                        {"Content-Type": "text/html; charset=utf-8", "X-Frame-Options": "DENY",
-                         "Content-Security-Policy": WEB_CSP.format(nonce=nonce)})
+    return HTTPResponse(WEB_LAYOUT.render(title=title, body=body, who=who, nonce=nonce, csrf=csrf, live=live),
+                        status, headers)
 
 
 # Pages load nothing from elsewhere, run only their own inline script, and are never framed.
@@ -6883,7 +7088,7 @@ def install_web(app, hub):
         for row in registry.all():
             view = registry.view(row)
             states[view.agent_state] = states.get(view.agent_state, 0) + 1
-        return web_page("Overview", "overview", who, agent_states=sorted(states.items()),
+        return web_page("Overview", "overview", who, live=5, agent_states=sorted(states.items()),
                         job_states=jobs.state_counts(), queues=jobs.queue_activity(),
                         events=list(reversed(hub.events.buffer.events()))[:10], health=hub.notifier.health())
 
@@ -6898,7 +7103,7 @@ def install_web(app, hub):
         def page_url(n):
             params = {k: v for k, v in (("state", state), ("queue", queue_name), ("tag", tag)) if v}
             return "/jobs?" + urllib.parse.urlencode({**params, "page": n})
-        return web_page("Jobs", "jobs", who, jobs=rows, total=total, page=number,
+        return web_page("Jobs", "jobs", who, live=5, jobs=rows, total=total, page=number,
                         pages=max(1, -(-total // WEB_PAGE_SIZE)), page_url=page_url, state=state or "",
                         queue=queue_name, tag=tag, states=("waiting", "running") + PHASES + (
                             "allocated", "complete", "cancelled"))
@@ -6925,7 +7130,10 @@ def install_web(app, hub):
         for event in jobs.events(job_id):
             kind = "info" if "status" not in event else "success" if event["status"] == 0 else "error"
             events.append({**event, "kind": kind, "icon": EVENT_ICONS[kind]})
-        return web_page(f"Job {job_id}", "job", who, job_id=job_id, result=jobs.result(job_id, number), logs=logs,
+        result = jobs.result(job_id, number)
+        people = jobs.for_people(shown)
+        return web_page(f"Job {job_id}", "job", who, job_id=job_id, result=result, logs=logs,
+                        outcome=(people["outcome"], people["outcome_text"]), times=people,
                         phases=PHASES, limit=WEB_LOG_TAIL, current=current, shown=shown,
                         suffix="" if current else f"?attempt={number}",
                         position=jobs.position(job_id) if current else None,
@@ -6944,7 +7152,8 @@ def install_web(app, hub):
             text = request.query.get(kind, "0")
             return parse_uint(text) or 0
         result = jobs.result(job_id)
-        return json_response({"job_state": result["job_state"],
+        people = jobs.for_people(row)
+        return json_response({"job_state": result["job_state"], "outcome": [people["outcome"], people["outcome_text"]],
                               "status": {p: result[f"{p}_status"] for p in PHASES if f"{p}_status" in result},
                               **{kind: jobs.log_tail(job_id, kind, WEB_LOG_TAIL, start(kind))
                                  for kind in ("output", "serial")}})
@@ -6994,7 +7203,7 @@ def install_web(app, hub):
         """Agents page"""
         rows = sorted(registry.all(), key=lambda r: r["name"])
         now = utcnow()
-        return web_page("Agents", "agents", who, agents=[(r, registry.view(r, now)) for r in rows],
+        return web_page("Agents", "agents", who, live=5, agents=[(r, registry.view(r, now)) for r in rows],
                         submitters=jobs.submitters([r["job_id"] for r in rows if r["job_id"]]))
 
     @page("/agents/<name>")
@@ -7013,7 +7222,7 @@ def install_web(app, hub):
     @page("/queues")
     def queues_list(who):
         """Queues page"""
-        return web_page("Queues", "queues", who, queues=jobs.queue_summaries())
+        return web_page("Queues", "queues", who, live=5, queues=jobs.queue_summaries())
 
     @page("/queues/<name:path>")
     def queue_page(who, name):
