@@ -6500,7 +6500,7 @@ svg.chart text{fill:var(--muted);font:11px system-ui,sans-serif}svg.chart .axis{
     if (document.hidden || busy) { return; }
     busy = true;
     fetch(location.href, {headers: {"X-Agenthub-Fragment": "main"}, credentials: "same-origin"})
-      .then(function (r) { if (!r.ok) { throw new Error(r.status); } return r.text(); })
+      .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
       .then(function (html) {
         if (!document.activeElement || !main.contains(document.activeElement) || document.activeElement === document.body) {
           main.innerHTML = html;
