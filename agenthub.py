@@ -116,6 +116,7 @@ class Config:
     shutdown_grace: float = 10.0    # seconds requests in flight get to finish on SIGTERM/SIGINT
     strand_seconds: float = 60.0    # a job its agent never reported on for this long is reclaimed; 0: never
     provision_retries: int = 0      # a job whose provision failed is queued again (without that agent) this often
+    history_interval: float = 300.0   # seconds between the queue samples the pages chart; 0: none
     max_watchers: int = 2048        # blocking event queries in progress at once (more answer 429)
     max_watchers_per_client: int = 256   # … from one client address
     bench_route: bool = False       # mount GET /_bench/ping (a trivial JSON route) for `bench`
@@ -140,7 +141,7 @@ class Config:
         "rackspace_tokens": "AGENTHUB_RACKSPACE_TOKENS", "pfid_partition": "AGENTHUB_PFID_PARTITION",
         "default_environment_id": "AGENTHUB_DEFAULT_ENVIRONMENT_ID", "activate_ttl": "AGENTHUB_ACTIVATE_TTL",
         "shutdown_grace": "AGENTHUB_SHUTDOWN_GRACE", "strand_seconds": "AGENTHUB_STRAND_SECONDS",
-        "provision_retries": "AGENTHUB_PROVISION_RETRIES",
+        "provision_retries": "AGENTHUB_PROVISION_RETRIES", "history_interval": "AGENTHUB_HISTORY_INTERVAL",
         "max_watchers": "AGENTHUB_MAX_WATCHERS", "max_watchers_per_client": "AGENTHUB_MAX_WATCHERS_PER_CLIENT",
         "metrics_tokens": "AGENTHUB_METRICS_TOKENS", "log_format": "AGENTHUB_LOG_FORMAT",
     }
@@ -344,12 +345,13 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 WAIT_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 3 * 86400)
 
 _LOG = {"json": False}
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
+_UNPRINTABLE = re.compile(r'[\x00-\x1f\x7f-\x9f\\"\u2028\u2029]')
 
 
 def _printable(text):
     """A value for a text log line: control characters (a forged line break) escaped."""
-    return _UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()), str(text))
+    return _UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256 else "\\u%04x" % ord(m.group()),
+                            str(text))
 
 
 def log(message, level="info", stream=None, **fields):
@@ -359,7 +361,9 @@ def log(message, level="info", stream=None, **fields):
         line = json.dumps({"time": iso(utcnow(), digits=3), "level": level, "message": message, **fields},
                           ensure_ascii=True, default=str)
     elif level == "error" and "Traceback" in message:
-        line = "agenthub: " + message.rstrip("\n")          # a traceback stays readable, as Python prints it
+        # A traceback stays readable, each line marked so that none can pass for an access line.
+        first, *rest = message.rstrip("\n").split("\n")
+        line = "agenthub: " + _printable(first) + "".join("\nagenthub: | " + _printable(r) for r in rest)
     else:
         line = "agenthub: " + _printable(message)
     print(line, file=stream or sys.stderr, flush=True)
@@ -557,6 +561,18 @@ MIGRATIONS = [
         detail TEXT NOT NULL DEFAULT '', status INTEGER, phase TEXT
     );
     CREATE INDEX job_events_job ON job_events (job_id, id);
+    """,
+    # 8: the history the pages chart: queues sampled every few minutes, each agent's state changes.
+    """
+    CREATE TABLE queue_samples (queue TEXT NOT NULL, time REAL NOT NULL, waiting INTEGER NOT NULL,
+                                running INTEGER NOT NULL);
+    CREATE INDEX queue_samples_queue ON queue_samples (queue, time);
+    CREATE TABLE agent_states (id INTEGER PRIMARY KEY,
+                               agent_name TEXT NOT NULL REFERENCES agents (name) ON UPDATE CASCADE ON DELETE CASCADE,
+                               time REAL NOT NULL, state TEXT NOT NULL);   -- the announced GoCD tuple, as JSON
+    CREATE INDEX agent_states_agent ON agent_states (agent_name, time);
+    CREATE INDEX jobs_finished_at ON jobs (finished_at);
+    CREATE INDEX wait_times_popped ON wait_times (queue, popped_at);
     """,
 ]
 
@@ -791,11 +807,20 @@ class Database:
         with self.connection() as conn:
             return conn.execute(sql, args).fetchall()
 
-    def probe_write(self, now):
-        """A real write (GET /readyz): raises when the database refuses writes."""
-        with self.write() as db:
-            db.execute("INSERT INTO settings (key, value) VALUES ('ready_probe', ?) ON CONFLICT (key)"
-                       " DO UPDATE SET value = excluded.value", (str(now),))
+    def probe_write(self, now, wait=2.0):
+        """A real write (GET /readyz): raises when the database refuses writes, or when the writer
+        stays busy for ``wait`` seconds (a probe answers quickly, not after the 30 s busy timeout)."""
+        if not self._write_lock.acquire(timeout=wait):
+            raise ApiError(503, "the database writer is busy")
+        self._write_lock.release()
+        with self.connection() as conn:
+            conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+            try:
+                with self.write() as db:
+                    db.execute("INSERT INTO settings (key, value) VALUES ('ready_probe', ?) ON CONFLICT (key)"
+                               " DO UPDATE SET value = excluded.value", (str(now),))
+            finally:
+                conn.execute("PRAGMA busy_timeout = 30000")
 
     def file_sizes(self):
         """{"main": bytes, "wal": bytes} of a file database ({} in memory)."""
@@ -1161,6 +1186,22 @@ class JobStore(_DomainStore):
         row = self.read_one("SELECT data FROM file_chunks WHERE file_id = ? AND seq = ?", (file_id, seq))
         return None if row is None else row[0]
 
+    def add_queue_samples(self, samples, now):
+        with self.write() as db:
+            db.executemany("INSERT INTO queue_samples (queue, time, waiting, running) VALUES (?, ?, ?, ?)",
+                           [(q, now, c["waiting"], c["running"]) for q, c in samples.items()])
+
+    def queue_samples(self, queue_name, since):
+        return self.read("SELECT time, waiting, running FROM queue_samples WHERE queue = ? AND time >= ?"
+                         " ORDER BY time", (queue_name, since))
+
+    def waits_since(self, queue_name, since):
+        return self.read("SELECT popped_at, seconds FROM wait_times WHERE queue = ? AND popped_at >= ?"
+                         " ORDER BY popped_at", (queue_name, since))
+
+    def finished_since(self, since):
+        return self.read("SELECT finished_at, state, result_status FROM jobs WHERE finished_at >= ?", (since,))
+
     def submitters(self, job_ids):
         """{job_id: client_id} of these jobs (the ones that exist)."""
         if not job_ids:
@@ -1245,6 +1286,9 @@ class JobStore(_DomainStore):
             db.execute("DELETE FROM advertised_queues WHERE updated_at < ?", (cutoff,))
             db.execute("DELETE FROM queue_images WHERE updated_at < ?", (cutoff,))
             db.execute("DELETE FROM wait_times WHERE popped_at < ?", (cutoff,))
+            db.execute("DELETE FROM queue_samples WHERE time < ?", (cutoff,))
+            db.execute("DELETE FROM agent_states WHERE time < ? AND id NOT IN (SELECT max(id) FROM agent_states"
+                       " GROUP BY agent_name)", (cutoff,))          # each agent's last state stays
             db.execute("DELETE FROM refresh_tokens WHERE last_accessed < ?", (token_cutoff,))
             db.execute("DELETE FROM web_sessions WHERE expires_at < ?", (now,))
             db.execute("DELETE FROM secrets WHERE expires_at < ?", (now,))
@@ -1380,6 +1424,18 @@ class AgentStore(_DomainStore):
             return db.execute("UPDATE agents SET last_seen_at = ?, last_ip = coalesce(?, last_ip),"
                               " shutdown_at = ? WHERE name = ?",
                               (now, ip, now if shutdown else None, name)).rowcount > 0
+
+    def add_agent_state(self, name, now, state):
+        with self.write() as db:
+            db.execute("INSERT INTO agent_states (agent_name, time, state) VALUES (?, ?, ?)", (name, now, state))
+
+    def agent_states(self, name, since):
+        """The agent's state changes from ``since`` on, led by the one in force at ``since``."""
+        with self.connection() as db:
+            before = db.execute("SELECT time, state FROM agent_states WHERE agent_name = ? AND time < ?"
+                                " ORDER BY time DESC LIMIT 1", (name, since)).fetchall()
+            return before + db.execute("SELECT time, state FROM agent_states WHERE agent_name = ? AND time >= ?"
+                                       " ORDER BY time", (name, since)).fetchall()
 
     def announce_state(self, name, old, new):
         """Store the announced state tuple if it is still ``old`` (so only one thread announces)."""
@@ -1760,7 +1816,8 @@ class String(Field):
 class Integer(Field):
     """Integers as marshmallow coerces them: "10" and 10.0 pass, bools and 1.5 do not."""
 
-    TYPE = {"type": "integer", "format": "int64"}
+    TYPE = {"type": ["integer", "string"], "format": "int64", "pattern": r"^\s*[+-]?[0-9]+\s*$",
+            "description": "an integer; a string of one is taken too (marshmallow's coercion)"}
 
     def convert(self, value):
         if isinstance(value, bool):
@@ -1782,7 +1839,8 @@ class Integer(Field):
 
 
 class Boolean(Field):
-    TYPE = {"type": "boolean"}
+    TYPE = {"enum": [True, False, 1, 0, "true", "True", "TRUE", "t", "T", "on", "On", "ON", "yes", "Yes", "YES", "y",
+                     "Y", "1", "false", "False", "FALSE", "f", "F", "off", "Off", "OFF", "no", "No", "NO", "n", "N", "0"]}
     TRUE = {True, "true", "True", "TRUE", "t", "T", "on", "On", "ON", "yes", "Yes", "YES", "y", "Y", "1"}
     FALSE = {False, "false", "False", "FALSE", "f", "F", "off", "Off", "OFF", "no", "No", "NO", "n", "N", "0"}
 
@@ -1826,7 +1884,7 @@ class Email(String):
 class DateTime(Field):
     """ISO-8601 datetime, loaded as epoch seconds (naive means UTC)."""
 
-    TYPE = {"type": "string", "format": "date-time"}
+    TYPE = {"type": "string", "description": "ISO 8601 date and time; without a zone it is UTC"}
 
     def convert(self, value):
         try:
@@ -1942,12 +2000,15 @@ class Schema:
     ``checks`` are schema-level functions returning an error message or None.
     """
 
-    def __init__(self, fields, unknown="raise", checks=()):
-        self.fields, self.unknown, self.checks = fields, unknown, checks
+    def __init__(self, fields, unknown="raise", checks=(), doc=None):
+        """``doc``: the JSON Schema of a schema whose rules are all in ``checks``."""
+        self.fields, self.unknown, self.checks, self.doc = fields, unknown, checks, doc
 
     def openapi(self):
         """This schema as JSON Schema (OpenAPI 3.1): GET /openapi.json is made from the very objects
         that validate requests, so the two cannot drift apart."""
+        if self.doc is not None:
+            return self.doc
         out = {"type": "object", "properties": {name: field.openapi() for name, field in self.fields.items()}}
         required = [name for name, field in self.fields.items() if field.required]
         if required:
@@ -2252,8 +2313,12 @@ def _images_check(data):
                 return f"Provision data for image '{name}' in queue '{queue_name}' must be a string"
 
 
-QUEUES_SCHEMA = Schema({}, unknown="include", checks=(_queues_check,))
-IMAGES_SCHEMA = Schema({}, unknown="include", checks=(_images_check,))
+QUEUES_SCHEMA = Schema({}, unknown="include", checks=(_queues_check,), doc={
+    "type": "object", "description": "queue name: its description", "propertyNames": {"minLength": 1},
+    "additionalProperties": {"type": "string"}})
+IMAGES_SCHEMA = Schema({}, unknown="include", checks=(_images_check,), doc={
+    "type": "object", "description": "queue name: {image name: provision data or URL}",
+    "additionalProperties": {"type": "object"}})
 
 
 ###############################################################################
@@ -3426,8 +3491,8 @@ class JobQueue:
                     # Its agent no longer runs it; one still saying it is in a phase of it is idle again.
                     freed = self.agent_store.clear_agent_job(db, job_id, idle_from=PHASES)
                 self._provision_outcome(db, before, data, now)
-                if state in ("complete", "completed") and before["state"] not in self.ACTIVE_END:
-                    self.tally.add(("finished", "complete"))
+        if before is not None and state in ("complete", "completed") and before["state"] not in self.ACTIVE_END:
+            self.tally.add(("finished", "complete"))
         for name in {finished, freed} - {None}:
             self.registry.changed(name)
 
@@ -3752,6 +3817,27 @@ class JobQueue:
                                                   attempt=attempt or (job["attempt"] if job else 1)):
             raise ApiError(404, "Agent not found")          # JSON since Testflinger #1253 (plain text in 1.5.0)
         self.registry.contact(agent_name)
+
+    # -- history for the pages' charts --------------------------------------------------
+
+    def sample_queues(self, now=None):
+        """Record how many jobs wait and run in every known queue (the history thread, every few minutes)."""
+        summaries = self.queue_summaries()
+        self.store.add_queue_samples({q["name"]: q for q in summaries}, utcnow() if now is None else now)
+
+    def queue_history(self, queue_name, since):
+        """(samples [(time, waiting, running)], waits [(popped_at, seconds)]) of a queue since ``since``."""
+        return ([tuple(r) for r in self.store.queue_samples(queue_name, since)],
+                [tuple(r) for r in self.store.waits_since(queue_name, since)])
+
+    def finished_per_hour(self, now, hours=24):
+        """[{outcome: jobs}] per hour, oldest first, of the jobs that finished in the last ``hours``."""
+        start = now - hours * 3600
+        buckets = [collections.Counter() for _ in range(hours)]
+        for row in self.store.finished_since(start):
+            index = min(hours - 1, int((row["finished_at"] - start) // 3600))
+            buckets[index][job_outcome(row["state"], json.loads(row["result_status"]))[0]] += 1
+        return buckets
 
     def purge(self):
         now = utcnow()
@@ -4355,6 +4441,19 @@ class Registry:
     def all(self):
         return self.store.all_agents()
 
+    def state_history(self, name, since, now=None):
+        """[(start, end, state)] of an agent from ``since`` to now: Idle, Building, LostContact, or
+        Offline (disabled, gone, never heard from)."""
+        now = utcnow() if now is None else now
+        changes = self.store.agent_states(name, since)
+        spans = []
+        for index, (time_, state) in enumerate(changes):
+            config, agent_state, _ = json.loads(state)
+            label = "Offline" if config == "Disabled" or agent_state in ("Missing", "Unknown") else agent_state
+            end = changes[index + 1][0] if index + 1 < len(changes) else now
+            spans.append((max(time_, since), end, label))
+        return spans
+
     def view(self, row, now=None):
         counts, cancel = self.store.instance_summary(row["name"])
         return derive_agent(row, counts, cancel, utcnow() if now is None else now,
@@ -4370,6 +4469,7 @@ class Registry:
         view = self.view(row, now)
         new = json.dumps(view.gocd_tuple)
         if new != row["gocd_tuple"] and self.store.announce_state(name, row["gocd_tuple"], new):
+            self.store.add_agent_state(name, now, new)          # the agent page's state timeline
             body = gocd_body(row, view, now)
             self.events.buffer.fire("agent-status", body.encode(), node=f"^{re.escape(name)}$", internal=True)
             self.notifier.announce(name, body)
@@ -4906,7 +5006,9 @@ def check_request(environ, stopped_at=None, hosts=None):
     for key in ("HTTP_HOST", "HTTP_X_FORWARDED_HOST"):
         if key in environ and not _HOST.fullmatch(environ[key]):
             raise ApiError(400, "Invalid Host header")
-        if key in environ and hosts is not None and not hosts.allows(environ[key]):
+        # Probes (kubelet, load balancers) address the hub by IP: the health answers tell nothing.
+        if key in environ and hosts is not None and not hosts.allows(environ[key]) \
+                and path not in ("/healthz", "/readyz"):
             raise ApiError(400, f"Host {_host_name(environ[key])!r} is not a name of this hub (see --allowed-host)")
     if environ.get("HTTP_X_FORWARDED_PROTO", "http") not in ("http", "https"):
         raise ApiError(400, "Invalid X-Forwarded-Proto header")
@@ -5430,7 +5532,8 @@ def install_testflinger(app, hub):
         job_id = jobs.submit(data, request.environ["agenthub.identity"])
         return json_response({"job_id": job_id})
 
-    @route("GET", "/v1/job", AGENT)
+    @route("GET", "/v1/job", AGENT, doc_query={"queue": {"type": "array", "items": {"type": "string"}}},
+           answers={200: "The job, its secrets resolved", 204: "No job waits in these queues"})
     def pop_job():
         """An agent takes the next job of its queues (204: none)"""
         queues = request.query.getall("queue")
@@ -5448,18 +5551,18 @@ def install_testflinger(app, hub):
         return json_response(jobs.search(query.get("tags"), query.get("match", "any"), query.get("state"),
                                          query.get("limit"), query.get("offset", 0)))
 
-    @route("GET", "/v1/job/<job_id>", AMC)
+    @route("GET", "/v1/job/<job_id>", AMC, answers={200: "The job's definition", 204: "No such job"})
     def get_job(job_id):
         """A job's definition (204: unknown job)"""
         job = jobs.definition(tf_job_id(job_id))
         return no_content() if job is None else json_response(job)
 
-    @route("GET", "/v1/job/<job_id>/attachments", AGENT)
+    @route("GET", "/v1/job/<job_id>/attachments", AGENT, answers={200: ("The archive", {}, "application/gzip"), 204: "None"})
     def get_attachments(job_id):
         """A job's attachments archive"""
         return send_file(tf_job_id(job_id, text=True), "attachments", "application/gzip")
 
-    @route("POST", "/v1/job/<job_id>/attachments", AMC)
+    @route("POST", "/v1/job/<job_id>/attachments", AMC, doc_body=("multipart/form-data", {"type": "object", "required": ["file"], "properties": {"file": {"type": "string", "contentMediaType": "application/gzip"}}}))
     def post_attachments(job_id):
         """Upload a job's attachments (multipart field file)"""
         job_id = tf_job_id(job_id, text=True)
@@ -5467,7 +5570,7 @@ def install_testflinger(app, hub):
             return text_response("OK")
         return receive_file(job_id, "attachments")
 
-    @route("GET", "/v1/job/<job_id>/position", AMC)
+    @route("GET", "/v1/job/<job_id>/position", AMC, answers={200: ("Jobs ahead", {"type": "string"}, "text/plain"), 410: "Not waiting"})
     def job_position(job_id):
         """How many jobs are ahead of a waiting job in its queue (410: not waiting)"""
         position = jobs.position(tf_job_id(job_id))
@@ -5476,7 +5579,7 @@ def install_testflinger(app, hub):
         return text_response(str(position))
 
     # agenthub extensions: when a waiting job should start (Testflinger #858), and its attempts.
-    @route("GET", "/v1/job/<job_id>/estimate", AMC)
+    @route("GET", "/v1/job/<job_id>/estimate", AMC, answers={200: "The estimate", 410: "Not waiting"})
     def job_estimate(job_id):
         """When a waiting job should start, and how that was worked out (an agenthub extension)"""
         estimate = jobs.estimate(tf_job_id(job_id))
@@ -5484,7 +5587,7 @@ def install_testflinger(app, hub):
             raise ApiError(410, "Job not found or already started\n", text=True)
         return json_response(estimate)
 
-    @route("GET", "/v1/job/<job_id>/attempts", AMC)
+    @route("GET", "/v1/job/<job_id>/attempts", AMC, answers={200: "The attempts", 204: "No such job"})
     def job_attempts(job_id):
         """Every attempt of a job (an agenthub extension)"""
         found = jobs.attempts(tf_job_id(job_id))
@@ -5512,13 +5615,13 @@ def install_testflinger(app, hub):
         return tf_load(ATTEMPT_QUERY_SCHEMA, {k: v for k, v in tf_query().items() if k == "attempt"},
                        "query").get("attempt")
 
-    @route("GET", "/v1/result/<job_id>", ANY_ROLE, doc_query=ATTEMPT_QUERY_SCHEMA)
+    @route("GET", "/v1/result/<job_id>", ANY_ROLE, doc_query=ATTEMPT_QUERY_SCHEMA, answers={200: "The result", 204: "No such job or attempt"})
     def get_result(job_id):
         """A job's result: state, exit codes, logs, device info (?attempt=N: an earlier attempt)"""
         result = jobs.result(tf_job_id(job_id), attempt())
         return no_content() if result is None else json_response(result)
 
-    @route("GET", "/v1/result/<job_id>/status", ANY_ROLE, doc_query=ATTEMPT_QUERY_SCHEMA)
+    @route("GET", "/v1/result/<job_id>/status", ANY_ROLE, doc_query=ATTEMPT_QUERY_SCHEMA, answers={200: "The result", 204: "No such job or attempt"})
     def get_status(job_id):
         """A job's state and exit codes only (204: unknown job)"""
         status = jobs.status(tf_job_id(job_id), attempt())
@@ -5547,7 +5650,7 @@ def install_testflinger(app, hub):
         return json_response(jobs.logs(tf_job_id(job_id), log_type, query.get("start_fragment", 0),
                                        query.get("start_timestamp"), query.get("phase"), query.get("attempt")))
 
-    @route("POST", "/v1/result/<job_id>/artifact", AGENT)
+    @route("POST", "/v1/result/<job_id>/artifact", AGENT, doc_body=("multipart/form-data", {"type": "object", "required": ["file"], "properties": {"file": {"type": "string", "contentMediaType": "application/gzip"}}}))
     def post_artifact(job_id):
         """An agent uploads a job's artifact (multipart field file)"""
         job_id = tf_job_id(job_id, text=True)
@@ -5557,7 +5660,7 @@ def install_testflinger(app, hub):
             return text_response("OK")
         return receive_file(job_id, "artifact")
 
-    @route("GET", "/v1/result/<job_id>/artifact", AMC, doc_query=ATTEMPT_QUERY_SCHEMA)
+    @route("GET", "/v1/result/<job_id>/artifact", AMC, doc_query=ATTEMPT_QUERY_SCHEMA, answers={200: ("The artifact", {}, "application/x-tar"), 204: "None"})
     def get_artifact(job_id):
         """A job's artifact (?attempt=N: an earlier attempt's)"""
         return send_file(tf_job_id(job_id, text=True), "artifact", "application/x-tar",
@@ -5636,12 +5739,12 @@ def install_testflinger(app, hub):
             names = sorted(set(names or []) | set(agent.get("queues", [])))
         return json_response(jobs.queue_summaries(names))
 
-    @route("GET", "/v1/queues/wait_times", AMC)
+    @route("GET", "/v1/queues/wait_times", AMC, doc_query={"queue": {"type": "array", "items": {"type": "string"}}})
     def wait_times():
         """Wait-time percentiles of queues (?queue=, repeatable)"""
         return json_response(jobs.wait_times(request.query.getall("queue")))
 
-    @route("GET", "/v1/queues/<queue_name>/agents", AMC)
+    @route("GET", "/v1/queues/<queue_name>/agents", AMC, answers={200: "The agents", 204: "None"})
     def queue_agents(queue_name):
         """The agents of a queue"""
         agents = jobs.queue_agents(queue_name)
@@ -5802,7 +5905,7 @@ def install_consul(app, hub):
         """Query values, None when absent (already UTF-8: the boundary decoded the query)."""
         return [request.query.get(n) for n in names]
 
-    @api.route("ANY", "/v1/event/fire/<name:path>", doc_methods=("PUT",), doc_body={"type": "string", "contentMediaType": "application/octet-stream"}, doc_query={"node": {"type": "string"}, "service": {"type": "string"}, "tag": {"type": "string"}, "dc": {"type": "string"}, "token": {"type": "string"}})
+    @api.route("ANY", "/v1/event/fire/<name:path>", doc_methods=("PUT",), doc_body=("application/octet-stream", {}), answers={200: "true or false"}, doc_query={"node": {"type": "string"}, "service": {"type": "string"}, "tag": {"type": "string"}, "dc": {"type": "string"}, "token": {"type": "string"}})
     def fire(name):
         """Fire a user event; the body is its payload (other methods: 405)"""
         refused = method_guard("PUT")
@@ -5823,7 +5926,7 @@ def install_consul(app, hub):
         """Consul's answer to a fire without a name"""
         return method_guard("PUT") or error(400, "Missing name")
 
-    @api.route("ANY", "/v1/event/fire", doc_methods=("PUT",))
+    @api.route("ANY", "/v1/event/fire", doc_methods=("PUT",), answers={301: "Moved to /v1/event/fire/"})
     def fire_redirect():
         """Consul's redirect to /v1/event/fire/"""
         # Go's ServeMux answers a path without its registered trailing slash with a redirect.
@@ -6534,6 +6637,8 @@ WEB_PAGES = {name: bottle.SimpleTemplate(source) for name, source in {
 <p class="muted">No jobs yet.</p>
 % end
 </div>
+<h2>Jobs finished per hour</h2>
+{{!finished_chart}}
 <h2>Queues with work</h2>
 % if not queues:
 <p class="muted">No job is waiting or running.</p>
@@ -6803,6 +6908,9 @@ unknown: {{estimate["reason"]}}
 <tr><th>Provision streak</th><td>{{row["provision_streak_count"] or 0}} × {{row["provision_streak_type"] or "—"}}</td></tr>
 <tr><th>Instances</th><td>{{", ".join(f"{k} {v}" for k, v in view.counts.items())}}</td></tr>
 </table>
+<h2>State</h2>
+{{!state_chart}}
+<p class="muted"><a href="?days=1">24 hours</a> · <a href="?days=7">7 days</a></p>
 <h2>Its queues</h2>
 <table id="agent-queues"><tr><th>Queue</th><th>Waiting</th><th>Running</th><th>Agents</th></tr>
 % for q in queues:
@@ -6852,6 +6960,12 @@ oldest → newest</p>
 % end""",
     "queue": """<h1>Queue {{name}}</h1>
 <p>{{description}}</p>
+% if summary:
+<p>{{summary["waiting"]}} waiting · {{summary["running"]}} running · wait p50 {{duration(summary["wait"].get("50"))}} · p90 {{duration(summary["wait"].get("90"))}}</p>
+% end
+<h2>Last 24 hours</h2>
+{{!queue_chart}}
+{{!wait_chart}}
 <h2>Agents</h2>
 % if not agents:
 <p class="muted">No agent serves this queue: its jobs wait until one lists it in its <code>job_queues</code>.</p>
@@ -6975,6 +7089,102 @@ def _short(text, keep=8):
     return f'<code title="{full}">{shown}</code>'
 
 
+# -- charts: inline SVG made here, no script, no library ------------------------------------
+
+CHART_COLORS = {"passed": "#2e9d55", "failed": "#d64545", "provision-failed": "#e0872e", "cancelled": "#8a94a3",
+                "Idle": "#2e9d55", "Building": "#3f7fdf", "Cancelled": "#3f7fdf", "LostContact": "#d64545",
+                "Offline": "#8a94a3", "waiting": "#c9a227", "running": "#3f7fdf", "wait": "#e0872e"}
+CHART_W, CHART_H, CHART_PAD = 720, 150, 34
+
+
+def _svg(title, inner, legend=()):
+    keys = "".join(f'<rect x="{CHART_PAD + i * 110}" y="4" width="10" height="10" fill="{CHART_COLORS[k]}"/>'
+                   f'<text x="{CHART_PAD + 14 + i * 110}" y="13">{html.escape(label)}</text>'
+                   for i, (k, label) in enumerate(legend))
+    return (f'<svg class="chart" viewBox="0 0 {CHART_W} {CHART_H}" width="{CHART_W}" height="{CHART_H}" role="img"'
+            f' aria-label="{html.escape(title)}"><title>{html.escape(title)}</title>{keys}{inner}</svg>')
+
+
+def _axes(start, end, top_label):
+    """Frame, the y maximum and x ticks (hours or days back) of a chart from ``start`` to ``end``."""
+    left, right, top, bottom = CHART_PAD, CHART_W - 8, 20, CHART_H - 18
+    span = end - start
+    step = 6 * 3600 if span <= 2 * 86400 else 86400
+    ticks = []
+    for n in range(int(span // step) + 1):
+        x = right - (right - left) * n * step / span
+        label = "now" if n == 0 else (f"-{n * step // 3600} h" if step < 86400 else f"-{n} d")
+        ticks.append(f'<line class="axis" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}"/>'
+                     f'<text x="{x - 12:.1f}" y="{CHART_H - 4}">{label}</text>')
+    return (f'<line class="axis" x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}"/>'
+            f'<text x="2" y="{top + 10}">{html.escape(top_label)}</text>' + "".join(ticks))
+
+
+def _x(t, start, end):
+    return CHART_PAD + (CHART_W - 8 - CHART_PAD) * (min(max(t, start), end) - start) / (end - start)
+
+
+def _y(value, top_value):
+    top, bottom = 20, CHART_H - 18
+    return bottom - (bottom - top) * (value / top_value if top_value else 0)
+
+
+def chart_finished(buckets, now):
+    """Stacked bars: jobs finished per hour by outcome."""
+    hours, start = len(buckets), now - len(buckets) * 3600
+    peak = max((sum(b.values()) for b in buckets), default=0) or 1
+    bars, width = [], (CHART_W - 8 - CHART_PAD) / hours
+    for index, bucket in enumerate(buckets):
+        base = 0
+        for outcome in ("passed", "failed", "provision-failed", "cancelled"):
+            count = bucket.get(outcome, 0)
+            if count:
+                y0, y1 = _y(base, peak), _y(base + count, peak)
+                bars.append(f'<rect x="{CHART_PAD + index * width + 1:.1f}" y="{y1:.1f}" width="{width - 2:.1f}"'
+                            f' height="{y0 - y1:.1f}" fill="{CHART_COLORS[outcome]}"><title>{count} {outcome}</title></rect>')
+                base += count
+    return _svg("Jobs finished per hour, last 24 hours", _axes(start, now, f"{peak}/h") + "".join(bars),
+                (("passed", "passed"), ("failed", "failed"), ("provision-failed", "provision failed"),
+                 ("cancelled", "cancelled")))
+
+
+def chart_queue(samples, start, now):
+    """Waiting and running jobs of a queue over time (steps between the samples)."""
+    peak = max((max(w, r) for _, w, r in samples), default=0) or 1
+    lines = []
+    for column, key in ((1, "waiting"), (2, "running")):
+        points = []
+        for index, sample in enumerate(samples):
+            x = _x(sample[0], start, now)
+            if index:
+                points.append(f"{x:.1f},{_y(samples[index - 1][column], peak):.1f}")
+            points.append(f"{x:.1f},{_y(sample[column], peak):.1f}")
+        if points:
+            lines.append(f'<polyline fill="none" stroke="{CHART_COLORS[key]}" stroke-width="2" points="{" ".join(points)}"/>')
+    return _svg("Jobs waiting and running, last 24 hours", _axes(start, now, f"{peak} jobs") + "".join(lines),
+                (("waiting", "waiting"), ("running", "running")))
+
+
+def chart_waits(waits, start, now):
+    """Each job's wait before an agent took it, as a dot at the time it was taken."""
+    peak = max((seconds for _, seconds in waits), default=0) or 1
+    dots = "".join(f'<circle cx="{_x(t, start, now):.1f}" cy="{_y(seconds, peak):.1f}" r="2.5" fill="{CHART_COLORS["wait"]}">'
+                   f'<title>{_duration(seconds)}</title></circle>' for t, seconds in waits[-2000:])
+    return _svg("Wait of each job taken, last 24 hours", _axes(start, now, _duration(peak)) + dots)
+
+
+def chart_states(spans, start, now, title):
+    """An agent's state over time, one coloured band per state."""
+    top, bottom = 30, CHART_H - 40
+    bands = "".join(f'<rect x="{_x(a, start, now):.1f}" y="{top}" width="{max(0.5, _x(b, start, now) - _x(a, start, now)):.1f}"'
+                    f' height="{bottom - top}" fill="{CHART_COLORS.get(state, "#8a94a3")}"><title>{html.escape(state)}'
+                    f' {iso(a)} – {iso(b)}</title></rect>' for a, b, state in spans)
+    if not spans:
+        bands = f'<text x="{CHART_PAD}" y="{(top + bottom) // 2}">no state recorded in this time</text>'
+    return _svg(title, _axes(start, now, "") + bands, (("Idle", "idle"), ("Building", "building"),
+                                                        ("LostContact", "lost contact"), ("Offline", "offline")))
+
+
 def _exit_class(code):
     return "code-0" if code == 0 else "code-bad"
 
@@ -7088,7 +7298,9 @@ def install_web(app, hub):
         for row in registry.all():
             view = registry.view(row)
             states[view.agent_state] = states.get(view.agent_state, 0) + 1
-        return web_page("Overview", "overview", who, live=5, agent_states=sorted(states.items()),
+        now = utcnow()
+        return web_page("Overview", "overview", who, live=5,
+                        finished_chart=chart_finished(jobs.finished_per_hour(now), now), agent_states=sorted(states.items()),
                         job_states=jobs.state_counts(), queues=jobs.queue_activity(),
                         events=list(reversed(hub.events.buffer.events()))[:10], health=hub.notifier.health())
 
@@ -7213,7 +7425,12 @@ def install_web(app, hub):
         if row is None:
             return web_not_found("That agent")
         recent, _ = jobs.page(agent_name=name, limit=20)
+        days = 7 if request.query.get("days") == "7" else 1
+        now = utcnow()
+        states = chart_states(registry.state_history(name, now - days * 86400, now), now - days * 86400, now,
+                              f"State, last {'7 days' if days == 7 else '24 hours'}")
         return web_page(f"Agent {name}", "agent", who, row=row, view=registry.view(row), jobs=recent,
+                        state_chart=states, days=days,
                         submitters=jobs.submitters([row["job_id"]] if row["job_id"] else []),
                         queues=jobs.queue_summaries(json.loads(row["queues"] or "[]")),
                         provisions=list(reversed(jobs.provision_logs(name))),
@@ -7231,9 +7448,12 @@ def install_web(app, hub):
         rows, total = jobs.page(queue_name=name, limit=100)
         if summary is None and not total:
             return web_not_found("That queue")
-        return web_page(f"Queue {name}", "queue", who, name=name,
+        now = utcnow()
+        samples, waits = jobs.queue_history(name, now - 86400)
+        return web_page(f"Queue {name}", "queue", who, name=name, summary=summary,
                         description=(summary or {}).get("description", ""), agents=jobs.agents(name, full=False),
-                        jobs=rows, total=total)
+                        jobs=rows, total=total, queue_chart=chart_queue(samples, now - 86400, now),
+                        wait_chart=chart_waits(waits, now - 86400, now))
 
     @page("/events")
     def events_page(who):
@@ -7382,6 +7602,14 @@ def _process_figures():
     return times.user + times.system, rss, fds
 
 
+def _public_url(url):
+    """A webhook URL without what may be a credential (user, password, query)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def metrics_text(app):
     """Every family of GET /metrics, from the hub's tallies and a few cheap database counts."""
     hub, out = app.hub, Exposition()
@@ -7414,7 +7642,7 @@ def metrics_text(app):
     out.family("agenthub_webhook_deliveries_total", "counter", "GoCD notifications finished, by outcome.",
                ("outcome",), hub.notifier.outcomes.items())
     out.family("agenthub_webhook_queue_depth", "gauge", "GoCD notifications waiting to go out, by webhook.",
-               ("webhook",), [((url, ), q.qsize()) for url, q in sorted(hub.notifier.queues.items())])
+               ("webhook",), [((_public_url(url),), q.qsize()) for url, q in sorted(hub.notifier.queues.items())])
     out.family("agenthub_events_fired_total", "counter", "User events fired, by source (api or the hub's own).",
                ("source",), hub.events.buffer.fired.items())
     out.family("agenthub_event_watchers", "gauge", "Blocking event queries parked now.", (),
@@ -7533,7 +7761,8 @@ def openapi_document(app):
                     options["roles"]) + ".").strip()
             body = options.get("body") or entry.get("doc_body")
             if body is not None:
-                operation["requestBody"] = {"required": True, "content": {"application/json": {
+                media, body = body if isinstance(body, tuple) else ("application/json", body)
+                operation["requestBody"] = {"required": True, "content": {media: {
                     "schema": body.openapi() if isinstance(body, Schema) else body}}}
             responses = {}
             for status, answer in (entry.get("answers") or {200: "OK"}).items():
@@ -7581,8 +7810,8 @@ details{margin:.2em 0}pre{background:#f6f7f9;padding:.6em;overflow:auto;font-siz
 % if op.get("description"):
 <br><span class="muted">{{op["description"]}}</span>
 % end
-% if op.get("requestBody"):
-<details><summary>request body</summary><pre>{{dumps(op["requestBody"]["content"]["application/json"]["schema"], indent=1)}}</pre></details>
+% for media, content in (op.get("requestBody") or {}).get("content", {}).items():
+<details><summary>request body ({{media}})</summary><pre>{{dumps(content["schema"], indent=1)}}</pre></details>
 % end
 % query = [p["name"] for p in op["parameters"] if p["in"] == "query"]
 % if query:
@@ -7735,6 +7964,8 @@ class Hub:
             self._spawn(self._purge_loop, "agenthub-purge")
         if self.config.lost_contact_seconds > 0:
             self._spawn(self._sweep_loop, "agenthub-sweep")
+        if self.config.history_interval > 0:
+            self._spawn(self._history_loop, "agenthub-history")
         for target, name, *args in self.notifier.workers():
             self._spawn(target, name, *args)
         self._spawn(self.watchers.run, "agenthub-watchers", self._stop)
@@ -7767,6 +7998,18 @@ class Hub:
                 self.jobs.reclaim_from_lost_agents()
             except (sqlite3.Error, ApiError) as exc:
                 log(f"sweep failed: {exc}", "error")
+
+    def _history_loop(self):
+        """Samples the queues for the pages' charts: one row per queue every --history-interval s."""
+        while True:
+            try:
+                self.jobs.sample_queues()
+            except (sqlite3.Error, ApiError) as exc:
+                if self._stop.is_set():
+                    return                     # the hub closed under it
+                log(f"queue sampling failed: {exc}", "error")
+            if self._stop.wait(self.config.history_interval):
+                return
 
     def _purge_loop(self):
         """Emulates the original's TTL indexes (spec §4.5), waiting jobs excepted."""
@@ -8194,6 +8437,9 @@ def _command_first(argv, commands):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, commands = build_parser()
+    if "--version" in argv[:argv.index("--") if "--" in argv else len(argv)]:
+        print(f"agenthub {__version__}")
+        return 0
     argv = _command_first(argv, commands)
     if not argv or (argv[0] not in commands.choices and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
@@ -8210,6 +8456,9 @@ def main(argv=None):
         return 1
     except sqlite3.Error as exc:
         print(f"agenthub: database {getattr(args, 'db', '?')}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"agenthub: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 1
 
 
@@ -8237,6 +8486,14 @@ def serve_command(args):
                                     else env_default.metrics_tokens),
                     max_watchers_per_client=args.max_watchers_per_client, secure_cookies=args.secure_cookies,
                     allowed_hosts=(",".join(args.allowed_host) if args.allowed_host else env_default.allowed_hosts))
+    if config.log_format not in ("text", "json"):
+        print(f"agenthub: --log-format / AGENTHUB_LOG_FORMAT must be text or json, not {config.log_format!r}",
+              file=sys.stderr)
+        return 1
+    if args.metrics_token and not all(token.strip() for token in args.metrics_token):
+        print("agenthub: --metrics-token is empty (an unset variable?): it would leave /metrics open",
+              file=sys.stderr)
+        return 1
     app = create_app(config)
     try:
         if config.require_auth and not app.hub.auth.anyone_can_log_in():
@@ -8303,20 +8560,45 @@ def _command_store(args, command):
 
 
 def _integrity(path):
-    """(schema version, jobs, integrity_check's answer) of a database file, opened read-only."""
-    conn = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True)
+    """(schema version, jobs or None when it is no agenthub database, integrity_check's answer) of a
+    database file, opened read-only (a copy no process writes: nothing is created beside it)."""
+    conn = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro&immutable=1", uri=True)
     try:
         checked = conn.execute("PRAGMA integrity_check").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        jobs = conn.execute("SELECT count(*) FROM jobs").fetchone()[0] if version else 0
+        known = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
+        jobs = conn.execute("SELECT count(*) FROM jobs").fetchone()[0] if version and known else None
         return version, jobs, checked
     finally:
         conn.close()
 
 
+def _copy_database(source_path, target_path):
+    """SQLite's online backup API from a live database (one read transaction: a consistent snapshot)
+    into a new private file, left in rollback-journal mode so that reading it creates nothing."""
+    os.close(os.open(target_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    source = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(source_path))}?mode=ro", uri=True, timeout=30)
+    target = sqlite3.connect(target_path)
+    try:
+        source.backup(target)
+        target.execute("PRAGMA journal_mode = DELETE")
+    finally:
+        target.close()
+        source.close()
+
+
+def _copy_key(source, target):
+    with open(source, "rb") as fh:
+        data = fh.read()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as out:
+        os.fchmod(fd, 0o600)                   # an existing file keeps no wider mode
+        out.write(data)
+
+
 def backup_command(args):
-    """SQLite's online backup API: one consistent snapshot while the server goes on serving; then
-    the key file, and a check that the copy opens and passes integrity_check."""
+    """A consistent copy of a live database while the server goes on serving, its key file beside
+    it, and a check that the copy opens and passes integrity_check."""
     if args.db in (":memory:", "") or not os.path.exists(args.db):
         print(f"agenthub: backup: no database file {args.db!r} (--db PATH)", file=sys.stderr)
         return 1
@@ -8324,21 +8606,18 @@ def backup_command(args):
     if os.path.exists(dest):
         print(f"agenthub: backup: {dest} exists; give a new file name", file=sys.stderr)
         return 1
-    os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))       # private from the start
-    source = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(args.db))}?mode=ro", uri=True, timeout=30)
-    target = sqlite3.connect(dest)
     try:
-        source.backup(target)                  # all pages in one step: a single read transaction
-    finally:
-        target.close()
-        source.close()
-    private_files(dest)
+        _copy_database(args.db, dest)
+    except (OSError, sqlite3.Error) as exc:
+        with contextlib.suppress(OSError):
+            if os.path.exists(dest) and os.path.getsize(dest) == 0:
+                os.unlink(dest)                # nothing half-made is left to block a retry
+        print(f"agenthub: backup: {dest}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return 1
     key = args.db + ".key"
     copied = os.path.exists(key)
     if copied:
-        with open(key, "rb") as fh, open(os.open(dest + ".key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
-                                          "wb") as out:
-            out.write(fh.read())
+        _copy_key(key, dest + ".key")
     version, jobs, checked = _integrity(dest)
     print(f"backup: {dest} ({os.path.getsize(dest)} bytes, schema {version}, {jobs} jobs), integrity {checked}")
     print(f"key: {dest}.key" if copied else "key: none beside the database (the key comes from --secret-key or"
@@ -8347,8 +8626,9 @@ def backup_command(args):
 
 
 def restore_command(args):
-    """Check a backup (opens, integrity_check ok, a schema this agenthub knows) and copy it over
-    ``--db`` with the backup API, key file included; refused while a server holds the database."""
+    """Check a backup (opens, integrity_check ok, an agenthub schema this version knows) and put it
+    in place of ``--db`` with its key file: copied beside the target, then renamed over it, so even
+    a corrupt database is replaced.  Refused while a server holds the database."""
     if args.db in (":memory:", ""):
         print("agenthub: restore needs a database file (--db PATH)", file=sys.stderr)
         return 1
@@ -8357,31 +8637,38 @@ def restore_command(args):
     except sqlite3.Error as exc:
         print(f"agenthub: restore: {args.source} is not a usable database: {exc}", file=sys.stderr)
         return 1
-    if checked != "ok" or version > len(MIGRATIONS):
-        print(f"agenthub: restore: {args.source} fails its check (integrity {checked}, schema {version})",
-              file=sys.stderr)
+    if checked != "ok" or jobs is None or not 1 <= version <= len(MIGRATIONS):
+        print(f"agenthub: restore: {args.source} is not a sound agenthub backup (integrity {checked},"
+              f" schema {version}{'' if jobs is not None else ', no jobs table'})", file=sys.stderr)
+        return 1
+    key = args.source + ".key"
+    if not os.path.exists(key) and os.path.exists(args.db + ".key"):
+        print(f"agenthub: restore: {args.source} has no key file ({key}); the key of {args.db} would not open"
+              " its secrets. Put the right key beside the backup first.", file=sys.stderr)
         return 1
     lock = ProcessLock(args.db + ".lock")        # StartupError (one line) while a server runs on it
+    staging = f"{args.db}.restore-{os.getpid()}"
     try:
-        if os.path.exists(args.db) and not args.force and _integrity(args.db)[1]:
-            print(f"agenthub: restore: {args.db} already holds jobs; add --force to replace it", file=sys.stderr)
-            return 1
-        source = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(args.source))}?mode=ro", uri=True)
-        target = sqlite3.connect(args.db)
-        try:
-            source.backup(target)
-        finally:
-            target.close()
-            source.close()
-        private_files(args.db)
-        if os.path.exists(args.source + ".key"):
-            with open(args.source + ".key", "rb") as fh, open(os.open(args.db + ".key", os.O_WRONLY | os.O_CREAT
-                                                                      | os.O_TRUNC, 0o600), "wb") as out:
-                out.write(fh.read())
+        if os.path.exists(args.db) and not args.force:
+            try:
+                held = _integrity(args.db)[1]
+            except sqlite3.Error:
+                held = "unreadable"
+            if held:
+                print(f"agenthub: restore: {args.db} already holds data; add --force to replace it", file=sys.stderr)
+                return 1
+        _copy_database(args.source, staging)
+        os.replace(staging, args.db)
+        for stale in (args.db + "-wal", args.db + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)                   # they belonged to the database just replaced
+        if os.path.exists(key):
+            _copy_key(key, args.db + ".key")
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
         lock.release()
-    print(f"restored: {args.db} from {args.source} (schema {version}, {jobs} jobs, integrity ok)"
-          + ("" if os.path.exists(args.source + ".key") else "; no key file came with it"))
+    print(f"restored: {args.db} from {args.source} (schema {version}, {jobs} jobs, integrity ok)")
     return 0
 
 

@@ -45,6 +45,7 @@ def make_app():
 
     def make(**overrides):
         overrides.setdefault("purge_interval", 0)
+        overrides.setdefault("history_interval", 0)     # no background sampler: tests sample when they mean to
         made.append(create_app(**overrides))
         return made[-1]
     yield make
@@ -112,7 +113,7 @@ def submit(client, **job):
 @pytest.fixture
 def server():
     """A real threaded agenthub server on a free loopback port."""
-    app = create_app(purge_interval=0)
+    app = create_app(purge_interval=0, history_interval=0)
     httpd = agenthub.make_server(app, "127.0.0.1", 0)
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -3506,7 +3507,9 @@ class Chromium:
         return self.call("Runtime.evaluate", session, expression=expression, returnByValue=True)["result"].get("value")
 
     def screenshot(self, session, path):
-        data = self.call("Page.captureScreenshot", session, format="png")["data"]
+        kind = "jpeg" if path.endswith(".jpg") else "png"
+        data = self.call("Page.captureScreenshot", session, format=kind,
+                         **({"quality": 80} if kind == "jpeg" else {}))["data"]
         with open(path, "wb") as fh:
             fh.write(base64.b64decode(data))
 
@@ -4499,8 +4502,7 @@ def test_log_lines_are_one_line_each_text_or_json(make_app, capsys):
 
 
 def test_version_flag(capsys):
-    with pytest.raises(SystemExit):
-        agenthub.main(["--version"])
+    assert agenthub.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"agenthub {agenthub.__version__}"
 
 
@@ -4602,3 +4604,171 @@ def test_a_queue_name_with_slashes_links_to_its_page(app, anon, agent):
         listing = anon.get("/queues")
         page = listing.click(href="/queues/" + urllib.parse.quote(name, safe="") + "$")
         assert f"<h1>Queue {html_escape(name)}</h1>" in page.text
+
+
+# -- the web pages a lab lives in (issue 17) ----------------------------------------------------------
+
+def seed_lab(app):
+    """A hub with passed, failed, provision-failed, cancelled, running and waiting jobs; idle, building and
+    lost agents; and a day of history (queue samples, agent state changes, jobs finished through the day)."""
+    anon = webtest.TestApp(app)
+    agents = {}
+    for name in ("idle-1", "busy-1", "lost-1"):
+        agents[name] = Client(app, {**token_headers(app, "agent", name), "Cookie": f"agent_name={name}"})
+        agents[name].post_json(f"/v1/agents/data/{name}", {"state": "waiting", "queues": ["lab"]})
+    runner = agents["busy-1"]
+    outcomes = {"passed": {"setup": 0, "provision": 0, "test": 0}, "failed": {"setup": 0, "provision": 0, "test": 1},
+                "provision": {"setup": 0, "provision": 3}}
+    ids = {}
+    for key, status in outcomes.items():
+        ids[key] = submit(anon, job_queue="lab", name=f"{key} job")
+        runner.get("/v1/job?queue=lab")
+        runner.post_json(f"/v1/result/{ids[key]}", {"job_state": "complete", "status": status})
+    ids["cancelled"] = submit(anon, job_queue="lab", name="cancelled job")
+    anon.post_json(f"/v1/job/{ids['cancelled']}/action", {"action": "cancel"})
+    ids["running"] = submit(anon, job_queue="lab", name="running job")
+    runner.get("/v1/job?queue=lab")
+    runner.post_json(f"/v1/result/{ids['running']}", {"job_state": "test", "status": {"setup": 0}})
+    ids["waiting"] = submit(anon, job_queue="lab", name="waiting job")
+    now = time.time()
+    with app.hub.db.write() as db:
+        # A day of history: finished jobs spread over it, samples every half hour, state changes.
+        for hour in range(24):
+            job_id = str(uuid.uuid4())
+            status = json.dumps({"test": hour % 3 == 0})
+            db.execute("INSERT INTO jobs (job_id, created_at, started_at, finished_at, job_queue, state, job_data,"
+                       " result_status, agent_name) VALUES (?, ?, ?, ?, 'lab', 'complete', '{}', ?, 'idle-1')",
+                       (job_id, now - hour * 3600 - 900, now - hour * 3600 - 600, now - hour * 3600 - 60, status))
+        db.executemany("INSERT INTO queue_samples (queue, time, waiting, running) VALUES ('lab', ?, ?, ?)",
+                       [(now - n * 1800, (n * 7) % 5, n % 2) for n in range(48)])
+        db.executemany("INSERT INTO wait_times (queue, seconds, popped_at) VALUES ('lab', ?, ?)",
+                       [((n * 37) % 600, now - n * 1500) for n in range(50)])
+        for name in ("idle-1", "busy-1"):
+            db.executemany("INSERT INTO agent_states (agent_name, time, state) VALUES (?, ?, ?)",
+                           [(name, now - 86400 + n * 3 * 3600, json.dumps(
+                               [["Enabled", "Idle", "Idle"], ["Enabled", "Building", "Building"],
+                                ["Enabled", "LostContact", "Unknown"]][n % 3])) for n in range(8)])
+        db.execute("UPDATE agents SET last_seen_at = ? WHERE name = 'lost-1'", (now - 3600,))
+    app.hub.registry.sweep()
+    anon.put("/v1/event/fire/deploy", "v1.2.3")
+    anon.put("/v1/event/fire/blob", b"\x00\x01bin")
+    return ids
+
+
+def test_web_outcomes_times_and_charts(make_app):
+    app = make_app(history_interval=0)
+    ids = seed_lab(app)
+    anon = webtest.TestApp(app)
+    jobs = anon.get("/jobs").text
+    badges = dict(re.findall(r'<tr><td><a href="/jobs/([0-9a-f-]{36})">.*?data-outcome="([\w-]+)"', jobs, re.S))
+    assert badges[ids["passed"]] == "passed" and badges[ids["failed"]] == "failed"
+    assert badges[ids["provision"]] == "provision-failed" and badges[ids["cancelled"]] == "cancelled"
+    assert re.search(r'data-outcome="failed">failed in test<', jobs)
+    assert re.search(r'<time datetime="[^"]+Z" title="[^"]+Z">(just now|\d+ s ago)</time>', jobs)
+    failed = anon.get(f"/jobs/{ids['failed']}").text
+    assert 'id="job-outcome" data-outcome="failed">failed in test<' in failed
+    assert '<td id="status-test" class="code-bad">1</td>' in failed
+    assert 'id="row-reserve" class="empty"' in failed and 'id="serial-log" class="empty"' in failed
+    overview = anon.get("/").text
+    assert overview.count('<rect x=') > 24 and "Jobs finished per hour" in overview
+    assert '<code>lost-1: Enabled / LostContact / Unknown</code>' in overview or "LostContact" in overview
+    queue = anon.get("/queues/lab").text
+    assert queue.count("<polyline") == 2 and queue.count("<circle") == 50 + 4       # seeded, and 4 real pops
+    agent = anon.get("/agents/busy-1").text
+    assert agent.count('fill="#3f7fdf"><title>Building') >= 2 and 'id="history"' in agent
+    week = anon.get("/agents/busy-1?days=7").text
+    assert "State, last 7 days" in week
+    events = anon.get("/events").text
+    assert "base64:AAFiaW4=" in events and "v1.2.3" in events
+    assert "data-live=\"5\"" in overview and "X-Agenthub-Fragment" in overview
+    fragment = anon.get("/jobs", headers={"X-Agenthub-Fragment": "main"}).text
+    assert fragment.startswith("<h1>Jobs</h1>") and "<html" not in fragment
+
+
+def test_browser_pages_at_desk_and_phone_width_in_both_schemes(make_app, tmp_path):
+    if _chromium_binary() is None:
+        pytest.skip("no chromium on this machine (Debian package 'chromium')")
+    app = make_app(history_interval=0)
+    ids = seed_lab(app)
+    httpd = agenthub.make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    shots = os.environ.get("AGENTHUB_SCREENSHOTS", str(tmp_path / "shots"))
+    os.makedirs(shots, exist_ok=True)
+    browser = Chromium(_chromium_binary(), str(tmp_path / "profile"))
+    try:
+        page = browser.open("about:blank")
+        pages = {"overview": "/", "jobs": "/jobs", "job-failed": f"/jobs/{ids['failed']}", "agents": "/agents",
+                 "agent": "/agents/busy-1", "queues": "/queues", "queue": "/queues/lab", "events": "/events",
+                 "docs": "/docs"}
+        for width in (1280, 390):
+            browser.call("Emulation.setDeviceMetricsOverride", page, width=width, height=900, deviceScaleFactor=1,
+                         mobile=width < 500)
+            for name, path in pages.items():
+                browser.call("Page.navigate", page, url=base + path)
+                assert _wait_for(lambda: browser.evaluate(
+                    page, f"document.readyState === 'complete' && location.pathname === {json.dumps(path)}"))
+                for scheme in ("light", "dark"):        # the same page, re-styled without a reload
+                    browser.call("Emulation.setEmulatedMedia", page,
+                                 features=[{"name": "prefers-color-scheme", "value": scheme}])
+                    overflow = browser.evaluate(page, "document.documentElement.scrollWidth - window.innerWidth")
+                    assert overflow <= 0, (name, width, scheme, overflow)      # nothing wider than the screen
+                    browser.screenshot(page, os.path.join(shots, f"{name}-{width}-{scheme}.jpg"))
+        # A failed job's badge says so, and a list follows a job's change without a reload.
+        browser.call("Page.navigate", page, url=base + "/jobs")
+        assert _wait_for(lambda: browser.evaluate(page, "document.readyState === 'complete' && location.pathname === '/jobs'"))
+        def badge(job_id):
+            return (f"((document.querySelector('a[href=\"/jobs/{job_id}\"]') || {{closest: () => null}})"
+                    f".closest('tr') || {{querySelector: () => ({{}})}}).querySelector('[data-outcome]').textContent")
+        assert browser.evaluate(page, badge(ids["failed"])) == "failed in test"
+        running = badge(ids["running"])
+        assert browser.evaluate(page, running) == "test"
+        agent = Client(app, {**token_headers(app, "agent", "busy-1"), "Cookie": "agent_name=busy-1"})
+        agent.post_json(f"/v1/result/{ids['running']}", {"job_state": "complete", "status": {"setup": 0, "test": 0}})
+        # The page refreshes every 5 s, and at once when it becomes visible again: say it did.
+        browser.evaluate(page, "document.dispatchEvent(new Event('visibilitychange'))")
+        assert _wait_for(lambda: browser.evaluate(page, running) == "passed", seconds=20)
+        assert browser.evaluate(page, "performance.getEntriesByType('navigation').length") == 1   # never reloaded
+    finally:
+        browser.close()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_backup_and_restore_edges(tmp_path, make_app, capsys):
+    path = str(tmp_path / "hub.db")
+    make_app(db=path).close()
+    assert agenthub.main(["backup", str(tmp_path / "nodir" / "b.db"), "--db", path]) == 1
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "nodir").exists()
+    (tmp_path / "b.db.key").write_text("stale")
+    os.chmod(tmp_path / "b.db.key", 0o644)
+    assert agenthub.main(["backup", str(tmp_path / "b.db"), "--db", path]) == 0
+    assert not (tmp_path / "b.db-wal").exists() and not (tmp_path / "b.db-shm").exists()
+    assert os.stat(tmp_path / "b.db.key").st_mode & 0o777 == 0o600
+    assert (tmp_path / "b.db.key").read_text() == (tmp_path / "hub.db.key").read_text()
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(os.urandom(100000))
+    assert agenthub.main(["restore", str(tmp_path / "b.db"), "--db", str(corrupt)]) == 1     # needs --force
+    assert agenthub.main(["restore", str(tmp_path / "b.db"), "--db", str(corrupt), "--force"]) == 0
+    assert agenthub._integrity(str(corrupt))[2] == "ok"
+    other = sqlite3.connect(str(tmp_path / "other.sqlite"))
+    other.execute("CREATE TABLE t (x)")
+    other.close()
+    capsys.readouterr()
+    assert agenthub.main(["restore", str(tmp_path / "other.sqlite"), "--db", str(tmp_path / "n.db")]) == 1
+    assert "not a sound agenthub backup" in capsys.readouterr().err
+
+
+def test_operations_edges(make_app, capsys):
+    app = make_app(host="0.0.0.0", gocd_webhooks="http://user:pw@127.0.0.1:9/hook?token=abc")
+    anon = webtest.TestApp(app)
+    assert anon.get("/healthz", headers={"Host": "10.1.2.3:8080"}).json["status"] == "alive"   # probes by IP
+    anon.get("/v1/agents/data", headers={"Host": "10.1.2.3:8080"}, status=400)                # the rest: no
+    text = anon.get("/metrics").text
+    assert 'webhook="http://127.0.0.1:9/hook"' in text and "pw" not in text and "abc" not in text
+    agenthub.log('forged" 200 x\u2028next')
+    assert 'forged\\x22 200 x\\u2028next' in capsys.readouterr().err
+    assert agenthub.main(["serve", "--db", ":memory:", "--metrics-token", ""]) == 1
+    assert "--metrics-token is empty" in capsys.readouterr().err
+    assert agenthub.main(["serve", "--db", ":memory:", "--log-format", "text", "--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"agenthub {agenthub.__version__}"
