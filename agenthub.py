@@ -6567,8 +6567,8 @@ header{background:#1d2330;color:#fff;padding:.6em 1.2em;display:flex;flex-wrap:w
 header a{color:#fff;text-decoration:none}header .brand{font-weight:700}header .who{margin-left:auto;opacity:.8}
 main{max-width:76em;margin:1.2em auto;padding:0 1.2em}h1{font-size:1.5em;overflow-wrap:anywhere}h2{font-size:1.15em;margin-top:1.6em}
 .scroll{overflow-x:auto;max-width:100%;border:1px solid var(--line);background:var(--card)}
-table{border-collapse:collapse;width:100%;background:var(--card)}th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid var(--line);vertical-align:top;white-space:nowrap}
-td.wrap{white-space:normal;min-width:12em}
+table{border-collapse:collapse;width:100%;background:var(--card)}th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid var(--line);vertical-align:top}
+th,td code,td time,td .state,td.nw{white-space:nowrap}td.wrap{min-width:12em}
 .scroll tr>:first-child{position:sticky;left:0;background:var(--card);z-index:1}
 th,.scroll tr>th:first-child{background:var(--head);font-weight:600}a{color:var(--link)}code,pre{font:13px/1.4 ui-monospace,monospace}
 pre{background:var(--pre);color:var(--prefg);padding:.8em;overflow:auto;max-height:32em;white-space:pre-wrap;overflow-wrap:anywhere}
@@ -6637,6 +6637,14 @@ WEB_PAGES = {name: bottle.SimpleTemplate(source) for name, source in {
 <p class="muted">No jobs yet.</p>
 % end
 </div>
+<h2>Finished in the last 24 hours</h2><div class="cards">
+% for key, label, count in finished_totals:
+<a class="card" href="/jobs"><b>{{count}}</b><span class="state state-{{key}}">{{label}}</span></a>
+% end
+% if not finished_totals:
+<p class="muted">No job finished in the last 24 hours.</p>
+% end
+</div>
 <h2>Jobs finished per hour</h2>
 {{!finished_chart}}
 <h2>Queues with work</h2>
@@ -6679,11 +6687,12 @@ WEB_PAGES = {name: bottle.SimpleTemplate(source) for name, source in {
 % if not jobs:
 <p class="muted">No jobs match. Submit one with <code>testflinger-cli submit job.yaml</code> or <code>POST /v1/job</code>.</p>
 % else:
-<table id="jobs"><tr><th>Job</th><th>Name</th><th>Queue</th><th>Outcome</th><th>Agent</th><th>Submitted by</th><th>Created</th><th>Waited</th><th>Ran</th></tr>
+<table id="jobs"><tr><th>Job</th><th>Outcome</th><th>Name</th><th>Queue</th><th>Agent</th><th>Submitted by</th><th>Created</th><th>Waited</th><th>Ran</th></tr>
 % for job in jobs:
-<tr><td><a href="/jobs/{{job["job_id"]}}">{{!short(job["job_id"])}}</a></td><td class="wrap">{{job["name"] or ""}}</td>
+<tr><td><a href="/jobs/{{job["job_id"]}}">{{!short(job["job_id"])}}</a></td>
+<td class="nw"><span class="state state-{{job["outcome"]}}" data-outcome="{{job["outcome"]}}">{{job["outcome_text"]}}</span>{{" · attempt %d" % job["attempt"] if job["attempt"] > 1 else ""}}</td>
+<td class="wrap">{{job["name"] or ""}}</td>
 <td><a href="/queues/{{quote(job["job_queue"])}}">{{job["job_queue"]}}</a></td>
-<td><span class="state state-{{job["outcome"]}}" data-outcome="{{job["outcome"]}}">{{job["outcome_text"]}}</span>{{" · attempt %d" % job["attempt"] if job["attempt"] > 1 else ""}}</td>
 <td>
 % if job["agent_name"]:
 <a href="/agents/{{quote(job["agent_name"])}}">{{job["agent_name"]}}</a>
@@ -6786,7 +6795,7 @@ unknown: {{estimate["reason"]}}
 % end
 </table>
 % for kind in ("output", "serial"):
-<div id="{{kind}}-log" class="{{"" if any(logs[kind][p]["log_data"] for p in phases) or (kind == "output" and current) else "empty"}}">
+<div id="{{kind}}-log" class="{{"" if any(logs[kind][p]["log_data"] for p in phases) or (kind == "output" and cancellable) else "empty"}}">
 <h2>{{kind.title()}} log <a class="muted" href="/jobs/{{job_id}}/log/{{kind}}{{suffix}}">(whole log as text)</a></h2>
 % for phase in phases:
 <section class="{{"" if logs[kind][phase]["log_data"] else "empty"}}" id="{{kind}}-{{phase}}-section"><h3>{{phase}}</h3>
@@ -7299,8 +7308,12 @@ def install_web(app, hub):
             view = registry.view(row)
             states[view.agent_state] = states.get(view.agent_state, 0) + 1
         now = utcnow()
-        return web_page("Overview", "overview", who, live=5,
-                        finished_chart=chart_finished(jobs.finished_per_hour(now), now), agent_states=sorted(states.items()),
+        hourly = jobs.finished_per_hour(now)
+        totals = sum(hourly, collections.Counter())
+        labels = (("passed", "passed"), ("failed", "failed"), ("provision-failed", "provision failed"),
+                  ("cancelled", "cancelled"))
+        return web_page("Overview", "overview", who, live=5, finished_chart=chart_finished(hourly, now),
+                        finished_totals=[(k, label, totals[k]) for k, label in labels if totals[k]], agent_states=sorted(states.items()),
                         job_states=jobs.state_counts(), queues=jobs.queue_activity(),
                         events=list(reversed(hub.events.buffer.events()))[:10], health=hub.notifier.health())
 
@@ -8304,6 +8317,9 @@ def _serve_options(parser, env):
                         help="a job whose provision phase failed is queued again as its next attempt, without the"
                              " agent that failed, at most N times (default %(default)s: never;"
                              " AGENTHUB_PROVISION_RETRIES)")
+    parser.add_argument("--history-interval", type=float, default=env.history_interval, metavar="SECONDS",
+                        help="seconds between the queue samples the pages chart (default %(default)s; 0: none;"
+                             " AGENTHUB_HISTORY_INTERVAL)")
     parser.add_argument("--strand-seconds", type=float, default=env.strand_seconds,
                         help="a job handed to an agent that reported nothing on it for this long, when the agent"
                              " asks for another, is requeued once, then cancelled; 0 disables (default"
@@ -8482,6 +8498,7 @@ def serve_command(args):
                     activate_ttl=args.activate_ttl, shutdown_grace=args.shutdown_grace,
                     strand_seconds=args.strand_seconds, max_watchers=args.max_watchers,
                     provision_retries=args.provision_retries, log_format=args.log_format,
+                    history_interval=args.history_interval,
                     metrics_tokens=(",".join(args.metrics_token) if args.metrics_token
                                     else env_default.metrics_tokens),
                     max_watchers_per_client=args.max_watchers_per_client, secure_cookies=args.secure_cookies,

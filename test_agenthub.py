@@ -4713,7 +4713,7 @@ def test_browser_pages_at_desk_and_phone_width_in_both_schemes(make_app, tmp_pat
                                  features=[{"name": "prefers-color-scheme", "value": scheme}])
                     overflow = browser.evaluate(page, "document.documentElement.scrollWidth - window.innerWidth")
                     assert overflow <= 0, (name, width, scheme, overflow)      # nothing wider than the screen
-                    browser.screenshot(page, os.path.join(shots, f"{name}-{width}-{scheme}.jpg"))
+                    browser.screenshot(page, os.path.join(shots, f"{name}-{width}-{scheme}.png"))
         # A failed job's badge says so, and a list follows a job's change without a reload.
         browser.call("Page.navigate", page, url=base + "/jobs")
         assert _wait_for(lambda: browser.evaluate(page, "document.readyState === 'complete' && location.pathname === '/jobs'"))
