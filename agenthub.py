@@ -8908,10 +8908,12 @@ def _bench_web(server, args):
     body = json.dumps({"job_queue": "web", "tags": ["bench-web"], "name": "a job for the web bench"})
     _load(server, args.clients, missing, lambda n, c: _request(c, "POST", "/v1/job", body,
                                                                {"Content-Type": "application/json"})[0])
-    total = len(json.loads(_request(conn, "GET", "/v1/job/search?limit=1000000")[1]))
+    found = json.loads(_request(conn, "GET", "/v1/job/search?limit=1000000")[1])
+    total = len(found)
     print(f"agenthub {__version__} bench: web pages with {total} jobs in the database")
     for path in ("/jobs", "/jobs?page=150", "/jobs?tag=bench-web&page=20", "/jobs?state=waiting&queue=web",
-                 "/", "/queues", "/agents", "/metrics"):
+                 "/", "/queues", "/queues/web", f"/jobs/{found[0]['job_id']}", "/agents",
+                 "/metrics"):
         times = []
         for _ in range(20):
             start = time.perf_counter()
