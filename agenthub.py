@@ -1853,7 +1853,19 @@ class Boolean(Field):
         raise Invalid(["Not a valid boolean."])
 
 
-class URL(String):
+class Patterned(String):
+    """A string its class's PATTERN must match (else MESSAGE)."""
+
+    PATTERN, MESSAGE = re.compile(""), "Not valid."
+
+    def convert(self, value):
+        value = super().convert(value)
+        if not self.PATTERN.match(value):
+            raise Invalid([self.MESSAGE])
+        return value
+
+
+class URL(Patterned):
     """An absolute http(s)/ftp URL whose host has a dot-separated TLD, is an IP or localhost."""
 
     TYPE = {"type": "string", "format": "uri"}
@@ -1863,22 +1875,15 @@ class URL(String):
         r"(?:(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}\.?|localhost|"
         r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[[0-9a-f:.]+\])(?::\d{1,5})?(?:[/?#]\S*)?$", re.I)
 
-    def convert(self, value):
-        value = super().convert(value)
-        if not self.PATTERN.match(value):
-            raise Invalid(["Not a valid URL."])
-        return value
+    MESSAGE = "Not a valid URL."
 
 
-class Email(String):
+class Email(Patterned):
+    """An address with a dotted domain."""
+
     TYPE = {"type": "string", "format": "email"}
     PATTERN = re.compile(r"^[^@\s]+@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$", re.I)
-
-    def convert(self, value):
-        value = super().convert(value)
-        if not self.PATTERN.match(value):
-            raise Invalid(["Not a valid email address."])
-        return value
+    MESSAGE = "Not a valid email address."
 
 
 class DateTime(Field):
