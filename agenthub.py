@@ -7809,12 +7809,15 @@ def openapi_document(app):
 
 DOCS_PAGE = bottle.SimpleTemplate("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>API · agenthub</title><style nonce="{{nonce}}">
+<meta name="color-scheme" content="light dark"><title>API · agenthub</title><style nonce="{{nonce}}">
 body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:72em;padding:0 1.2em;color:#1d2330}
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.3em .6em;border-bottom:1px solid #e3e6ea;vertical-align:top}
 code{font:13px ui-monospace,monospace}.m{font-weight:700;font-size:.85em;display:inline-block;min-width:4.5em}
 .get{color:#1a7f37}.post{color:#1f5fbf}.put{color:#9a6700}.delete{color:#b42318}.muted{color:#68707d}
 details{margin:.2em 0}pre{background:#f6f7f9;padding:.6em;overflow:auto;font-size:12px}
+@media (prefers-color-scheme: dark){body{background:#0f141b;color:#e5e7eb}pre{background:#161d27}a{color:#7fb0ff}
+th,td{border-color:#2a3441}.get{color:#4cc07a}.post{color:#7fb0ff}.put{color:#e0b040}.delete{color:#ff8a80}}
+@media (max-width:600px){body{padding:0 .5em}td{display:block;border:0}tr{display:block;border-bottom:1px solid #e3e6ea}}
 </style></head><body>
 <h1>agenthub {{doc["info"]["version"]}} API</h1>
 <p>{{doc["info"]["description"]}}</p>
