@@ -6573,7 +6573,7 @@ header a{color:#fff;text-decoration:none}header .brand{font-weight:700}header .w
 main{max-width:76em;margin:1.2em auto;padding:0 1.2em}h1{font-size:1.5em;overflow-wrap:anywhere}h2{font-size:1.15em;margin-top:1.6em}
 .scroll{overflow-x:auto;max-width:100%;border:1px solid var(--line);background:var(--card)}
 table{border-collapse:collapse;width:100%;background:var(--card)}th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid var(--line);vertical-align:top}
-th,td code,td time,td .state,td.nw{white-space:nowrap}td.wrap{min-width:12em}
+th,td code,td time,td .state,td.nw,.scroll td:first-child{white-space:nowrap}td.wrap{min-width:12em}
 .scroll tr>:first-child{position:sticky;left:0;background:var(--card);z-index:1}
 th,.scroll tr>th:first-child{background:var(--head);font-weight:600}a{color:var(--link)}code,pre{font:13px/1.4 ui-monospace,monospace}
 pre{background:var(--pre);color:var(--prefg);padding:.8em;overflow:auto;max-height:32em;white-space:pre-wrap;overflow-wrap:anywhere}
