@@ -6966,7 +6966,7 @@ oldest → newest</p>
 <table><tr><th>Queue</th><th>Description</th><th>Agents</th><th>Waiting</th><th>Running</th><th>Wait p50</th><th>Wait p90</th></tr>
 % for q in queues:
 <tr><td><a href="/queues/{{quote(q["name"])}}">{{q["name"]}}</a></td><td>{{q["description"]}}</td><td>{{len(q["agents"])}}</td>
-<td>{{q["waiting"]}}</td><td>{{q["running"]}}</td><td>{{seconds(q["wait"].get("50"))}}</td><td>{{seconds(q["wait"].get("90"))}}</td></tr>
+<td>{{q["waiting"]}}</td><td>{{q["running"]}}</td><td>{{duration(q["wait"].get("50"))}}</td><td>{{duration(q["wait"].get("90"))}}</td></tr>
 % end
 </table>
 % if not queues:
@@ -7053,10 +7053,6 @@ def event_summary(event):
         except (ValueError, KeyError, TypeError):
             pass
     return payload_text(event.payload)
-
-
-def _seconds(value):
-    return "—" if value is None else f"{value:.0f} s"
 
 
 def _minutes(seconds):
@@ -7204,7 +7200,7 @@ def _exit_class(code):
 
 
 WEB_HELPERS = {"iso": iso, "quote": functools.partial(urllib.parse.quote, safe=""), "loads": json.loads,
-               "payload_text": payload_text, "seconds": _seconds, "minutes": _minutes, "clock": _clock,
+               "payload_text": payload_text, "minutes": _minutes, "clock": _clock,
                "duration": _duration, "when": _when, "short": _short, "exit_class": _exit_class,
                "event_summary": event_summary}
 
