@@ -3024,9 +3024,9 @@ def test_gocd_retries_a_500_then_succeeds_and_clears_health(make_app):
 
 
 def test_gocd_timeout_is_recorded_and_never_slows_the_api(make_app):
-    receiver = Receiver(delay=2)
-    app = make_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0, gocd_timeout=0.3,
-                     gocd_retry_delays=(0.05, 0.05))
+    receiver = Receiver(delay=0.6)
+    app = make_app(gocd_webhooks=receiver.url, purge_interval=0, lost_contact_seconds=0, gocd_timeout=0.15,
+                   gocd_retry_delays=(0.05, 0.05), shutdown_grace=0.2)
     try:
         agent = Client(app, token_headers(app, "agent", "a1"))
         for state in ("waiting", "test", "waiting", "test"):
