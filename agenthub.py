@@ -1552,7 +1552,17 @@ class DeliveryStore(_DomainStore):
 
 
 class AuthStore(_DomainStore):
-    """Clients, refresh tokens, restricted queues and secrets."""
+    """Clients, refresh tokens, restricted queues and secrets.  The set of restricted queues, read
+    on every submit and changed rarely, is cached here and dropped by the writes that change it (a
+    generation count keeps a read that raced a write from caching the old set)."""
+
+    def __init__(self, db):
+        super().__init__(db)
+        self._restricted, self._generation, self._cache_lock = None, 0, threading.Lock()
+
+    def _forget_restricted(self):
+        with self._cache_lock:
+            self._restricted, self._generation = None, self._generation + 1
 
     def restricted_owners(self, queues):
         """{queue: [client ids allowed]} for the restricted ones among ``queues`` that have owners."""
@@ -1568,7 +1578,14 @@ class AuthStore(_DomainStore):
         return owners
 
     def is_restricted(self, queue_name):
-        return self.read_one("SELECT 1 FROM restricted_queues WHERE name = ?", (queue_name,)) is not None
+        cached = self._restricted
+        if cached is None:
+            generation = self._generation
+            cached = frozenset(r[0] for r in self.read("SELECT name FROM restricted_queues"))
+            with self._cache_lock:
+                if generation == self._generation:
+                    self._restricted = cached
+        return queue_name in cached
 
     def upsert_client(self, client_id, secret_hash, role, now):
         with self.write() as db:
@@ -1606,21 +1623,25 @@ class AuthStore(_DomainStore):
         """Mark a queue restricted and let ``client_id`` use it, in one transaction."""
         with self.write() as db:
             db.execute("INSERT OR IGNORE INTO restricted_queues (name) VALUES (?)", (queue_name,))
+            self._forget_restricted()
             row = db.execute("SELECT allowed_queues FROM clients WHERE client_id = ?", (client_id,)).fetchone()
             allowed = json.loads(row[0] or "[]")
             if queue_name not in allowed:
                 db.execute("UPDATE clients SET allowed_queues = ? WHERE client_id = ?",
                            (json.dumps(allowed + [queue_name]), client_id))
+        self._forget_restricted()                  # after the commit too: no read caches the old set
 
     def unrestrict_queue(self, queue_name, client_id):
         """Lift a queue's restriction for everybody and take it from ``client_id``'s allowed queues."""
         with self.write() as db:
             db.execute("DELETE FROM restricted_queues WHERE name = ?", (queue_name,))
+            self._forget_restricted()
             row = db.execute("SELECT allowed_queues FROM clients WHERE client_id = ?", (client_id,)).fetchone()
             if row is not None:
                 allowed = [q for q in json.loads(row[0] or "[]") if q != queue_name]
                 db.execute("UPDATE clients SET allowed_queues = ? WHERE client_id = ?",
                            (json.dumps(allowed), client_id))
+        self._forget_restricted()
 
     def revoke_refresh_token(self, token_hash):
         """'revoked', 'already' or None (unknown)."""
@@ -8433,7 +8454,11 @@ def build_parser(environ=None):
     bench.add_argument("--artifact-mib", type=int, default=256, help="artifact size (default %(default)s)")
     bench.add_argument("--watchers", type=int, default=1000,
                        help="blocked event watchers woken by one fire (default %(default)s)")
-    bench.add_argument("--part", choices=("all", "testflinger", "events", "web"), default="all",
+    bench.add_argument("--fleet", type=int, default=300,
+                       help="agents on the Testflinger agent's idle loop in the fleet figure (default %(default)s)")
+    bench.add_argument("--fleet-seconds", type=float, default=20,
+                       help="how long the fleet runs (default %(default)s)")
+    bench.add_argument("--part", choices=("all", "testflinger", "fleet", "events", "web"), default="all",
                        help="which figures to measure (default %(default)s)")
 
     parser.epilog = "\n".join(f"\n{'=' * 8} agenthub {name} {'=' * 8}\n{sub.format_help()}"
@@ -8838,6 +8863,8 @@ def bench_command(args):
         try:
             if args.part in ("all", "testflinger"):
                 _bench_testflinger(server, args)
+            if args.part in ("all", "fleet"):
+                _bench_fleet(server, args)
             if args.part in ("all", "events"):
                 _bench_events(server, args)
             if args.part in ("all", "web"):
@@ -8845,6 +8872,69 @@ def bench_command(args):
         finally:
             server.stop()
     return 0
+
+
+def _threads(pid):
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return int(next(line.split()[1] for line in fh if line.startswith("Threads:")))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _bench_fleet(server, args):
+    """N agents on the Testflinger agent's idle loop, each every 10 s (spread out): GET /v1, its
+    agent data read and posted, its queues posted, GET /v1/job.  Prints request p50/p99, the loop's
+    p99, errors and the server's threads."""
+    conn = server.connection()
+    basic = base64.b64encode(f"bench-agent:{server.secret}".encode()).decode()
+    token = json.loads(_request(conn, "POST", "/v1/oauth2/token", headers={"Authorization": f"Basic {basic}"})[1])
+    auth = {"Authorization": "Bearer " + token["access_token"], "Content-Type": "application/json"}
+    conn.close()
+    lat, cycles, errors, lock, stop = [], [], [0], threading.Lock(), threading.Event()
+    threads_seen = []
+
+    def agent(n):
+        name = f"fleet{n}"
+        headers = {**auth, "Cookie": f"agent_name={name}"}
+        data = json.dumps({"state": "waiting", "queues": [f"fleet{n % 20}"], "location": "bench"})
+        c = server.connection()
+        stop.wait(10.0 * n / args.fleet)                       # spread the fleet over the period
+        while not stop.is_set():
+            began = time.perf_counter()
+            for method, path, body in (("GET", "/v1", None), ("GET", f"/v1/agents/data/{name}", None),
+                                       ("POST", f"/v1/agents/data/{name}", data),
+                                       ("POST", "/v1/agents/queues", json.dumps({f"fleet{n % 20}": "bench"})),
+                                       ("GET", f"/v1/job?queue=fleet{n % 20}", None)):
+                start = time.perf_counter()
+                try:
+                    status = _request(c, method, path, body, headers)[0]
+                except OSError:
+                    status = 0
+                    c.close()
+                    c = server.connection()
+                with lock:
+                    lat.append(time.perf_counter() - start)
+                    if status not in (200, 204, 404):
+                        errors[0] += 1
+            with lock:
+                cycles.append(time.perf_counter() - began)
+            stop.wait(max(0.0, 10.0 - (time.perf_counter() - began)))
+        c.close()
+    workers = [threading.Thread(target=agent, args=(n,), daemon=True) for n in range(args.fleet)]
+    for worker in workers:
+        worker.start()
+    deadline = time.time() + args.fleet_seconds
+    while time.time() < deadline:
+        threads_seen.append(_threads(server.proc.pid) or 0)
+        time.sleep(1)
+    stop.set()
+    for worker in workers:
+        worker.join(timeout=30)
+    rate = len(lat) / args.fleet_seconds
+    print(f"fleet    {args.fleet} agents, idle loop every 10 s: {rate:.0f} req/s  p50 {_pct(lat, 50) * 1000:.1f} ms"
+          f"  p99 {_pct(lat, 99) * 1000:.1f} ms  loop p99 {_pct(cycles, 99) * 1000:.0f} ms  errors {errors[0]}"
+          f"  server threads max {max(threads_seen or [0])}")
 
 
 def _cpu_seconds(pid):
@@ -8942,7 +9032,13 @@ def _bench_testflinger(server, args):
     ceiling = args.jobs / ceiling_s
     print(f"ceiling  GET /_bench/ping      {ceiling:8.0f} req/s  ({args.clients} clients, {args.jobs} requests)")
 
-    body = json.dumps({"job_queue": "bench", "tags": ["bench"], "test_data": {"test_cmds": "true"}})
+    # A realistic job, as people submit them.
+    body = json.dumps({"job_queue": "bench", "name": "kernel smoke test", "tags": ["nightly", "kernel", "bench"],
+                       "global_timeout": 14400, "output_timeout": 900, "provision_data": {"distro": "jammy"},
+                       "test_data": {"test_cmds": "uname -a\nlsb_release -a\n./run-tests.sh --quick"}})
+    for n in range(args.clients):         # the popping agents are registered, as real ones are
+        _request(conn, "POST", f"/v1/agents/data/bench{n}", json.dumps({"state": "waiting", "queues": ["bench"]}),
+                 {**auth, **json_headers, "Cookie": f"agent_name=bench{n}"})
     submit_s, submit_lat, codes = _load(server, args.clients, args.jobs,
                                         lambda n, c: _request(c, "POST", "/v1/job", body, json_headers)[0])
     submit = args.jobs / submit_s
