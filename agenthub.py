@@ -573,6 +573,7 @@ MIGRATIONS = [
     CREATE INDEX agent_states_agent ON agent_states (agent_name, time);
     CREATE INDEX jobs_finished_at ON jobs (finished_at);
     CREATE INDEX wait_times_popped ON wait_times (queue, popped_at);
+    CREATE INDEX jobs_agent ON jobs (agent_name, state, started_at);   -- an agent's old running jobs, every poll
     """,
 ]
 
@@ -1425,10 +1426,6 @@ class AgentStore(_DomainStore):
                               " shutdown_at = ? WHERE name = ?",
                               (now, ip, now if shutdown else None, name)).rowcount > 0
 
-    def add_agent_state(self, name, now, state):
-        with self.write() as db:
-            db.execute("INSERT INTO agent_states (agent_name, time, state) VALUES (?, ?, ?)", (name, now, state))
-
     def agent_states(self, name, since):
         """The agent's state changes from ``since`` on, led by the one in force at ``since``."""
         with self.connection() as db:
@@ -1437,11 +1434,22 @@ class AgentStore(_DomainStore):
             return before + db.execute("SELECT time, state FROM agent_states WHERE agent_name = ? AND time >= ?"
                                        " ORDER BY time", (name, since)).fetchall()
 
-    def announce_state(self, name, old, new):
-        """Store the announced state tuple if it is still ``old`` (so only one thread announces)."""
+    def announce_state(self, name, old, new, now):
+        """Store the announced state tuple if it is still ``old`` (so only one thread announces), and
+        record the change in the agent's state history, in one transaction."""
         with self.write() as db:
-            return db.execute("UPDATE agents SET gocd_tuple = ? WHERE name = ? AND gocd_tuple IS ?",
-                              (new, name, old)).rowcount > 0
+            if db.execute("UPDATE agents SET gocd_tuple = ? WHERE name = ? AND gocd_tuple IS ?",
+                          (new, name, old)).rowcount == 0:
+                return False
+            db.execute("INSERT INTO agent_states (agent_name, time, state) VALUES (?, ?, ?)", (name, now, new))
+            return True
+
+    def live_instances(self, name):
+        """Like instance_summary, for the pending and active instances only (an index range, however
+        many finished ones the agent has): all its GoCD state depends on."""
+        rows = self.read("SELECT status, count(*) AS n, max(cancel_requested) AS cancel FROM instances"
+                         " WHERE agent_name = ? AND status IN ('pending', 'active') GROUP BY status", (name,))
+        return {r["status"]: r["n"] for r in rows}, any(r["cancel"] for r in rows if r["status"] == "active")
 
     def instance_summary(self, name):
         """({status: count}, whether the running instance was asked to cancel)."""
@@ -4486,20 +4494,19 @@ class Registry:
                             self.config.lost_contact_seconds)
 
     def changed(self, name, now=None, row=None):
-        """Recompute one agent's state (from ``row`` when the caller just read it); announce it
-        when its GoCD tuple moved."""
+        """Recompute one agent's GoCD state (from ``row`` when the caller just read it); announce it
+        when it moved.  Returns nothing: the view it builds lacks the finished counts."""
         row = row or self.store.get_agent(name)
         if row is None:
             return None
         now = utcnow() if now is None else now
-        view = self.view(row, now)
+        live, cancel = self.store.live_instances(name)      # the tuple needs no finished-instance counts
+        view = derive_agent(row, live, cancel, now, self.config.lost_contact_seconds)
         new = json.dumps(view.gocd_tuple)
-        if new != row["gocd_tuple"] and self.store.announce_state(name, row["gocd_tuple"], new):
-            self.store.add_agent_state(name, now, new)          # the agent page's state timeline
+        if new != row["gocd_tuple"] and self.store.announce_state(name, row["gocd_tuple"], new, now):
             body = gocd_body(row, view, now)
             self.events.buffer.fire("agent-status", body.encode(), node=f"^{re.escape(name)}$", internal=True)
             self.notifier.announce(name, body)
-        return view
 
     def contact(self, name, ip=None, shutdown=False, throttle=0.0):
         """The agent was heard from (or said goodbye); a no-op for unknown names.
@@ -9036,9 +9043,11 @@ def _bench_testflinger(server, args):
     body = json.dumps({"job_queue": "bench", "name": "kernel smoke test", "tags": ["nightly", "kernel", "bench"],
                        "global_timeout": 14400, "output_timeout": 900, "provision_data": {"distro": "jammy"},
                        "test_data": {"test_cmds": "uname -a\nlsb_release -a\n./run-tests.sh --quick"}})
-    for n in range(args.clients):         # the popping agents are registered, as real ones are
-        _request(conn, "POST", f"/v1/agents/data/bench{n}", json.dumps({"state": "waiting", "queues": ["bench"]}),
-                 {**auth, **json_headers, "Cookie": f"agent_name=bench{n}"})
+    # The popping agents are registered, as real ones are, and each takes one job, as a real one
+    # does before it runs it (an agent holding hundreds of running jobs is no real load).
+    _load(server, args.clients, args.jobs, lambda n, c: _request(
+        c, "POST", f"/v1/agents/data/bench{n}", json.dumps({"state": "waiting", "queues": ["bench"]}),
+        {**auth, **json_headers, "Cookie": f"agent_name=bench{n}"})[0])
     submit_s, submit_lat, codes = _load(server, args.clients, args.jobs,
                                         lambda n, c: _request(c, "POST", "/v1/job", body, json_headers)[0])
     submit = args.jobs / submit_s
@@ -9048,7 +9057,7 @@ def _bench_testflinger(server, args):
 
     def pop(n, c):
         status, payload, _ = _request(c, "GET", "/v1/job?queue=bench",
-                                      headers={**auth, "Cookie": f"agent_name=bench{n % args.clients}"})
+                                      headers={**auth, "Cookie": f"agent_name=bench{n}"})
         return json.loads(payload)["job_id"] if status == 200 else status
     pop_s, pop_lat, popped = _load(server, args.clients, args.jobs, pop)
     ids = [p for p in popped if isinstance(p, str)]
