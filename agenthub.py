@@ -1444,6 +1444,18 @@ class AgentStore(_DomainStore):
             db.execute("INSERT INTO agent_states (agent_name, time, state) VALUES (?, ?, ?)", (name, now, new))
             return True
 
+    def instance_summaries(self):
+        """{agent: ({status: count}, cancel asked of its running instance)} of every agent, in one
+        query (a page or a scrape of thousands of agents is not thousands of queries)."""
+        out = {}
+        for r in self.read("SELECT agent_name, status, count(*) AS n, max(cancel_requested) AS cancel"
+                           " FROM instances GROUP BY agent_name, status"):
+            counts, cancel = out.setdefault(r["agent_name"], ({}, [False]))
+            counts[r["status"]] = r["n"]
+            if r["status"] == "active" and r["cancel"]:
+                cancel[0] = True
+        return {name: (counts, cancel[0]) for name, (counts, cancel) in out.items()}
+
     def live_instances(self, name):
         """Like instance_summary, for the pending and active instances only (an index range, however
         many finished ones the agent has): all its GoCD state depends on."""
@@ -3300,8 +3312,8 @@ class JobQueue:
         """The same rule for an agent that went silent (LostContact) instead of asking again; a job
         it did report on stays as it is (the agent may come back with its results)."""
         now = utcnow()
-        for row in self.registry.all():
-            if row["tf"] and self.registry.view(row, now).agent_state == "LostContact":
+        for row, view in self.registry.views(now=now):
+            if row["tf"] and view.agent_state == "LostContact":
                 with self.store.write():
                     reclaimed = self.reclaim_stranded(row["name"], now)
                 if reclaimed:
@@ -4487,6 +4499,14 @@ class Registry:
             end = changes[index + 1][0] if index + 1 < len(changes) else now
             spans.append((max(time_, since), end, label))
         return spans
+
+    def views(self, rows=None, now=None):
+        """[(row, view)] of these agents (all by default), their instances counted in one query."""
+        rows = self.store.all_agents() if rows is None else rows
+        now = utcnow() if now is None else now
+        summaries = self.store.instance_summaries()
+        return [(row, derive_agent(row, *summaries.get(row["name"], ({}, False)), now,
+                                   self.config.lost_contact_seconds)) for row in rows]
 
     def view(self, row, now=None):
         counts, cancel = self.store.instance_summary(row["name"])
@@ -5763,7 +5783,7 @@ def install_testflinger(app, hub):
     def queue_summary(query):
         """Agents and waiting/running counts of queues (an agenthub extension)
 
-        Testflinger #870: the queues named by ``?queue=``, or those ``?agent=`` serves, or every queue."""
+        The queues named by ?queue=, or those ?agent= serves, or every queue."""
         names = query.get("queue")
         if "agent" in query:
             agent = jobs.agent(query["agent"])
@@ -6220,7 +6240,7 @@ def install_prefactor(app, hub):
         if any(query.get(k) for k in ("risk_profile_id", "team_id", "owner_person_id")):
             rows = []                       # agenthub keeps none of these, so nothing matches
         now = utcnow()
-        views = [(row, registry.view(row, now)) for row in rows]
+        views = registry.views(rows, now)
         descending = sorting.startswith("-")
         keyed = {"id": lambda rv: rv[0]["pfid"], "name": lambda rv: rv[0]["name"],
                  "status": lambda rv: rv[1].status, "last_seen": lambda rv: rv[0]["last_seen_at"] or 0}[field]
@@ -7332,10 +7352,7 @@ def install_web(app, hub):
     @page("/")
     def overview(who):
         """Overview page"""
-        states = {}
-        for row in registry.all():
-            view = registry.view(row)
-            states[view.agent_state] = states.get(view.agent_state, 0) + 1
+        states = collections.Counter(view.agent_state for _, view in registry.views())
         now = utcnow()
         hourly = jobs.finished_per_hour(now)
         totals = sum(hourly, collections.Counter())
@@ -7457,7 +7474,7 @@ def install_web(app, hub):
         """Agents page"""
         rows = sorted(registry.all(), key=lambda r: r["name"])
         now = utcnow()
-        return web_page("Agents", "agents", who, live=5, agents=[(r, registry.view(r, now)) for r in rows],
+        return web_page("Agents", "agents", who, live=5, agents=registry.views(rows, now),
                         submitters=jobs.submitters([r["job_id"] for r in rows if r["job_id"]]))
 
     @page("/agents/<name>")
@@ -7673,8 +7690,7 @@ def metrics_text(app):
                   ("queue",), hub.jobs.waits)
     gocd, lifecycle = collections.Counter(), collections.Counter()
     now = utcnow()
-    for row in hub.registry.all():
-        view = hub.registry.view(row, now)
+    for row, view in hub.registry.views(now=now):
         gocd[(view.config, view.agent_state)] += 1
         lifecycle[(view.status,)] += 1
     out.family("agenthub_agents", "gauge", "Agents by GoCD config and runtime state.", ("config_state", "agent_state"),
@@ -7732,7 +7748,7 @@ API_DOCS = {   # style name: (tag, description, security scheme, error media typ
     "gocd": ("GoCD server health", "The failing GoCD webhooks as GoCD server health messages.", "bearer",
              "application/json", {"type": "object", "properties": {"message": {"type": "string"}}}),
     "web": ("Web pages", "Pages for people (HTML).", "session", "text/html", {"type": "string"}),
-    "ops": ("Operations", "Metrics, health, this document.", "bearer", "application/json",
+    "ops": ("Service", "Health probes, Prometheus metrics and this description.", "bearer", "application/json",
             {"type": "object", "properties": {"status": {"const": "error"}, "message": {"type": "string"}}}),
 }
 SECURITY_SCHEMES = {
@@ -7838,29 +7854,35 @@ body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:72em;padding:0 
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.3em .6em;border-bottom:1px solid #e3e6ea;vertical-align:top}
 code{font:13px ui-monospace,monospace}.m{font-weight:700;font-size:.85em;display:inline-block;min-width:4.5em}
 .get{color:#1a7f37}.post{color:#1f5fbf}.put{color:#9a6700}.delete{color:#b42318}.muted{color:#68707d}
-details{margin:.2em 0}pre{background:#f6f7f9;padding:.6em;overflow:auto;font-size:12px}
+details{margin:.2em 0}pre{background:#f6f7f9;padding:.6em;overflow:auto;font-size:12px;max-height:30em}
+td.nw{white-space:nowrap;width:24em}
 @media (prefers-color-scheme: dark){body{background:#0f141b;color:#e5e7eb}pre{background:#161d27}a{color:#7fb0ff}
 th,td{border-color:#2a3441}.get{color:#4cc07a}.post{color:#7fb0ff}.put{color:#e0b040}.delete{color:#ff8a80}}
-@media (max-width:600px){body{padding:0 .5em}td{display:block;border:0}tr{display:block;border-bottom:1px solid #e3e6ea}}
+@media (max-width:600px){body{padding:0 .5em}td{display:block;border:0}tr{display:block;border-bottom:1px solid #e3e6ea}
+td.nw{width:auto;white-space:normal;overflow-wrap:anywhere}}
 </style></head><body>
 <h1>agenthub {{doc["info"]["version"]}} API</h1>
 <p>{{doc["info"]["description"]}}</p>
-<p>The whole description as OpenAPI 3.1: <a href="/openapi.json">/openapi.json</a>. {{count}} operations.</p>
-% for tag in doc["tags"]:
-<h2 id="{{tag["name"]}}">{{tag["name"]}}</h2><p class="muted">{{tag["description"]}}</p>
+<p>The whole description as OpenAPI 3.1: <a href="/openapi.json">/openapi.json</a>. {{count}} operations in
+% for index, tag in enumerate(doc["tags"]):
+{{", " if index else ""}}<a href="#api-{{index}}">{{tag["name"]}}</a>
+% end
+.</p>
+% for index, tag in enumerate(doc["tags"]):
+<h2 id="api-{{index}}">{{tag["name"]}}</h2><p class="muted">{{tag["description"]}}</p>
 <table>
 % for path, method, op in operations:
 % if op["tags"][0] == tag["name"]:
-<tr><td><span class="m {{method}}">{{method.upper()}}</span> <code>{{path}}</code></td><td>{{op["summary"]}}
+<tr><td class="nw"><span class="m {{method}}">{{method.upper()}}</span> <code>{{path}}</code></td><td>{{op["summary"]}}
 % if op.get("description"):
 <br><span class="muted">{{op["description"]}}</span>
-% end
-% for media, content in (op.get("requestBody") or {}).get("content", {}).items():
-<details><summary>request body ({{media}})</summary><pre>{{dumps(content["schema"], indent=1)}}</pre></details>
 % end
 % query = [p["name"] for p in op["parameters"] if p["in"] == "query"]
 % if query:
 <br><span class="muted">query: {{", ".join(query)}}</span>
+% end
+% for media, content in (op.get("requestBody") or {}).get("content", {}).items():
+<details><summary>request body ({{media}})</summary><pre>{{dumps(content["schema"], indent=1)}}</pre></details>
 % end
 </td></tr>
 % end
