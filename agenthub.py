@@ -8341,8 +8341,8 @@ def _serve_options(parser, env):
                         help="'threaded' (built in, default) or any server name Bottle knows, e.g. waitress,"
                              " cheroot (must be installed; AGENTHUB_SERVER)")
     parser.add_argument("--secret-key", default=env.secret_key,
-                        help="key that signs access tokens and encrypts secrets (AGENTHUB_SECRET_KEY); by default"
-                             " one is generated and kept in <db>.key beside the database (mode 0600), never in it")
+                        help="default: generated once, kept in <db>.key (0600), never in the database. It signs"
+                             " access tokens and encrypts secrets (AGENTHUB_SECRET_KEY)")
     parser.add_argument("--require-auth", action="store_true", default=env.require_auth,
                         help="every API needs a credential for all but its public reads (anonymous Testflinger"
                              " callers no longer act as 'contributor'); refuses to start while no client can log"
