@@ -6602,6 +6602,7 @@ WEB_LOG_TAIL = 64 * 1024                  # characters of each phase's log the j
 WEB_SESSION = "agenthub_session"          # a server-side session's random id
 WEB_PRESESSION = "agenthub_presession"    # binds the CSRF token of a browser that is not logged in
 WEB_PAGE_SIZE = 50
+WEB_AGENTS_PAGE = 100
 
 WEB_LAYOUT = bottle.SimpleTemplate("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -6938,6 +6939,15 @@ unknown: {{estimate["reason"]}}
 </td><td>{{(submitters.get(row["job_id"]) or "anonymous") if row["job_id"] in submitters else "—"}}</td><td>{{", ".join(loads(row["queues"] or "[]"))}}</td></tr>
 % end
 </table>
+<p class="pager">{{total}} agents
+% if page > 1:
+· <a href="/agents?page={{page - 1}}">← previous</a>
+% end
+· page {{page}} of {{pages}}
+% if page < pages:
+· <a href="/agents?page={{page + 1}}">next →</a>
+% end
+</p>
 <dl class="legend muted"><dt>Idle</dt><dd>heard from, no job</dd><dt>Building</dt><dd>running a job</dd>
 <dt>LostContact</dt><dd>silent for --lost-contact-seconds</dd><dt>Missing</dt><dd>never heard from</dd>
 <dt>Unknown</dt><dd>said goodbye (shutdown)</dd><dt>disabled</dt><dd>offline, in maintenance or retired</dd>
@@ -7472,10 +7482,13 @@ def install_web(app, hub):
     @page("/agents")
     def agents_list(who):
         """Agents page"""
-        rows = sorted(registry.all(), key=lambda r: r["name"])
-        now = utcnow()
-        return web_page("Agents", "agents", who, live=5, agents=registry.views(rows, now),
-                        submitters=jobs.submitters([r["job_id"] for r in rows if r["job_id"]]))
+        every = sorted(registry.all(), key=lambda r: r["name"])
+        pages = max(1, -(-len(every) // WEB_AGENTS_PAGE))
+        number = min(parse_uint(request.query.page, 10 ** 9) or 1, pages)
+        rows = every[(number - 1) * WEB_AGENTS_PAGE:number * WEB_AGENTS_PAGE]
+        return web_page("Agents", "agents", who, live=5, agents=registry.views(rows, utcnow()),
+                        submitters=jobs.submitters([r["job_id"] for r in rows if r["job_id"]]),
+                        total=len(every), page=number, pages=pages)
 
     @page("/agents/<name>")
     def agent_page(who, name):

@@ -4772,3 +4772,15 @@ def test_operations_edges(make_app, capsys):
     assert "--metrics-token is empty" in capsys.readouterr().err
     assert agenthub.main(["serve", "--db", ":memory:", "--log-format", "text", "--version"]) == 0
     assert capsys.readouterr().out.strip() == f"agenthub {agenthub.__version__}"
+
+
+def test_the_agents_page_is_paged(app, anon):
+    with app.hub.db.write() as db:
+        for n in range(250):
+            db.execute("INSERT INTO agents (name, updated_at, pfid, uuid, origin) VALUES (?, 0, ?, ?, 'prefactor')",
+                       (f"agent-{n:03d}", agenthub.new_pfid(agenthub.PFID_DEFAULT_PARTITION), str(uuid.uuid4())))
+    first = anon.get("/agents").text
+    assert "250 agents" in first and "page 1 of 3" in first and "agent-099" in first and "agent-100" not in first
+    last = anon.get("/agents?page=3").text
+    assert "agent-249" in last and "agent-199" not in last and "next →" not in last
+    assert "page 3 of 3" in anon.get("/agents?page=99").text
