@@ -4232,6 +4232,8 @@ def test_sigterm_answers_parked_watchers_records_queued_notifications_and_exits_
         assert watcher.getresponse().read()
         watcher.request("GET", f"/v1/event/list?name=deploy&index={xor_index(event['ID'])}&wait=60s")  # ... parks
         assert _wait_for(lambda: receiver.requests)
+        # The watcher is parked (the hub says so), and only then the signal comes.
+        assert _wait_for(lambda: b"\nagenthub_event_watchers 1\n" in call_http(base, "GET", "/metrics")[2])
         proc.send_signal(signal.SIGTERM)
         answer = watcher.getresponse()
         assert answer.status == 200 and [e["ID"] for e in json.loads(answer.read())] == [event["ID"]]
