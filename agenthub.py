@@ -6910,12 +6910,12 @@ unknown: {{estimate["reason"]}}
         var state = document.getElementById("job-state");
         state.textContent = data.job_state;
         state.className = "state state-" + data.job_state;
-        if (done.indexOf(data.job_state) < 0) { setTimeout(poll, 2000); }
+        if (done.indexOf(data.job_state) < 0) { setTimeout(poll, 1000); }
       })
       .catch(function () { setTimeout(poll, 5000); });
   }
   if ({{"true" if current else "false"}} && done.indexOf(document.getElementById("job-state").textContent) < 0) {
-    setTimeout(poll, 2000);
+    setTimeout(poll, 1000);
   }
 })();
 </script>""",
