@@ -378,8 +378,7 @@ def access_log(environ, status, seconds, api, route):
               "status": status, "duration_ms": round(seconds * 1000, 2), "api": api, "route": route,
               "client_id": client}
     if _LOG["json"]:
-        print(json.dumps({"time": iso(utcnow(), digits=3), "level": "info", "message": "request", **fields},
-                         ensure_ascii=True), file=sys.stderr, flush=True)
+        log("request", **fields)
         return
     print(f'{_printable(fields["remote_addr"] or "-")} {_printable(client or "-")} [{iso(utcnow())}] '
           f'"{_printable(fields["method"])} {_printable(fields["path"])}" {status} {fields["duration_ms"]}ms '
@@ -3513,7 +3512,10 @@ class JobQueue:
         can be running, or another agent has taken it since.  Such a report is dropped, answered as
         if taken: it would else finish or fill the new attempt (the agent of a cancelled job posts
         its closing result well after the cancel)."""
-        row = self.store.get_job(job_id)
+        return self._ended_attempt(self.store.get_job(job_id), agent_name)
+
+    @staticmethod
+    def _ended_attempt(row, agent_name):
         if row is None:
             return False
         if row["state"] == "waiting":
@@ -3525,9 +3527,9 @@ class JobQueue:
         a failed provision in the agent's history, and a provision retry — one transaction."""
         now, state = utcnow(), data.get("job_state")
         with self.store.write() as db:
-            if self.reports_on_earlier_attempt(job_id, agent_name):
-                return
             before = self.store.get_job(job_id)
+            if self._ended_attempt(before, agent_name):
+                return
             finished = self.store.update_result(job_id, data.get("status"), data.get("device_info"), state, now,
                                                 data.get("agent_id") or None)
             freed = None
@@ -6805,7 +6807,7 @@ State: <span class="state state-{{result["job_state"]}}" id="job-state">{{result
 % if estimate:
 <tr><th>Estimated start</th><td id="estimate">
 % if estimate["estimated_start"]:
-{{estimate["estimated_start"]}} (in about {{minutes(estimate["estimated_wait_seconds"])}})
+{{estimate["estimated_start"]}} (in about {{duration(estimate["estimated_wait_seconds"])}})
 <span class="muted">· {{estimate["jobs_ahead"]}} of the agents' jobs ahead of it, {{len(estimate["agents"])}} {{"agent" if len(estimate["agents"]) == 1 else "agents"}} ({{estimate["busy_agents"]}} busy); {{estimate["method"]}}</span>
 % else:
 unknown: {{estimate["reason"]}}
@@ -7113,10 +7115,6 @@ def event_summary(event):
     return payload_text(event.payload)
 
 
-def _minutes(seconds):
-    return f"{seconds} s" if seconds < 120 else f"{round(seconds / 60)} min"
-
-
 def _clock(event_date):
     """A job event's time as the original's Activity table shows it."""
     return event_date["$date"][:19].replace("T", " ")
@@ -7258,7 +7256,7 @@ def _exit_class(code):
 
 
 WEB_HELPERS = {"iso": iso, "quote": functools.partial(urllib.parse.quote, safe=""), "loads": json.loads,
-               "payload_text": payload_text, "minutes": _minutes, "clock": _clock,
+               "payload_text": payload_text, "clock": _clock,
                "duration": _duration, "when": _when, "short": _short, "exit_class": _exit_class,
                "event_summary": event_summary}
 
@@ -8924,14 +8922,19 @@ def _threads(pid):
         return None
 
 
+def _bench_auth(server, conn):
+    """The bench agent's Authorization header (a real login)."""
+    basic = base64.b64encode(f"bench-agent:{server.secret}".encode()).decode()
+    token = json.loads(_request(conn, "POST", "/v1/oauth2/token", headers={"Authorization": f"Basic {basic}"})[1])
+    return {"Authorization": "Bearer " + token["access_token"]}
+
+
 def _bench_fleet(server, args):
     """N agents on the Testflinger agent's idle loop, each every 10 s (spread out): GET /v1, its
     agent data read and posted, its queues posted, GET /v1/job.  Prints request p50/p99, the loop's
     p99, errors and the server's threads."""
     conn = server.connection()
-    basic = base64.b64encode(f"bench-agent:{server.secret}".encode()).decode()
-    token = json.loads(_request(conn, "POST", "/v1/oauth2/token", headers={"Authorization": f"Basic {basic}"})[1])
-    auth = {"Authorization": "Bearer " + token["access_token"], "Content-Type": "application/json"}
+    auth = {**_bench_auth(server, conn), "Content-Type": "application/json"}
     conn.close()
     lat, cycles, errors, lock, stop = [], [], [0], threading.Lock(), threading.Event()
     threads_seen = []
@@ -9062,9 +9065,7 @@ def _bench_web(server, args):
 
 def _bench_testflinger(server, args):
     conn = server.connection()
-    basic = base64.b64encode(f"bench-agent:{server.secret}".encode()).decode()
-    token = json.loads(_request(conn, "POST", "/v1/oauth2/token", headers={"Authorization": f"Basic {basic}"})[1])
-    auth = {"Authorization": "Bearer " + token["access_token"]}
+    auth = _bench_auth(server, conn)
     json_headers = {"Content-Type": "application/json"}
     print(f"agenthub {__version__} bench: server pid {server.proc.pid} on {server.host}:{server.port}, "
           f"file database, {os.cpu_count()} cores")
