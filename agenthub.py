@@ -43,8 +43,8 @@ import os
 import queue
 import re
 import secrets
+import selectors
 import signal
-import socketserver
 import socket
 import sqlite3
 import statistics
@@ -56,7 +56,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler
 
 try:                                   # the regular-expression parser (Python 3.11+ / before)
     from re import _parser as _sre_parse
@@ -85,6 +85,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8000
     server: str = "threaded"
+    threads: int = 16               # the built-in server's workers (idle connections hold none)
     secret_key: str = ""            # signs tokens, encrypts secrets; if empty, kept in "<db>.key"
     require_auth: bool = False      # anonymous requests get 401 instead of "contributor"
     allowed_hosts: str = ""         # Host names answered besides loopback and the bound address ("*": any)
@@ -125,7 +126,7 @@ class Config:
 
     ENV = {
         "db": "AGENTHUB_DB", "host": "AGENTHUB_HOST", "port": "AGENTHUB_PORT",
-        "server": "AGENTHUB_SERVER", "secret_key": "AGENTHUB_SECRET_KEY",
+        "server": "AGENTHUB_SERVER", "threads": "AGENTHUB_THREADS", "secret_key": "AGENTHUB_SECRET_KEY",
         "require_auth": "AGENTHUB_REQUIRE_AUTH", "allowed_hosts": "AGENTHUB_ALLOWED_HOSTS",
         "secure_cookies": "AGENTHUB_SECURE_COOKIES", "jwt_leeway": "AGENTHUB_JWT_LEEWAY",
         "access_token_seconds": "AGENTHUB_ACCESS_TOKEN_SECONDS",
@@ -4269,7 +4270,6 @@ class Watch:
     def __init__(self, key, select, index, deadline):
         self.key, self.select, self.index, self.deadline = key, select, index, deadline
         self.answer = None
-        self.done = threading.Event()
         self._claimed = threading.Lock()
 
     def claim(self):
@@ -4302,10 +4302,11 @@ class WatcherSlots:
 class Watchers:
     """Answers every parked blocking query from one thread.
 
-    A thousand watchers blocked on one name cost a thousand sleeping threads
-    but, when an event arrives, one thread computes the shared view once and
-    writes all the answers; waking each thread to answer for itself costs
-    ~60–90 ms of thread switching on two cores before any work is done.
+    A thousand watchers blocked on one name hold no thread (the built-in server
+    deferred their requests) and, when an event arrives, one thread computes the
+    shared view once and writes all the answers; a thread per watcher, woken to
+    answer for itself, costs ~60–90 ms of thread switching on two cores before
+    any work is done.
     """
 
     def __init__(self, buffer):
@@ -4354,10 +4355,6 @@ class Watchers:
                     except Exception as exc:  # never let one answer stop the others
                         log(f"answering a watcher failed: {exc!r}", "error")
                 answered.append(watch)
-        # Only now wake the sleeping request threads: woken earlier, they would compete for the
-        # GIL with the answers still being written.
-        for watch in answered:
-            watch.done.set()
         if answered:
             with self._cond:
                 done = set(map(id, answered))
@@ -6005,8 +6002,7 @@ def install_consul(app, hub):
             if index is None:
                 raise ApiError(400, "Invalid index")
         name, node, service, tag = filters("name", "node", "service", "tag")
-        answer_raw = request.environ.get("agenthub.answer_raw")      # only agenthub's own server has it
-        park = answer_raw is not None and "pretty" not in request.query
+        park = "agenthub.defer" in request.environ          # only agenthub's own server can defer
         slot = client_addr() or "-" if index else None            # index > 0: a query that may block
         if slot is not None:
             hub.watcher_slots.take(slot)
@@ -6017,7 +6013,7 @@ def install_consul(app, hub):
                 hub.watcher_slots.give_back(slot)
             raise
         if isinstance(view, Watch):
-            return parked(view, answer_raw, slot)
+            return parked(view, slot)
         if slot is not None:
             hub.watcher_slots.give_back(slot)
         if "pretty" in request.query:
@@ -6030,20 +6026,24 @@ def install_consul(app, hub):
             extra["X-Consul-Results-Filtered-By-ACLs"] = "true"
         return extra
 
-    def parked(watch, answer_raw, slot):
-        """Sleep until the Watchers thread has written this request's answer (the blocking query
-        of spec §4, answered from one thread for all watchers)."""
-        rid = request.environ.get("agenthub.request_id")
+    def parked(watch, slot):
+        """Give the worker back at once; the Watchers thread writes this request's answer when the
+        index moves or the wait ends (the blocking query of spec §4, answered from one thread for
+        all watchers, with no thread held by any of them)."""
+        environ = request.environ
+        rid, pretty, answer_raw = environ.get("agenthub.request_id"), "pretty" in request.query, \
+            environ["agenthub.answer_raw"]
 
         def answer_now(view):
             fields = headers(**{"Content-Type": "application/json", "X-Request-Id": rid}, **list_headers(view))
+            body = (json.dumps([e.as_json() for e in view.events], indent=4) + "\n").encode() if pretty \
+                else view.json()
             hub.watcher_slots.give_back(slot)
-            answer_raw("200 OK", list(fields.items()), view.json())
+            answer_raw("200 OK", list(fields.items()), body)
         watch.answer = answer_now
+        environ["agenthub.defer"]()
         hub.watchers.park(watch)
-        if not watch.done.wait(max(0.0, watch.deadline - time.monotonic()) + 30) and watch.claim():
-            answer_now(hub.events.buffer.current().view(watch.key, watch.select))   # the thread is gone
-        return HTTPResponse("")          # discarded: the answer is already on the wire
+        return HTTPResponse("")          # discarded: the answer is written by the Watchers thread
 
     @api.route("ANY", "/v1/event/<rest:path>")
     def unknown(rest):
@@ -8172,21 +8172,35 @@ def application(environ, start_response):
 
 
 ###############################################################################
-# Threaded server #############################################################
+# Server ######################################################################
 ###############################################################################
 #
-# The standard library's wsgiref answers one request per connection on one
-# thread.  This server gives each connection a thread (a long poll or a slow
-# upload never stalls anyone else) and keeps HTTP/1.1 connections alive, which
-# is what the Testflinger agent's requests.Session and py-consul expect.
+# The built-in server.  One selector thread owns every connection that is not
+# being answered: it accepts, reads a request's head as it trickles in, and
+# hands a connection whose head is complete to a bounded pool of worker
+# threads.  A worker answers (and then any request already pipelined behind
+# it) and gives the connection back.  So a thousand idle keep-alive agents are
+# a thousand registered sockets, not a thousand threads, and a client that
+# sends its head a byte at a time holds no worker at all.  A blocking event
+# query gives its worker back too: the request is deferred
+# (``environ["agenthub.defer"]``) and the Watchers thread writes its answer
+# later (``environ["agenthub.answer_raw"]``), after which the connection
+# returns to the selector.  HTTP/1.1 keep-alive is what the Testflinger
+# agent's requests.Session and py-consul expect.
+
+HEAD_LIMIT = 256 * 1024        # a head not complete by then goes to a worker, which answers 414/431
+HEAD_SECONDS = 20.0            # a started head must be complete within this
+IDLE_SECONDS = 120.0           # idle keep-alive connections are closed after this
+IO_SECONDS = 60.0              # one read or write of a request being answered may take this long
+
 
 class _KeepAliveHandler(ServerHandler):
     http_version = "1.1"
 
     def finish_response(self):
-        if self.request_handler.answered_raw:
-            # Another thread already wrote the answer (environ["agenthub.answer_raw"]): drop what
-            # the application returned, write nothing more.
+        if self.request_handler.deferred:
+            # The answer is (or will be) written by another thread (environ["agenthub.answer_raw"]):
+            # drop what the application returned, write nothing.
             if hasattr(self.result, "close"):
                 self.result.close()
             self.status = self.status or "200 OK"
@@ -8202,27 +8216,118 @@ class _KeepAliveHandler(ServerHandler):
             self.headers["Connection"] = "close"
 
 
-class _RequestHandler(WSGIRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 120                  # idle keep-alive connections are dropped after this
-    # wsgiref writes the status line, the headers and the body separately; with Nagle's algorithm
-    # on, a kept-alive connection then waits ~40 ms for the client's delayed ACK on every answer.
-    disable_nagle_algorithm = True
-    # ... and each of those is a system call: buffer them and flush once per answer.
-    wbufsize = 64 * 1024
+class _Connection:
+    """One client connection: its socket, what was read ahead of the current request, the
+    answer being buffered, and its request handler.  A worker reads and writes through it
+    like the files of a socketserver handler (``readline``, ``read``, ``write``, ``flush``)."""
 
-    def handle(self):
-        self.close_connection = True
-        try:
-            self.handle_one_request()
-            self.wfile.flush()
-            while not self.close_connection:
-                self.handle_one_request()
-                self.wfile.flush()
-        except (ConnectionError, TimeoutError, OSError):
-            self.close_connection = True
+    def __init__(self, server, sock, addr):
+        self.server, self.sock, self.addr = server, sock, addr
+        self.buffer = bytearray()
+        self._out, self._out_len = [], 0
+        self.since = time.monotonic()      # idle since / head started at
+        self.lock = threading.Lock()       # orders a deferred answer against its worker
+        self.parked = False                # deferred, the worker gone: the answer gives it back
+        self.closed = False
+        self.handler = _RequestHandler(self)
+
+    # -- reading (a worker's, or the selector's while the head arrives) -------------------
+    def _fill(self):
+        data = self.sock.recv(65536)
+        self.buffer += data
+        return bool(data)
+
+    def head_complete(self):
+        return b"\n\r\n" in self.buffer or b"\n\n" in self.buffer or len(self.buffer) >= HEAD_LIMIT
+
+    def readline(self, limit=-1):
+        start = 0
+        while True:
+            end = self.buffer.find(b"\n", start)
+            if end >= 0:
+                size = end + 1
+                break
+            if 0 <= limit <= len(self.buffer):
+                size = limit
+                break
+            start = len(self.buffer)
+            if not self._fill():
+                size = len(self.buffer)
+                break
+        if limit >= 0:
+            size = min(size, limit)
+        line = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return line
+
+    def read(self, size=-1):
+        """``size`` bytes, fewer only at the end of the stream (as a buffered file reads)."""
+        if size is None or size < 0:
+            while self._fill():
+                pass
+            data = bytes(self.buffer)
+            self.buffer.clear()
+            return data
+        if len(self.buffer) >= size:
+            data = bytes(self.buffer[:size])
+            del self.buffer[:size]
+            return data
+        out = bytearray(size)
+        have = len(self.buffer)
+        out[:have] = self.buffer
+        self.buffer.clear()
+        with memoryview(out) as view:
+            while have < size:
+                got = self.sock.recv_into(view[have:], size - have)
+                if not got:
+                    break
+                have += got
+        del out[have:]
+        return bytes(out)
+
+    # -- writing: one system call per answer, large bodies straight through -------------------
+    def write(self, data):
+        if self._out_len + len(data) > 65536:
+            self.flush()
+            if len(data) >= 65536:
+                self.sock.sendall(data)
+                return
+        self._out.append(bytes(data))
+        self._out_len += len(data)
+
+    def flush(self):
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            self._out_len = 0
+            self.sock.sendall(data)
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.server.connection_opened(-1)
+
+
+class _RequestHandler(WSGIRequestHandler):
+    """http.server's request parsing and wsgiref's WSGI environ, one request at a time on a
+    ``_Connection`` (the socketserver life cycle — a handler per connection that loops on its
+    own thread — is the selector's and the workers' job here)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def __init__(self, conn):         # no BaseRequestHandler.__init__: it would handle at once
+        self.conn = self.rfile = self.wfile = conn
+        self.request = self.connection = conn.sock
+        self.client_address, self.server = conn.addr, conn.server
+        self.close_connection = False
+        self.deferred = self.answered_raw = False
 
     def handle_one_request(self):
+        self.deferred = self.answered_raw = False
         self.raw_requestline = self.rfile.readline(65537)
         received = time.monotonic()
         if not self.raw_requestline:
@@ -8239,8 +8344,8 @@ class _RequestHandler(WSGIRequestHandler):
             return
         environ = self.get_environ()
         environ["agenthub.received"] = received
-        self.answered_raw = False
         environ["agenthub.answer_raw"] = self.answer_raw
+        environ["agenthub.defer"] = self.defer
         declared = environ.get("CONTENT_LENGTH") or "0"
         length = parse_uint(declared)
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
@@ -8271,19 +8376,29 @@ class _RequestHandler(WSGIRequestHandler):
         self.wfile.flush()
         return True
 
-    def answer_raw(self, status, headers, body):
-        """Write this request's whole answer now, from any thread (the request's own thread must
-        be waiting meanwhile); whatever the application returns afterwards is discarded.
+    def defer(self):
+        """The application will answer this request later, from another thread, with
+        ``answer_raw``: the worker goes back to the pool as soon as the application returns."""
+        self.deferred = True
 
-        This is how the hub answers a thousand blocked watchers from one thread at once, instead
-        of waking a thousand threads to write one answer each."""
+    def answer_raw(self, status, headers, body):
+        """Write this request's whole answer now, from any thread; then the connection goes back
+        to the selector (or is closed).  This is how the hub answers a thousand blocked watchers
+        from one thread at once, with no thread waiting for any of them."""
         lines = [f"HTTP/1.1 {status}", f"Date: {self.date_time_string()}", f"Content-Length: {len(body)}",
                  *(f"{k}: {v}" for k, v in headers)]
         if self.close_connection:
             lines.append("Connection: close")
-        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        self.wfile.flush()
-        self.answered_raw = True
+        conn = self.conn
+        try:
+            conn.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        except OSError:
+            self.close_connection = True
+        with conn.lock:
+            self.answered_raw = True
+            resume, conn.parked = conn.parked, False
+        if resume:
+            self.server.give_back(conn)
 
     def log_request(self, code="-", size="-"):
         """Nothing: the application writes the access log (with the request id, API and route)."""
@@ -8292,27 +8407,73 @@ class _RequestHandler(WSGIRequestHandler):
         if not self.server.quiet:
             log(format % args, "warning")
 
-    def setup(self):
-        super().setup()
-        self.server.connection_opened(1)
 
-    def finish(self):
-        try:
-            super().finish()
-        finally:
-            self.server.connection_opened(-1)
+class HubServer:
+    """A keep-alive HTTP/1.1 WSGI server: one selector thread for the connections nobody is
+    answering, ``threads`` workers for the ones that have a request (see the section's head).
 
+    The life cycle follows socketserver's: ``serve_forever()`` until ``shutdown()`` (which stops
+    accepting; open connections are still answered, e.g. with 503 during a graceful stop), then
+    ``server_close()`` closes every connection and stops the threads."""
 
-class ThreadedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024      # a thousand watchers may connect at once
     quiet = False
 
-    def server_activate(self):
-        super().server_activate()
+    def __init__(self, app, host="127.0.0.1", port=0, threads=16, quiet=True):
+        self.app, self.quiet, self.threads = app, quiet, max(1, int(threads))
+        self.socket = socket.create_server((host, port), backlog=1024)
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()[:2]
+        self.base_environ = {"SERVER_NAME": socket.getfqdn(self.server_address[0]),
+                             "GATEWAY_INTERFACE": "CGI/1.1", "SERVER_PORT": str(self.server_address[1]),
+                             "REMOTE_HOST": "", "CONTENT_LENGTH": "", "SCRIPT_NAME": ""}
         self.in_flight, self._idle = 0, threading.Condition()
         self.connections = 0           # open client connections (GET /metrics)
+        self._selector = selectors.DefaultSelector()
+        self._ready = queue.SimpleQueue()           # connections with a request, for the workers
+        self._returned = collections.deque()        # connections the workers give back
+        self._waker, self._wake = socket.socketpair()
+        self._waker.setblocking(False)
+        self._wake.setblocking(False)
+        self._accepting, self._closing = True, False
+        self._stopped = threading.Event()           # shutdown() was called: serve_forever returns
+        self._loop_thread, self._workers, self._started = None, [], threading.Lock()
+
+    # -- socketserver's interface, as the hub and the tests use it --------------------------------
+    def get_app(self):
+        return self.app
+
+    def serve_forever(self, poll_interval=0.5):
+        self.start()
+        self._stopped.wait()
+
+    def start(self):
+        """Start the selector thread and the workers (serve_forever does; idempotent)."""
+        with self._started:
+            if self._loop_thread is not None:
+                return
+            self._loop_thread = threading.Thread(target=self._loop, name="agenthub-selector", daemon=True)
+            self._workers = [threading.Thread(target=self._work, name=f"agenthub-worker-{n}", daemon=True)
+                             for n in range(self.threads)]
+            for thread in [self._loop_thread, *self._workers]:
+                thread.start()
+
+    def shutdown(self):
+        """Stop accepting connections and make serve_forever() return; open ones are still served."""
+        self._accepting = False
+        self._poke()
+        self._stopped.set()
+
+    def server_close(self):
+        """Close the listening socket and every connection not being answered; stop the threads."""
+        self._accepting, self._closing = False, True
+        self._stopped.set()
+        self._poke()
+        if self._loop_thread is not None and self._loop_thread is not threading.current_thread():
+            self._loop_thread.join(5)
+        for _ in self._workers:
+            self._ready.put(None)
+        if self._loop_thread is None:
+            self.socket.close()
 
     def connection_opened(self, change):
         with self._idle:
@@ -8332,13 +8493,145 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
         with self._idle:
             return self._idle.wait_for(lambda: self.in_flight <= 0, timeout)
 
+    def give_back(self, conn):
+        """A worker (or a deferred answer) is done with ``conn``: back to the selector, or closed."""
+        if conn.handler.close_connection or self._closing:
+            conn.close()
+            return
+        self._returned.append(conn)
+        self._poke()
 
-def make_server(app, host="127.0.0.1", port=0, quiet=True):
-    """A threaded keep-alive WSGI server bound to (host, port); port 0 picks a free one."""
-    server = ThreadedWSGIServer((host, port), _RequestHandler)
-    server.quiet = quiet
-    server.set_app(app)
-    return server
+    def _poke(self):
+        try:
+            self._wake.send(b"x")
+        except (BlockingIOError, OSError):
+            pass                       # already poked (the pipe is full) or closing
+
+    # -- the selector thread ------------------------------------------------------------------------
+    def _loop(self):
+        selector = self._selector
+        selector.register(self.socket, selectors.EVENT_READ, "accept")
+        selector.register(self._waker, selectors.EVENT_READ, "wake")
+        listening, next_sweep = True, time.monotonic() + 1.0
+        try:
+            while not self._closing:
+                for key, _ in selector.select(1.0):
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        try:
+                            while self._waker.recv(4096):
+                                pass
+                        except (BlockingIOError, OSError):
+                            pass
+                    else:
+                        self._readable(key.data)
+                while self._returned:
+                    conn = self._returned.popleft()
+                    if conn.closed:
+                        continue
+                    conn.since = time.monotonic()
+                    if conn.buffer and conn.head_complete():
+                        self._ready.put(conn)          # pipelined: the next request is already here
+                    else:
+                        selector.register(conn.sock, selectors.EVENT_READ, conn)
+                if listening and not self._accepting:
+                    selector.unregister(self.socket)
+                    self.socket.close()
+                    listening = False
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + 1.0
+                    self._sweep(now)
+        finally:
+            for key in list(selector.get_map().values()):
+                if isinstance(key.data, _Connection):
+                    key.data.close()
+            selector.close()
+            if listening:
+                self.socket.close()
+            self._waker.close()
+            self._wake.close()
+
+    def _accept(self):
+        for _ in range(128):
+            try:
+                sock, addr = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:         # e.g. out of file descriptors: try again on the next turn
+                log(f"accept failed: {exc}", "warning")
+                return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(IO_SECONDS)
+            self.connection_opened(1)
+            conn = _Connection(self, sock, addr)
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _readable(self, conn):
+        """Read what has arrived of a head without blocking; complete, it goes to a worker."""
+        try:
+            data = conn.sock.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._selector.unregister(conn.sock)
+            conn.close()
+            return
+        if not conn.buffer:
+            conn.since = time.monotonic()      # the head's clock starts with its first byte
+        conn.buffer += data
+        if conn.head_complete():
+            self._selector.unregister(conn.sock)
+            self._ready.put(conn)
+
+    def _sweep(self, now):
+        """Close idle connections after IDLE_SECONDS, and heads that trickle in too slowly."""
+        for key in list(self._selector.get_map().values()):
+            conn = key.data
+            if isinstance(conn, _Connection) and now - conn.since > (HEAD_SECONDS if conn.buffer else IDLE_SECONDS):
+                self._selector.unregister(conn.sock)
+                conn.close()
+
+    # -- the workers --------------------------------------------------------------------------------
+    def _work(self):
+        while True:
+            conn = self._ready.get()
+            if conn is None:
+                return
+            try:
+                self._serve(conn)
+            except Exception as exc:           # never lose a worker
+                log(f"serving a connection failed: {exc!r}", "error")
+                conn.close()
+
+    def _serve(self, conn):
+        handler = conn.handler
+        while True:
+            try:
+                handler.handle_one_request()
+                if handler.deferred:
+                    with conn.lock:
+                        if not handler.answered_raw:
+                            conn.parked = True     # the deferred answer gives the connection back
+                            return
+                conn.flush()
+            except (ConnectionError, TimeoutError, OSError):
+                conn.close()
+                return
+            if handler.close_connection or self._closing:
+                conn.close()
+                return
+            if not (conn.buffer and conn.head_complete()):
+                break
+        self.give_back(conn)
+
+
+def make_server(app, host="127.0.0.1", port=0, quiet=True, threads=16):
+    """The built-in keep-alive WSGI server bound to (host, port); port 0 picks a free one."""
+    return HubServer(app, host, port, threads=threads, quiet=quiet)
 
 
 ###############################################################################
@@ -8351,6 +8644,10 @@ def _serve_options(parser, env):
     parser.add_argument("--server", default=env.server,
                         help="'threaded' (built in, default) or any server name Bottle knows, e.g. waitress,"
                              " cheroot (must be installed; AGENTHUB_SERVER)")
+    parser.add_argument("--threads", type=int, default=env.threads,
+                        help="worker threads of the built-in server (default %(default)s; AGENTHUB_THREADS). Idle"
+                             " keep-alive connections and blocked event queries hold none; a request being"
+                             " answered (an upload, a job-status webhook call) holds one")
     parser.add_argument("--secret-key", default=env.secret_key,
                         help="default: generated once, kept in <db>.key (0600), never in the database. It signs"
                              " access tokens and encrypts secrets (AGENTHUB_SECRET_KEY)")
@@ -8549,7 +8846,8 @@ def main(argv=None):
 
 def serve_command(args):
     env_default = Config.from_env()
-    config = Config(db=args.db, host=args.host, port=args.port, server=args.server, secret_key=args.secret_key,
+    config = Config(db=args.db, host=args.host, port=args.port, server=args.server, threads=args.threads,
+                    secret_key=args.secret_key,
                     require_auth=args.require_auth, jwt_leeway=args.jwt_leeway,
                     access_token_seconds=args.access_token_seconds, refresh_token_days=args.refresh_token_days,
                     retention_days=args.retention_days, purge_interval=args.purge_interval,
@@ -8593,7 +8891,7 @@ def serve_command(args):
             bottle.run(app, server=config.server, host=config.host, port=config.port, quiet=config.quiet)
             return 0
         try:
-            server = make_server(app, config.host, config.port, quiet=config.quiet)
+            server = make_server(app, config.host, config.port, quiet=config.quiet, threads=config.threads)
         except OSError as exc:
             print(f"agenthub: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
             return 1
@@ -8624,7 +8922,7 @@ def graceful_shutdown(app, server, reason):
     def say(text):
         log(text)
     hub = app.hub
-    server.server_close()
+    server.shutdown()                  # (serve_forever has returned: this is when it was asked to)
     hub.stopped_at = time.monotonic()
     say(f"{reason}: stopped accepting connections")
     parked = hub.watchers.parked()
@@ -8633,6 +8931,7 @@ def graceful_shutdown(app, server, reason):
     grace = hub.config.shutdown_grace
     if not server.wait_idle(grace):
         say(f"{server.in_flight} request(s) still running after {grace:g} s; they answer 503")
+    server.server_close()
     app.close()
     say("database closed; stopped")
 

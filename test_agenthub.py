@@ -1924,6 +1924,80 @@ def test_a_slow_request_does_not_stall_others(server):
     stalled.close()
 
 
+def _serve(app, threads):
+    """The built-in server with ``threads`` workers, running; (server, (host, port))."""
+    httpd = agenthub.make_server(app, "127.0.0.1", 0, threads=threads)
+    app.hub.server = httpd
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, ("127.0.0.1", httpd.server_address[1])
+
+
+def test_idle_connections_parked_watchers_and_slow_heads_hold_no_worker(make_app):
+    """Two workers serve 300 kept-alive connections, 100 of them parked watchers, while two heads
+    trickle in that never end: no thread per connection, and nobody waits for the slow ones."""
+    app = make_app(purge_interval=0, history_interval=0)
+    httpd, (host, port) = _serve(app, threads=2)
+    try:
+        clients = [http.client.HTTPConnection(host, port) for _ in range(300)]
+        for conn in clients:
+            conn.request("GET", "/v1/")
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.read().startswith(b"Testflinger")
+        threads = threading.active_count()
+        slow = [socket.create_connection((host, port)) for _ in range(2)]          # as many as the workers
+        for sock in slow:
+            sock.sendall(b"GET /v1/ HTTP/1.1\r\nHost: localhost\r\n")                # ... and the head never ends
+        first = json.loads(call_http(f"http://{host}:{port}", "PUT", "/v1/event/fire/w", b"1")[2])
+        index = xor_index(first["ID"])
+        for conn in clients[:100]:
+            conn.request("GET", f"/v1/event/list?name=w&index={index}&wait=60s")
+        assert _wait_for(lambda: app.hub.watchers.parked() == 100)
+        for conn in clients[100:]:                                                  # still answered, on two workers
+            conn.request("GET", "/v1/agents/data")
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read()) == []
+        assert threading.active_count() == threads
+        from prometheus_client.parser import text_string_to_metric_families
+        families = {f.name: f for f in text_string_to_metric_families(
+            call_http(f"http://{host}:{port}", "GET", "/metrics")[2].decode())}
+        assert sample(families, "agenthub_http_connections") >= 303          # 300 + 2 slow + this one
+        second = json.loads(call_http(f"http://{host}:{port}", "PUT", "/v1/event/fire/w", b"2")[2])
+        for conn in clients[:100]:
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.getheader("X-Consul-Index") == str(xor_index(second["ID"]))
+            assert [e["ID"] for e in json.loads(resp.read())] == [first["ID"], second["ID"]]
+        for conn in clients:
+            conn.close()
+        for sock in slow:
+            sock.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_head_sent_a_byte_at_a_time_and_pipelined_requests_are_answered_in_order(make_app):
+    app = make_app(purge_interval=0, history_interval=0)
+    httpd, address = _serve(app, threads=1)
+    try:
+        with socket.create_connection(address) as sock:
+            for byte in b"GET /v1/ HTTP/1.1\r\nHost: localhost\r\n\r\n":
+                sock.sendall(bytes([byte]))
+            reply = sock.makefile("rb")
+            assert reply.readline().startswith(b"HTTP/1.1 200")
+        with socket.create_connection(address) as sock:
+            sock.sendall(b"GET /v1/ HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                         b"POST /v1/job HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 17\r\n\r\n{\"job_queue\":\"p\"}"
+                         b"GET /v1/queues/summary HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            reply = sock.makefile("rb").read()                 # to the end: the last one closes
+        answers = reply.split(b"HTTP/1.1 ")[1:]
+        assert [a[:3] for a in answers] == [b"200", b"200", b"200"]
+        assert b"Testflinger" in answers[0] and b"job_id" in answers[1] and b'"p"' in answers[2]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_large_artifact_streams_with_flat_memory(server):
     """64 MiB up and down through a real server; Python's allocations stay far below the file size."""
     app, base = server
