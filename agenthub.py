@@ -31,6 +31,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import email.utils
 import functools
 import hashlib
 import hmac
@@ -4264,7 +4265,8 @@ class Watch:
     """A blocking event-list query parked with the Watchers thread.
 
     ``answer(view)`` is set by the HTTP layer: it writes the whole HTTP answer
-    for this request.  Exactly one party answers: ``claim()`` decides who.
+    for this request and may return what is left to do once every watcher woken
+    with it is answered.  Exactly one party answers: ``claim()`` decides who.
     """
 
     def __init__(self, key, select, index, deadline):
@@ -4343,18 +4345,21 @@ class Watchers:
             self._answer(parked, final=stop.is_set())
 
     def _answer(self, parked, final=False):
-        snapshot, now, answered = self.buffer.current(), time.monotonic(), []
+        snapshot, now, answered, finish = self.buffer.current(), time.monotonic(), [], []
         for watch in parked:
             view = snapshot.view(watch.key, watch.select)
             if final or view.index != watch.index or now >= watch.deadline:
                 if watch.claim():
                     try:
-                        watch.answer(view)
+                        finish.append(watch.answer(view))
                     except OSError:
                         pass                 # the client went away
                     except Exception as exc:  # never let one answer stop the others
                         log(f"answering a watcher failed: {exc!r}", "error")
                 answered.append(watch)
+        for then in finish:                  # what each answer left to do once all are written
+            if callable(then):
+                then()
         if answered:
             with self._cond:
                 done = set(map(id, answered))
@@ -6039,7 +6044,7 @@ def install_consul(app, hub):
             body = (json.dumps([e.as_json() for e in view.events], indent=4) + "\n").encode() if pretty \
                 else view.json()
             hub.watcher_slots.give_back(slot)
-            answer_raw("200 OK", list(fields.items()), body)
+            return answer_raw("200 OK", list(fields.items()), body)
         watch.answer = answer_now
         environ["agenthub.defer"]()
         hub.watchers.park(watch)
@@ -8194,8 +8199,24 @@ IDLE_SECONDS = 120.0           # idle keep-alive connections are closed after th
 IO_SECONDS = 60.0              # one read or write of a request being answered may take this long
 
 
+_date_cache = (0, "")
+
+
+def _http_date():
+    """The Date header's value, formatted once a second (formatting it costs ~10 µs)."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+    return _date_cache[1]
+
+
 class _KeepAliveHandler(ServerHandler):
     http_version = "1.1"
+
+    def send_preamble(self):
+        """The status line and the Date header in one write (wsgiref formats the date anew each time)."""
+        self._write(f"HTTP/1.1 {self.status}\r\nDate: {_http_date()}\r\n".encode("latin-1"))
 
     def finish_response(self):
         if self.request_handler.deferred:
@@ -8382,10 +8403,11 @@ class _RequestHandler(WSGIRequestHandler):
         self.deferred = True
 
     def answer_raw(self, status, headers, body):
-        """Write this request's whole answer now, from any thread; then the connection goes back
-        to the selector (or is closed).  This is how the hub answers a thousand blocked watchers
-        from one thread at once, with no thread waiting for any of them."""
-        lines = [f"HTTP/1.1 {status}", f"Date: {self.date_time_string()}", f"Content-Length: {len(body)}",
+        """Write this request's whole answer now, from any thread.  Returns ``resume``, which gives
+        the connection back to the selector (or closes it): call it at once, or — answering a
+        thousand blocked watchers from one thread — once all of them are written, so that the
+        selector thread does not compete for the interpreter with the answers still to write."""
+        lines = [f"HTTP/1.1 {status}", f"Date: {_http_date()}", f"Content-Length: {len(body)}",
                  *(f"{k}: {v}" for k, v in headers)]
         if self.close_connection:
             lines.append("Connection: close")
@@ -8396,9 +8418,12 @@ class _RequestHandler(WSGIRequestHandler):
             self.close_connection = True
         with conn.lock:
             self.answered_raw = True
-            resume, conn.parked = conn.parked, False
-        if resume:
-            self.server.give_back(conn)
+            parked, conn.parked = conn.parked, False
+        return functools.partial(self.server.give_back, conn) if parked else _nothing
+
+
+def _nothing():
+    pass
 
     def log_request(self, code="-", size="-"):
         """Nothing: the application writes the access log (with the request id, API and route)."""
@@ -8430,7 +8455,7 @@ class HubServer:
         self.connections = 0           # open client connections (GET /metrics)
         self._selector = selectors.DefaultSelector()
         self._ready = queue.SimpleQueue()           # connections with a request, for the workers
-        self._returned = collections.deque()        # connections the workers give back
+        self._returned, self._returning = [], threading.Lock()   # connections given back, not yet watched
         self._waker, self._wake = socket.socketpair()
         self._waker.setblocking(False)
         self._wake.setblocking(False)
@@ -8498,7 +8523,10 @@ class HubServer:
         if conn.handler.close_connection or self._closing:
             conn.close()
             return
-        self._returned.append(conn)
+        with self._returning:
+            self._returned.append(conn)
+            if len(self._returned) > 1:
+                return                 # the selector is poked already: a thousand answers, one wake-up
         self._poke()
 
     def _poke(self):
@@ -8526,8 +8554,9 @@ class HubServer:
                             pass
                     else:
                         self._readable(key.data)
-                while self._returned:
-                    conn = self._returned.popleft()
+                with self._returning:
+                    returned, self._returned = self._returned, []
+                for conn in returned:
                     if conn.closed:
                         continue
                     conn.since = time.monotonic()
