@@ -770,7 +770,7 @@ class Database:
             yield self._local.conn
             return
         with self._write_lock, self.connection() as conn:
-            self._local.writing = True
+            self._local.writing, self._local.hooks = True, []
             try:
                 try:
                     began = time.perf_counter()
@@ -789,6 +789,22 @@ class Database:
                     log("the database takes writes again")
             finally:
                 self._local.writing = False
+                hooks, self._local.hooks = self._local.hooks, []
+            for hook in hooks:               # committed (a rollback raised above and skipped them)
+                try:
+                    hook()
+                except Exception as exc:     # the change is made: one hook's failure stops no other
+                    log(f"an after-commit step failed: {exc!r}", "error")
+
+    def after_commit(self, hook):
+        """Run ``hook()`` once the write transaction in progress has committed — before the writer
+        lock is released, so hooks run in commit order — and never if it rolls back.  This is how
+        what others see outside the database (the event ring, notifications) follows the change
+        without a second transaction.  A hook must not write.  Outside a write it runs at once."""
+        if getattr(self._local, "writing", False):
+            self._local.hooks.append(hook)
+        else:
+            hook()
 
     def _refusal(self, exc):
         """A full disk (or database) refuses writes with 507 and an I/O error with 503, in the API's
@@ -861,6 +877,9 @@ class _DomainStore:
 
     def write(self):
         return self.db.write()
+
+    def after_commit(self, hook):
+        self.db.after_commit(hook)
 
     def read(self, sql, args=()):
         return self.db.read(sql, args)
@@ -3320,7 +3339,9 @@ class JobQueue:
                 if reclaimed:
                     self.registry.changed(row["name"])
 
-    def pop(self, queues, agent_name):
+    def pop(self, queues, agent_name, ip=None):
+        """The next job of ``queues`` for the agent, or None — with the agent's sign of life and the
+        state change it causes, in one write transaction."""
         now = utcnow()
         with self.store.write() as db:
             self.reclaim_stranded(agent_name, now)
@@ -3339,12 +3360,13 @@ class JobQueue:
             if row is not None:
                 self.store.add_job_events(db, row["job_id"], row["attempt"],
                                           [job_event("job_assigned", now, agent_name=agent_name)])
-        self.registry.contact(agent_name, throttle=1.0)
+            heard = self.registry.contact(agent_name, ip, throttle=1.0, announce=False)
+            if row is not None or heard:
+                self.registry.changed(agent_name)    # e.g. it now holds a running instance: same commit
         if row is None:
             return None
         self.tally.add(("popped",))
         self.waits.observe(now - row["created_at"], (row["job_queue"],))
-        self.registry.changed(agent_name)            # it now holds a running instance
         job = json.loads(row["job_data"])
         job["job_id"] = row["job_id"]
         job["started_at"] = iso(row["started_at"])
@@ -4165,18 +4187,26 @@ class EventBuffer:
         if not internal and len(name.encode()) + len(payload or b"") > self.max_bytes:
             raise ApiError(413, "error broadcasting event: user event exceeds configured limit of "
                                 f"{self.max_bytes} bytes before encoding")
-        with self._changed:
+        # Inside the caller's write transaction when there is one (an agent's state change is
+        # part of the change that caused it); the ring moves once it is committed.
+        with self.store.write():
             event = Event(str(uuid.uuid4()), name, payload, node, service, tag, self._ltime + 1)
             if name != "_rexec":                    # Consul never buffers remote-exec events
                 self.store.add_event(event, self.size, utcnow())
                 self._ltime += 1
+            self.store.after_commit(functools.partial(self._publish, event, internal))
+        return event
+
+    def _publish(self, event, internal):
+        """A committed event enters the ring; blocked queries wake."""
+        if event.name != "_rexec":
+            with self._changed:
                 old = self._snapshot
                 self._snapshot = _Snapshot((old.events + (event,))[-self.size:], old.version + 1)
                 self._changed.notify_all()
         self.fired.add(("hub" if internal else "api",))
         for listener in self.listeners:
             listener()
-        return event
 
     def events(self):
         """The events, oldest first (an immutable tuple)."""
@@ -4527,25 +4557,35 @@ class Registry:
         live, cancel = self.store.live_instances(name)      # the tuple needs no finished-instance counts
         view = derive_agent(row, live, cancel, now, self.config.lost_contact_seconds)
         new = json.dumps(view.gocd_tuple)
-        if new != row["gocd_tuple"] and self.store.announce_state(name, row["gocd_tuple"], new, now):
-            body = gocd_body(row, view, now)
-            self.events.buffer.fire("agent-status", body.encode(), node=f"^{re.escape(name)}$", internal=True)
-            self.notifier.announce(name, body)
+        if new == row["gocd_tuple"]:
+            return None
+        # One transaction — the caller's when it calls inside one (a pop is one commit with the
+        # state change it causes); the webhooks hear of it once it is committed.
+        with self.store.write():
+            if self.store.announce_state(name, row["gocd_tuple"], new, now):
+                body = gocd_body(row, view, now)
+                self.events.buffer.fire("agent-status", body.encode(), node=f"^{re.escape(name)}$", internal=True)
+                self.store.after_commit(functools.partial(self.notifier.announce, name, body))
+        return None
 
-    def contact(self, name, ip=None, shutdown=False, throttle=0.0):
-        """The agent was heard from (or said goodbye); a no-op for unknown names.
+    def contact(self, name, ip=None, shutdown=False, throttle=0.0, announce=True):
+        """The agent was heard from (or said goodbye); a no-op for unknown names.  True when the
+        contact was recorded (``announce=False``: the caller then calls ``changed`` itself).
 
         With ``throttle``, a contact less than that many seconds after the last
         recorded one is not written again (agents call many times a second)."""
         now = utcnow()
         with self._contact_lock:
             if throttle and now - self._last_contact.get(name, 0) < throttle:
-                return                     # another request of this agent just recorded it
+                return False               # another request of this agent just recorded it
             if len(self._last_contact) >= 65536:
                 self._last_contact.clear()     # bounded, whatever names callers make up
             self._last_contact[name] = now
         if self.store.touch_agent(name, now, ip, shutdown):
-            self.changed(name)
+            if announce:
+                self.changed(name)
+            return True
+        return False
 
     def sweep(self):
         """The lost-contact sweep: announce every agent whose state moved while nobody asked."""
@@ -4568,8 +4608,10 @@ class Registry:
 
     # -- Prefactor agents (spec agents.md §2); each change is one write transaction -----------------
     #
-    # Announcements (``changed``) go out after the commit: a notification never tells of a change
-    # that was rolled back, and no event-buffer lock is taken while the writer lock is held.
+    # Announcements (``changed``) join the change's transaction when called inside it; the event
+    # ring and the webhooks hear of them once it is committed (``after_commit``), so a
+    # notification never tells of a change that was rolled back.  Lock order: the writer, then
+    # the event buffer's.
 
     def agent(self, pfid):
         """The agent with this PFID: 400 for a malformed id, 404 for an unknown one."""
@@ -5539,17 +5581,18 @@ class TestflingerStyle(ApiStyle):
     def refused(self, exc):
         return text_response(exc.message, exc.status) if exc.text else self.error(exc.status, exc.message)
 
-    def call(self, func, kw, roles=None, body=None, query=None, body_limit=None, query_status=422):
+    def call(self, func, kw, roles=None, body=None, query=None, body_limit=None, query_status=422, contact=True):
         """``roles`` gates the route: authentication first, then the role.  ``body`` / ``query``: the
         Schema the JSON body / the query is loaded with, passed as ``data`` / ``query`` (the same
-        objects GET /openapi.json describes).  ``body_limit``: a larger body is refused unread (413)."""
+        objects GET /openapi.json describes).  ``body_limit``: a larger body is refused unread (413).
+        ``contact=False``: the route records the agent's sign of life itself, in its own transaction."""
         if roles is not None:
             auth = self.hub.auth
             identity = auth.identify(credential("Authorization"))
             auth.require(identity, roles)
             request.environ["agenthub.identity"] = identity
             agent_name = cookie("agent_name")
-            if agent_name and identity.role == "agent":
+            if contact and agent_name and identity.role == "agent":
                 # Whatever an agent asks is a sign of life (spec agents.md §5.2).
                 self.hub.registry.contact(agent_name, client_addr(), throttle=1.0)
         if body is not None:
@@ -5589,7 +5632,8 @@ def install_testflinger(app, hub):
         job_id = jobs.submit(data, request.environ["agenthub.identity"])
         return json_response({"job_id": job_id})
 
-    @route("GET", "/v1/job", AGENT, doc_query={"queue": {"type": "array", "items": {"type": "string"}}},
+    @route("GET", "/v1/job", AGENT, contact=False,
+           doc_query={"queue": {"type": "array", "items": {"type": "string"}}},
            answers={200: "The job, its secrets resolved", 204: "No job waits in these queues"})
     def pop_job():
         """An agent takes the next job of its queues (204: none)"""
@@ -5599,7 +5643,7 @@ def install_testflinger(app, hub):
         agent_name = cookie("agent_name")
         if not agent_name:
             raise ApiError(401, "Agent not identified")
-        job = jobs.pop(queues, agent_name)
+        job = jobs.pop(queues, agent_name, client_addr())
         return no_content() if job is None else json_response(job)
 
     @route("GET", "/v1/job/search", AMC, query=SEARCH_SCHEMA)
@@ -8211,6 +8255,10 @@ def _http_date():
     return _date_cache[1]
 
 
+def _nothing():
+    pass
+
+
 class _KeepAliveHandler(ServerHandler):
     http_version = "1.1"
 
@@ -8420,10 +8468,6 @@ class _RequestHandler(WSGIRequestHandler):
             self.answered_raw = True
             parked, conn.parked = conn.parked, False
         return functools.partial(self.server.give_back, conn) if parked else _nothing
-
-
-def _nothing():
-    pass
 
     def log_request(self, code="-", size="-"):
         """Nothing: the application writes the access log (with the request id, API and route)."""

@@ -2773,6 +2773,30 @@ def test_rackspace_startup_that_creates_an_agent_announces_once(anon, app):
         [("Enabled", "Idle", "Idle")]
 
 
+def test_a_pop_is_one_commit_with_the_state_change_it_causes_and_a_failed_one_announces_nothing(
+        app, anon, agent):
+    """The agent's sign of life, the job, its instance, its events and the Idle -> Building
+    announcement commit together; a pop that fails takes its announcement with it."""
+    def writes():
+        return sample(scrape(anon), "agenthub_database_write_seconds", "_count")
+
+    def announced():
+        return [json.loads(base64.b64decode(e["Payload"]))["agent_state"]
+                for e in anon.get("/v1/event/list?name=agent-status").json]
+    first, second = submit(anon), submit(anon)
+    before, states = writes(), announced()
+    with pytest.raises(RuntimeError):
+        with app.hub.db.write():                             # a pop inside a change that fails later
+            assert app.hub.jobs.pop(["q1"], "agent1")["job_id"] == first
+            raise RuntimeError("a later step fails")
+    assert announced() == states and anon.get(f"/v1/result/{first}").json["job_state"] == "waiting"
+    assert writes() == before                                               # rolled back: nothing committed
+    assert agent.get("/v1/job?queue=q1").json["job_id"] == first
+    assert writes() == before + 1                                           # one commit for all of it
+    assert announced() == states + ["Building"]
+    assert anon.get(f"/v1/result/{second}").json["job_state"] == "waiting"
+
+
 def test_a_failing_step_of_a_registry_change_leaves_nothing_half_made(anon, app, monkeypatch):
     agent = pf_create(anon, "atomic")
     version = {"name": "v9"}
