@@ -518,7 +518,7 @@ MIGRATIONS = [
     );
     """,
     # 4: the one agent registry (Testflinger, Prefactor, Rackspace, GoCD) — see _migrate_registry.
-    lambda db: _migrate_registry(db),
+    lambda db, ddl: _migrate_registry(db, ddl),
     # 5: jobs handed out that never reached their agent (JobQueue.reclaim_stranded)
     """
     ALTER TABLE jobs ADD COLUMN strands INTEGER NOT NULL DEFAULT 0;
@@ -647,10 +647,10 @@ REGISTRY_SQL = """
 """
 
 
-def _migrate_registry(db):
+def _migrate_registry(db, ddl):
     """Turn the Testflinger agents table into the registry; existing agents get their ids."""
     for statement in _split_sql(REGISTRY_SQL):
-        db.execute(statement)
+        db.execute(ddl(statement))
     for row in db.execute("SELECT name, updated_at FROM agents").fetchall():
         db.execute("UPDATE agents SET pfid = ?, uuid = ?, inserted_at = ?, record_updated_at = ? WHERE name = ?",
                    (new_pfid(PFID_DEFAULT_PARTITION, int(row[1] * 1000)), str(uuid.uuid4()), row[1], row[1],
@@ -679,8 +679,21 @@ def private_files(path):
                 os.chmod(name, mode & 0o700)
 
 
+def open_database(url):
+    """The Database for ``--db``: a ``postgresql://`` URL selects PostgreSQL, anything else is
+    an SQLite file (or ``:memory:``)."""
+    if is_postgres_url(url):
+        return PostgresDatabase(url)
+    return Database(url)
+
+
+def is_postgres_url(url):
+    return isinstance(url, str) and url.startswith(("postgresql://", "postgres://"))
+
+
 class Database:
-    """The SQLite database: a pool of connections, ``write()`` and the migrations.
+    """The SQLite database (the embedded default engine): a pool of connections, ``write()``
+    and the migrations.
 
     A file database gets WAL connections from a pool that grows on demand;
     ``:memory:`` is a single connection (an in-memory database is private to
@@ -688,7 +701,16 @@ class Database:
     to change data: it takes the process-wide writer lock and wraps the block
     in ``BEGIN IMMEDIATE … COMMIT``, so every multi-step change is one
     transaction.
+
+    The few fragments of SQL that differ between engines are methods here
+    (``in_list``, ``json_has``, …), overridden by PostgresDatabase; every
+    other statement of this section is written once for both.
     """
+
+    engine = "sqlite"
+    BEGIN = ("BEGIN IMMEDIATE",)
+    errors = (sqlite3.Error,)            # what a failing database raises (the loops survive these)
+    skip_locked = ""                     # SQLite's single writer already hands each row out once
 
     def __init__(self, path):
         self.path = path
@@ -702,18 +724,64 @@ class Database:
         self.write_seconds = Histogram(LATENCY_BUCKETS)     # time each write transaction held the writer
         if not self.memory:
             private_files(path)
+        self._migrate()
+
+    def _migrate(self):
         with self.write() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
+            version = self.schema_version(db)
             if version > len(MIGRATIONS):
                 raise StartupError(f"database schema {version} is newer than this agenthub ({len(MIGRATIONS)}); "
                                    "upgrade agenthub")
             for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
                 if callable(step):
-                    step(db)
+                    step(db, self.ddl)
                 else:
                     for statement in _split_sql(step):
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {number}")
+                        db.execute(self.ddl(statement))
+                self.set_schema_version(db, number)
+
+    # -- what differs between the engines ---------------------------------------------------------
+    def schema_version(self, db):
+        return db.execute("PRAGMA user_version").fetchone()[0]
+
+    def set_schema_version(self, db, number):
+        db.execute(f"PRAGMA user_version = {int(number)}")
+
+    @staticmethod
+    def ddl(statement):
+        """A migration statement as this engine takes it (the migrations are written for SQLite)."""
+        return statement
+
+    @staticmethod
+    def in_list(column):
+        """``column`` is one of the values of a ``?`` bound to ``list_value(values)``."""
+        return f"{column} IN (SELECT value FROM json_each(?))"
+
+    @staticmethod
+    def list_value(values):
+        return json.dumps(list(values))
+
+    @staticmethod
+    def json_has(column, value="?"):
+        """The JSON array stored in ``column`` holds ``value`` (false for NULL)."""
+        return f"EXISTS (SELECT 1 FROM json_each({column}) WHERE value = {value})"
+
+    @staticmethod
+    def json_elements(column, key):
+        """A table of the elements (as ``value``) of the array at ``key`` of the JSON in ``column``."""
+        return f"json_each({column}, '$.{key}')"
+
+    @staticmethod
+    def json_text(column, key):
+        return f"json_extract({column}, '$.{key}')"
+
+    @staticmethod
+    def utf8_length(column):
+        return f"length(CAST({column} AS BLOB))"
+
+    @staticmethod
+    def utf8_bytes(column):
+        return f"CAST({column} AS BLOB)"
 
     def _open(self):
         conn = sqlite3.connect(":memory:" if self.memory else self.path,
@@ -753,7 +821,7 @@ class Database:
                 self._local.conn = None
                 if conn.in_transaction:
                     conn.rollback()
-                if self._closed or (not self.memory and self._idle.qsize() >= 32):
+                if self._closed or getattr(conn, "broken", False) or (not self.memory and self._idle.qsize() >= 32):
                     if not self.memory:
                         conn.close()
                 else:
@@ -774,7 +842,8 @@ class Database:
             try:
                 try:
                     began = time.perf_counter()
-                    conn.execute("BEGIN IMMEDIATE")
+                    for statement in self.BEGIN:
+                        conn.execute(statement)
                     try:
                         yield conn
                     except BaseException:
@@ -782,8 +851,11 @@ class Database:
                         raise
                     conn.commit()
                     self.write_seconds.observe(time.perf_counter() - began)
-                except sqlite3.OperationalError as exc:
-                    raise self._refusal(exc) from exc
+                except self.errors as exc:
+                    refusal = self._refusal(exc)
+                    if refusal is exc:
+                        raise
+                    raise refusal from exc
                 if self._full:
                     self._full = False
                     log("the database takes writes again")
@@ -809,6 +881,8 @@ class Database:
     def _refusal(self, exc):
         """A full disk (or database) refuses writes with 507 and an I/O error with 503, in the API's
         style, while reads go on; the condition is logged once per episode, not once per request."""
+        if not isinstance(exc, sqlite3.OperationalError):
+            return exc
         code = getattr(exc, "sqlite_errorcode", None)
         if code == sqlite3.SQLITE_FULL or "is full" in str(exc):
             if not self._full:
@@ -863,6 +937,261 @@ class Database:
                 self._idle.get_nowait().close()
             except queue.Empty:
                 break
+
+
+class _PgRow(tuple):
+    """A PostgreSQL row as the stores read sqlite3.Row: by index, by column name, ``keys()``."""
+
+    __slots__ = ()
+    _names = {}
+
+    def __getitem__(self, key):
+        if key.__class__ is str:
+            return tuple.__getitem__(self, self._names[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self):
+        return list(self._names)
+
+
+_PG_ROW_CLASSES = {}
+
+
+def _pg_rows(cursor):
+    """psycopg row factory: one _PgRow class per distinct column list, made once."""
+    names = tuple(c.name for c in cursor.description or ())
+    cls = _PG_ROW_CLASSES.get(names)
+    if cls is None:
+        cls = _PG_ROW_CLASSES[names] = type("Row", (_PgRow,), {"__slots__": (),
+                                                               "_names": {n: i for i, n in enumerate(names)}})
+    return cls
+
+
+_PG_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _pg_value(value):
+    """A parameter as PostgreSQL takes it.  Text cannot hold U+0000, and a JSON document holding
+    the escape ``\\u0000`` cannot be navigated (``::jsonb`` refuses it): both become U+FFFD, the
+    replacement character.  Booleans go in as the 0/1 the schema's flag columns hold."""
+    if value.__class__ is str:
+        if "\x00" in value:
+            value = value.replace("\x00", "\ufffd")
+        if "\\u0000" in value:
+            value = _PG_NUL_ESCAPE.sub(lambda m: m.group(1) + "\\ufffd", value)
+        return value
+    if value is True or value is False:
+        return int(value)
+    return value
+
+
+class _PgConnection:
+    """A psycopg connection that takes this section's SQL as it is written (for SQLite): ``?``
+    placeholders, ``executemany`` on the connection, autocommit with explicit transactions."""
+
+    _translated = {}
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    @classmethod
+    def _sql(cls, sql):
+        found = cls._translated.get(sql)
+        if found is None:
+            # No statement of this section holds a literal "?" or "%" (psycopg would need "%%").
+            found = cls._translated[sql] = sql.replace("%", "%%").replace("?", "%s")
+        return found
+
+    def execute(self, sql, args=()):
+        return self.conn.execute(self._sql(sql), [_pg_value(v) for v in args] if args else None)
+
+    def executemany(self, sql, rows):
+        with self.conn.cursor() as cursor:
+            cursor.executemany(self._sql(sql), [[_pg_value(v) for v in row] for row in rows])
+            return cursor
+
+    def commit(self):
+        self.conn.execute("COMMIT")
+
+    def rollback(self):
+        if not self.conn.closed:
+            self.conn.execute("ROLLBACK")
+
+    @property
+    def in_transaction(self):
+        return not self.conn.closed and self.conn.info.transaction_status != 0     # 0: idle
+
+    @property
+    def broken(self):
+        return self.conn.closed or self.conn.broken
+
+    def close(self):
+        self.conn.close()
+
+
+class PostgresDatabase(Database):
+    """The PostgreSQL engine (``--db postgresql://…``; psycopg 3, ``pip install 'agenthub[postgres]'``),
+    for a lab that outgrows one machine: several agenthub processes share one database.
+
+    The same migrations make the same schema (``ddl`` maps SQLite's types: 64-bit integers, double
+    precision times, bytea, identity keys, byte-order text).  Each write transaction takes one
+    transaction-level advisory lock first, so writes are serialised across every process exactly
+    as SQLite's single writer serialises them on one machine; reads run in parallel.  A pop also
+    skips rows another transaction has locked (``FOR UPDATE SKIP LOCKED``), so it stays exactly
+    once if a pop ever runs outside that lock.
+    """
+
+    engine = "postgresql"
+    WRITER_LOCK = 0x61676e74687562        # "agnthub": the advisory lock every write transaction takes
+    BEGIN = ("BEGIN", f"SELECT pg_advisory_xact_lock({WRITER_LOCK})")
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url):
+        try:
+            import psycopg
+        except ImportError:
+            raise StartupError("a postgresql:// database needs psycopg 3: pip install 'agenthub[postgres]'")
+        self._psycopg = psycopg
+        self.errors = (psycopg.Error,)
+        self.path = url
+        self.memory = False
+        self._idle = queue.LifoQueue()
+        self._size = None
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._closed = False
+        self._full = False
+        self.write_seconds = Histogram(LATENCY_BUCKETS)
+        try:
+            self._migrate()
+        except psycopg.OperationalError as exc:
+            raise StartupError(f"cannot use the PostgreSQL database {redact_url(url)}: {_first_line(exc)}")
+
+    def _open(self):
+        psycopg = self._psycopg
+        try:
+            conn = psycopg.connect(self.path, autocommit=True, row_factory=_pg_rows, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            log(f"cannot connect to {redact_url(self.path)}: {_first_line(exc)}", "error")
+            raise ApiError(503, "agenthub's database cannot be reached; try again")
+        conn.adapters.register_loader("numeric", _pg_numeric_loader(psycopg))
+        return _PgConnection(conn)
+
+    def schema_version(self, db):
+        db.execute("CREATE TABLE IF NOT EXISTS agenthub_schema (version BIGINT NOT NULL)")
+        row = db.execute("SELECT version FROM agenthub_schema").fetchone()
+        if row is None:
+            db.execute("INSERT INTO agenthub_schema (version) VALUES (0)")
+            return 0
+        return row[0]
+
+    def set_schema_version(self, db, number):
+        db.execute("UPDATE agenthub_schema SET version = ?", (number,))
+
+    _DDL = [(re.compile(r"\bINTEGER PRIMARY KEY( AUTOINCREMENT)?"), "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"),
+            (re.compile(r"\bINTEGER\b"), "BIGINT"), (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+            (re.compile(r"\bBLOB\b"), "BYTEA"), (re.compile(r" WITHOUT ROWID\b"), ""),
+            (re.compile(r"\bTEXT\b"), 'TEXT COLLATE "C"')]      # SQLite's order: by code point
+
+    @classmethod
+    def ddl(cls, statement):
+        for pattern, replacement in cls._DDL:
+            statement = pattern.sub(replacement, statement)
+        return statement
+
+    @staticmethod
+    def in_list(column):
+        return f"{column} = ANY(?)"
+
+    @staticmethod
+    def list_value(values):
+        return [str(v) for v in values]
+
+    @staticmethod
+    def json_has(column, value="?"):
+        return f"coalesce(({column})::jsonb @> jsonb_build_array(({value})::text), false)"
+
+    @staticmethod
+    def json_elements(column, key):
+        return f"jsonb_array_elements_text(({column})::jsonb -> '{key}') AS elements (value)"
+
+    @staticmethod
+    def json_text(column, key):
+        return f"(({column})::jsonb ->> '{key}')"
+
+    @staticmethod
+    def utf8_length(column):
+        return f"octet_length({column})"
+
+    @staticmethod
+    def utf8_bytes(column):
+        return f"convert_to({column}, 'UTF8')"
+
+    def _refusal(self, exc):
+        errors = self._psycopg.errors
+        if isinstance(exc, (errors.DiskFull, errors.OutOfMemory, errors.InsufficientResources)):
+            if not self._full:
+                self._full = True
+                log(f"the database refuses writes ({_first_line(exc)}); writes answer 507 until it takes them"
+                    " again", "error")
+            return ApiError(507, "Insufficient storage: agenthub's database or disk is full")
+        if isinstance(exc, self._psycopg.OperationalError):
+            log(f"database error: {_first_line(exc)}", "error")
+            return ApiError(503, "agenthub's database is unavailable; try again")
+        return exc
+
+    def probe_write(self, now, wait=2.0):
+        if not self._write_lock.acquire(timeout=wait):
+            raise ApiError(503, "the database writer is busy")
+        self._write_lock.release()
+        with self.connection() as conn:
+            try:
+                conn.execute("BEGIN")
+                conn.execute(f"SET LOCAL lock_timeout = '{int(wait * 1000)}ms'")
+                conn.execute(self.BEGIN[1])
+                conn.execute("INSERT INTO settings (key, value) VALUES ('ready_probe', ?) ON CONFLICT (key)"
+                             " DO UPDATE SET value = excluded.value", (str(now),))
+                conn.commit()
+            except self.errors as exc:
+                raise self._refusal(exc) from exc
+            finally:
+                if conn.in_transaction:
+                    conn.rollback()
+
+    def file_sizes(self):
+        """None here: pg_database_size() stats every file of the database on each scrape, and
+        PostgreSQL's own exporters report its sizes."""
+        return {}
+
+
+def _pg_numeric_loader(psycopg):
+    """numeric (what sum() of bigints is) read as int, or float when it has a fraction, like SQLite."""
+    class NumericLoader(psycopg.adapt.Loader):
+        def load(self, data):
+            text = bytes(data).decode()
+            try:
+                return int(text)
+            except ValueError:
+                return float(text)
+    return NumericLoader
+
+
+def database_errors():
+    """The errors any engine raises (psycopg's only when it is installed)."""
+    try:
+        import psycopg
+        return (sqlite3.Error, psycopg.Error)
+    except ImportError:
+        return (sqlite3.Error,)
+
+
+def redact_url(url):
+    """A database URL fit for a log line: its password replaced."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def _first_line(exc):
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 class _DomainStore:
@@ -935,7 +1264,7 @@ class JobStore(_DomainStore):
     def attempt_run_by(self, job_id, agent_name):
         """The newest attempt of a job that ``agent_name`` took, or None."""
         return self.read_one("SELECT max(attempt) FROM (SELECT attempt FROM jobs WHERE job_id = ? AND agent_name = ?"
-                             " UNION ALL SELECT attempt FROM job_attempts WHERE job_id = ? AND agent_name = ?)",
+                             " UNION ALL SELECT attempt FROM job_attempts WHERE job_id = ? AND agent_name = ?) AS runs",
                              (job_id, agent_name, job_id, agent_name))[0]
 
     def has_phase_event(self, job_id, attempt, phase):
@@ -945,26 +1274,28 @@ class JobStore(_DomainStore):
     def run_times(self, queue_name, limit):
         """Seconds from start to finish of the newest completed jobs of a queue (None: of all),
         newest first."""
-        done = ("SELECT finished_at, started_at FROM {} WHERE (? IS NULL OR job_queue = ?) AND finished_at IS NOT NULL"
-                " AND started_at IS NOT NULL AND state IN ('complete', 'completed')")
+        done = ("SELECT finished_at, started_at FROM {} WHERE finished_at IS NOT NULL"
+                " AND started_at IS NOT NULL AND state IN ('complete', 'completed')"
+                + ("" if queue_name is None else " AND job_queue = ?"))
         return [r[0] for r in self.read(
             f"SELECT finished_at - started_at FROM ({done.format('jobs')} UNION ALL {done.format('job_attempts')})"
-            " ORDER BY finished_at DESC LIMIT ?", (queue_name, queue_name, queue_name, queue_name, limit))]
+            " AS runs ORDER BY finished_at DESC LIMIT ?", (*((queue_name,) * 2 if queue_name is not None else ()),
+                                                           limit))]
 
     def jobs_ahead(self, queues, priority, seq, limit):
         """(queue, excluded agents) of the waiting jobs that agents of ``queues`` may take before the
         job at (priority, seq), in the order they take them (pop_job's order)."""
         return self.read(
-            "SELECT job_queue, exclude_agents FROM jobs WHERE state = 'waiting' AND job_queue IN"
-            " (SELECT value FROM json_each(?)) AND (attachments_status IS NULL OR attachments_status = 'complete')"
+            f"SELECT job_queue, exclude_agents FROM jobs WHERE state = 'waiting' AND {self.db.in_list('job_queue')}"
+            " AND (attachments_status IS NULL OR attachments_status = 'complete')"
             " AND (job_priority > ? OR (job_priority = ? AND seq < ?)) ORDER BY job_priority DESC, seq LIMIT ?",
-            (json.dumps(queues), priority, priority, seq, limit))
+            (self.db.list_value(queues), priority, priority, seq, limit))
 
     def running_on(self, agent_names):
         """(agent, queue, started_at) of the running jobs held by ``agent_names``."""
-        return self.read("SELECT agent_name, job_queue, started_at FROM jobs WHERE agent_name IN"
-                         " (SELECT value FROM json_each(?))"
-                         " AND state NOT IN ('waiting', 'cancelled', 'complete', 'completed')", (json.dumps(agent_names),))
+        return self.read(f"SELECT agent_name, job_queue, started_at FROM jobs WHERE {self.db.in_list('agent_name')}"
+                         " AND state NOT IN ('waiting', 'cancelled', 'complete', 'completed')",
+                         (self.db.list_value(agent_names),))
 
     def get_job(self, job_id):
         return self.read_one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
@@ -982,8 +1313,11 @@ class JobStore(_DomainStore):
                 f"UPDATE jobs SET state = 'running', started_at = ?, agent_name = ? WHERE seq = ("
                 f" SELECT seq FROM jobs WHERE state = 'waiting' AND job_queue IN ({marks})"
                 "  AND (attachments_status IS NULL OR attachments_status = 'complete')"
-                "  AND NOT EXISTS (SELECT 1 FROM json_each(jobs.exclude_agents) WHERE value = ?)"
-                "  ORDER BY job_priority DESC, seq ASC LIMIT 1) RETURNING *",
+                f"  AND NOT {self.db.json_has('jobs.exclude_agents')}"
+                # Several processes on PostgreSQL: a job another pop has locked is passed over, and
+                # the outer condition re-checks that it still waits (each job handed out once).
+                f"  ORDER BY job_priority DESC, seq ASC LIMIT 1{self.db.skip_locked}) AND state = 'waiting'"
+                " RETURNING *",
                 (now, agent_name, *queues, agent_name)).fetchone()
             if row is not None:
                 # Whole seconds, as the original records them (int of the total; it also drops whole
@@ -1066,21 +1400,21 @@ class JobStore(_DomainStore):
             row = db.execute("SELECT result_status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             codes = json.loads(row[0]).values() if row else ()
             finished = db.execute(
-                "UPDATE instances SET status = CASE WHEN cancel_requested THEN 'cancelled' WHEN ? THEN 'failed'"
+                "UPDATE instances SET status = CASE WHEN cancel_requested <> 0 THEN 'cancelled' WHEN ? <> 0 THEN 'failed'"
                 " ELSE 'complete' END, finished_at = ?, updated_at = ? WHERE job_id = ? AND status = 'active'"
-                " RETURNING agent_name", (any(c != 0 for c in codes), now, now, job_id)).fetchone()
+                " RETURNING agent_name", (int(any(c != 0 for c in codes)), now, now, job_id)).fetchone()
             return finished[0] if finished else None
 
     def search_jobs(self, tags, match_all, states, limit, offset):
         where, args = [], []
         if tags:
             marks = ",".join("?" * len(tags))
+            tags_of = self.db.json_elements("job_data", "tags")
             if match_all:
-                where.append(f"(SELECT count(DISTINCT value) FROM json_each(job_data, '$.tags')"
-                             f" WHERE value IN ({marks})) = ?")
+                where.append(f"(SELECT count(DISTINCT value) FROM {tags_of} WHERE value IN ({marks})) = ?")
                 args += [*tags, len(set(tags))]
             else:
-                where.append(f"EXISTS (SELECT 1 FROM json_each(job_data, '$.tags') WHERE value IN ({marks}))")
+                where.append(f"EXISTS (SELECT 1 FROM {tags_of} WHERE value IN ({marks}))")
                 args += tags
         if states is not None:
             if "active" in states:
@@ -1092,11 +1426,11 @@ class JobStore(_DomainStore):
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq LIMIT ? OFFSET ?"
-        return self.read(sql, (*args, -1 if limit is None else limit, offset))
+        return self.read(sql, (*args, INT64_MAX if limit is None else limit, offset))
 
     def queue_jobs(self, queue_name, limit, offset):
         return self.read("SELECT job_id, created_at, state, job_queue FROM jobs WHERE job_queue = ?"
-                         " ORDER BY seq LIMIT ? OFFSET ?", (queue_name, -1 if limit is None else limit, offset))
+                         " ORDER BY seq LIMIT ? OFFSET ?", (queue_name, INT64_MAX if limit is None else limit, offset))
 
     def wait_times(self, queues):
         if queues:
@@ -1151,17 +1485,18 @@ class JobStore(_DomainStore):
 
     def log_size(self, job_id, log_type, phase=None, attempt=None):
         """Bytes of a whole log (UTF-8), one phase or all."""
-        row = self.read_one("SELECT coalesce(sum(length(CAST(log_data AS BLOB))), 0) FROM log_fragments"
-                            " WHERE job_id = ? AND log_type = ? AND (? IS NULL OR phase = ?)" + self._ATTEMPT,
-                            (job_id, log_type, phase, phase, attempt, job_id))
-        return row[0]
+        row = self.read_one(f"SELECT coalesce(sum({self.db.utf8_length('log_data')}), 0) FROM log_fragments"
+                            " WHERE job_id = ? AND log_type = ?" + ("" if phase is None else " AND phase = ?")
+                            + self._ATTEMPT, (job_id, log_type, *(() if phase is None else (phase,)), attempt, job_id))
+        return int(row[0])
 
     def log_batch(self, job_id, log_type, phase, after, limit=256, attempt=None):
         """Up to ``limit`` fragments after the (fragment_number, id) ``after``, as bytes, in order."""
-        return self.read("SELECT fragment_number, id, CAST(log_data AS BLOB) FROM log_fragments WHERE job_id = ?"
-                         " AND log_type = ? AND (? IS NULL OR phase = ?) AND (fragment_number, id) > (?, ?)"
-                         + self._ATTEMPT + " ORDER BY fragment_number, id LIMIT ?",
-                         (job_id, log_type, phase, phase, *after, attempt, job_id, limit))
+        return self.read(f"SELECT fragment_number, id, {self.db.utf8_bytes('log_data')} FROM log_fragments"
+                         " WHERE job_id = ? AND log_type = ?" + ("" if phase is None else " AND phase = ?")
+                         + " AND (fragment_number, id) > (?, ?)" + self._ATTEMPT
+                         + " ORDER BY fragment_number, id LIMIT ?",
+                         (job_id, log_type, *(() if phase is None else (phase,)), *after, attempt, job_id, limit))
 
     def all_log_fragments(self, job_id, attempt=None):
         return self.read("SELECT log_type, phase, log_data FROM log_fragments WHERE job_id = ?" + self._ATTEMPT +
@@ -1170,8 +1505,8 @@ class JobStore(_DomainStore):
     def begin_file(self, job_id, kind, now):
         with self.write() as db:
             return db.execute("INSERT INTO files (job_id, kind, uploaded_at, attempt) VALUES (?, ?, ?,"
-                              " coalesce((SELECT attempt FROM jobs WHERE job_id = ?), 1))",
-                              (job_id, kind, now, job_id)).lastrowid
+                              " coalesce((SELECT attempt FROM jobs WHERE job_id = ?), 1)) RETURNING id",
+                              (job_id, kind, now, job_id)).fetchone()[0]
 
     def add_file_chunk(self, file_id, seq, data):
         """One chunk per short transaction, so a slow upload never holds the writer lock; False when
@@ -1227,8 +1562,8 @@ class JobStore(_DomainStore):
         """{job_id: client_id} of these jobs (the ones that exist)."""
         if not job_ids:
             return {}
-        return {r[0]: r[1] for r in self.read("SELECT job_id, client_id FROM jobs WHERE job_id IN"
-                                              " (SELECT value FROM json_each(?))", (json.dumps(job_ids),))}
+        return {r[0]: r[1] for r in self.read(f"SELECT job_id, client_id FROM jobs WHERE {self.db.in_list('job_id')}",
+                                              (self.db.list_value(job_ids),))}
 
     def counts_by_queue(self):
         """{(queue, state): jobs} (the jobs_pop index covers it)."""
@@ -1253,14 +1588,14 @@ class JobStore(_DomainStore):
                 where.append(f"{column} = ?")
                 args.append(value)
         if tag:
-            where.append("EXISTS (SELECT 1 FROM json_each(job_data, '$.tags') WHERE value = ?)")
+            where.append(f"EXISTS (SELECT 1 FROM {self.db.json_elements('job_data', 'tags')} WHERE value = ?)")
             args.append(tag)
         clause = (" WHERE " + " AND ".join(where)) if where else ""
         with self.connection() as db:
             total = db.execute(f"SELECT count(*) FROM jobs{clause}", args).fetchone()[0]
             rows = db.execute(f"SELECT job_id, created_at, started_at, finished_at, state, job_queue, job_priority,"
                               f" agent_name, client_id, attempt, result_status,"
-                              f" json_extract(job_data, '$.name') AS name, json_extract(job_data, '$.tags') AS tags"
+                              f" {self.db.json_text('job_data', 'name')} AS name"
                               f" FROM jobs{clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
                               (*args, limit, offset)).fetchall()
         return rows, total
@@ -1292,9 +1627,9 @@ class JobStore(_DomainStore):
                               (cutoff,)).fetchall()
             # A job's earlier attempts, events, logs and files go with it (and none is left for a job
             # submitted later under the same id).
-            gone = json.dumps([row[0] for row in done])
+            gone = self.db.list_value([row[0] for row in done])
             for table in ("job_attempts", "job_events", "log_fragments", "files"):
-                db.execute(f"DELETE FROM {table} WHERE job_id IN (SELECT value FROM json_each(?))", (gone,))
+                db.execute(f"DELETE FROM {table} WHERE {self.db.in_list('job_id')}", (gone,))
             db.execute("DELETE FROM log_fragments WHERE inserted_at < ?", (cutoff,))
             # Files expire with their age; an upload that never finished (client gone, crash)
             # is dropped after a day.
@@ -1324,7 +1659,7 @@ class AgentStore(_DomainStore):
 
     def queue_exists(self, queue_name):
         """Whether an agent listens on the queue."""
-        return self.read_one("SELECT 1 FROM agents, json_each(agents.queues) WHERE value = ? LIMIT 1",
+        return self.read_one(f"SELECT 1 FROM agents WHERE {self.db.json_has('agents.queues')} LIMIT 1",
                              (queue_name,)) is not None
 
     def upsert_agent(self, name, fields, log, now, new_ids, ip):
@@ -1356,8 +1691,8 @@ class AgentStore(_DomainStore):
         """Agents with a Testflinger record (all, or those listening on ``queue_name``)."""
         if queue_name is None:
             return self.read("SELECT * FROM agents WHERE tf = 1 ORDER BY name")
-        return self.read("SELECT * FROM agents WHERE tf = 1 AND EXISTS (SELECT 1 FROM json_each(agents.queues)"
-                         " WHERE value = ?) ORDER BY name", (queue_name,))
+        return self.read(f"SELECT * FROM agents WHERE tf = 1 AND {self.db.json_has('agents.queues')} ORDER BY name",
+                         (queue_name,))
 
     def set_agent_job(self, db, name, job_id):
         """The job an agent runs (spec testflinger-2026 §2: the server keeps it, not the agent)."""
@@ -1458,7 +1793,7 @@ class AgentStore(_DomainStore):
         """Store the announced state tuple if it is still ``old`` (so only one thread announces), and
         record the change in the agent's state history, in one transaction."""
         with self.write() as db:
-            if db.execute("UPDATE agents SET gocd_tuple = ? WHERE name = ? AND gocd_tuple IS ?",
+            if db.execute("UPDATE agents SET gocd_tuple = ? WHERE name = ? AND gocd_tuple IS NOT DISTINCT FROM ?",
                           (new, name, old)).rowcount == 0:
                 return False
             db.execute("INSERT INTO agent_states (agent_name, time, state) VALUES (?, ?, ?)", (name, now, new))
@@ -1548,8 +1883,9 @@ class AgentStore(_DomainStore):
             row = db.execute("SELECT status, body FROM idempotency WHERE scope = ? AND key = ? AND created_at > ?"
                              " AND (status != 0 OR created_at > ?)", (scope, key, since, claim_since)).fetchone()
             if row is None:
-                db.execute("INSERT OR REPLACE INTO idempotency (scope, key, status, body, created_at)"
-                           " VALUES (?, ?, 0, '', ?)", (scope, key, now))
+                db.execute("INSERT INTO idempotency (scope, key, status, body, created_at) VALUES (?, ?, 0, '', ?)"
+                           " ON CONFLICT (scope, key) DO UPDATE SET status = excluded.status, body = excluded.body,"
+                           " created_at = excluded.created_at", (scope, key, now))
             return row
 
     def forget_idempotency(self, scope, key):
@@ -1558,8 +1894,9 @@ class AgentStore(_DomainStore):
 
     def remember_answer(self, scope, key, status, body, now):
         with self.write() as db:
-            db.execute("INSERT OR REPLACE INTO idempotency (scope, key, status, body, created_at) VALUES (?, ?, ?, ?, ?)",
-                       (scope, key, status, body, now))
+            db.execute("INSERT INTO idempotency (scope, key, status, body, created_at) VALUES (?, ?, ?, ?, ?)"
+                       " ON CONFLICT (scope, key) DO UPDATE SET status = excluded.status, body = excluded.body,"
+                       " created_at = excluded.created_at", (scope, key, status, body, now))
 
 
 class DeliveryStore(_DomainStore):
@@ -1584,8 +1921,9 @@ class DeliveryStore(_DomainStore):
             if message is None:
                 db.execute("DELETE FROM health WHERE scope = ?", (scope,))
             else:
-                db.execute("INSERT OR REPLACE INTO health (scope, message, detail, level, time) VALUES (?, ?, ?, ?, ?)",
-                           (scope, message, detail, level, now))
+                db.execute("INSERT INTO health (scope, message, detail, level, time) VALUES (?, ?, ?, ?, ?)"
+                           " ON CONFLICT (scope) DO UPDATE SET message = excluded.message, detail = excluded.detail,"
+                           " level = excluded.level, time = excluded.time", (scope, message, detail, level, now))
 
     def health(self):
         return self.read("SELECT * FROM health ORDER BY time DESC")
@@ -1610,8 +1948,8 @@ class AuthStore(_DomainStore):
             return {}
         rows = self.read(
             "SELECT r.name AS queue, c.client_id FROM restricted_queues r"
-            " JOIN clients c ON EXISTS (SELECT 1 FROM json_each(c.allowed_queues) WHERE value = r.name)"
-            " WHERE r.name IN (SELECT value FROM json_each(?)) ORDER BY r.name, c.client_id", (json.dumps(queues),))
+            f" JOIN clients c ON {self.db.json_has('c.allowed_queues', 'r.name')}"
+            f" WHERE {self.db.in_list('r.name')} ORDER BY r.name, c.client_id", (self.db.list_value(queues),))
         owners = {}
         for row in rows:
             owners.setdefault(row["queue"], []).append(row["client_id"])
@@ -1662,7 +2000,7 @@ class AuthStore(_DomainStore):
     def restrict_queue(self, queue_name, client_id):
         """Mark a queue restricted and let ``client_id`` use it, in one transaction."""
         with self.write() as db:
-            db.execute("INSERT OR IGNORE INTO restricted_queues (name) VALUES (?)", (queue_name,))
+            db.execute("INSERT INTO restricted_queues (name) VALUES (?) ON CONFLICT DO NOTHING", (queue_name,))
             self._forget_restricted()
             row = db.execute("SELECT allowed_queues FROM clients WHERE client_id = ?", (client_id,)).fetchone()
             allowed = json.loads(row[0] or "[]")
@@ -1780,7 +2118,7 @@ class EventStore(_DomainStore):
     def newest_events(self, keep):
         """The newest ``keep`` events, oldest first, and the highest Lamport time ever stored."""
         with self.connection() as db:
-            rows = db.execute("SELECT * FROM (SELECT * FROM events ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            rows = db.execute("SELECT * FROM (SELECT * FROM events ORDER BY seq DESC LIMIT ?) AS newest ORDER BY seq",
                               (keep,)).fetchall()
             ltime = db.execute("SELECT coalesce(max(ltime), 0) FROM events").fetchone()[0]
         return rows, ltime
@@ -2472,6 +2810,9 @@ def server_key(config):
     database — never in the database itself, which must not reveal the secrets it stores."""
     if config.secret_key:
         return config.secret_key
+    if is_postgres_url(config.db):
+        raise StartupError("with a PostgreSQL database give --secret-key (AGENTHUB_SECRET_KEY), the same to"
+                           " every agenthub process: it signs the tokens and seals the secrets they all share")
     if config.db in (":memory:", ""):
         return secrets.token_hex(32)
     path = config.db + ".key"
@@ -7653,7 +7994,7 @@ def readiness(hub):
     try:
         hub.db.probe_write(utcnow())
         checks["database"] = "writable"
-    except (sqlite3.Error, ApiError) as exc:
+    except (*hub.db.errors, ApiError) as exc:
         checks["database"] = f"refuses writes: {getattr(exc, 'message', None) or exc}"
         ready = False
     dead = [thread.name for thread in hub._threads if not thread.is_alive()]
@@ -8056,10 +8397,11 @@ class Hub:
 
     def __init__(self, config):
         self.config = config
-        self.lock = ProcessLock(config.db + ".lock") if config.db not in (":memory:", "") else None
+        self.lock = ProcessLock(config.db + ".lock") \
+            if config.db not in (":memory:", "") and not is_postgres_url(config.db) else None
         try:
             key = server_key(config)
-            self.db = Database(config.db)
+            self.db = open_database(config.db)
         except BaseException:
             if self.lock:
                 self.lock.release()
@@ -8123,7 +8465,7 @@ class Hub:
             try:
                 self.registry.sweep()
                 self.jobs.reclaim_from_lost_agents()
-            except (sqlite3.Error, ApiError) as exc:
+            except (*self.db.errors, ApiError) as exc:
                 log(f"sweep failed: {exc}", "error")
 
     def _history_loop(self):
@@ -8131,7 +8473,7 @@ class Hub:
         while True:
             try:
                 self.jobs.sample_queues()
-            except (sqlite3.Error, ApiError) as exc:
+            except (*self.db.errors, ApiError) as exc:
                 if self._stop.is_set():
                     return                     # the hub closed under it
                 log(f"queue sampling failed: {exc}", "error")
@@ -8143,7 +8485,7 @@ class Hub:
         while not self._stop.wait(self.config.purge_interval):
             try:
                 self.jobs.purge()
-            except (sqlite3.Error, ApiError) as exc:       # a busy or full disk must not kill the thread
+            except (*self.db.errors, ApiError) as exc:       # a busy or full disk must not kill the thread
                 log(f"purge failed: {exc}", "error")
 
     # Bottle plugin protocol
@@ -8909,8 +9251,8 @@ def main(argv=None):
     except StartupError as exc:
         print(f"agenthub: {exc}", file=sys.stderr)
         return 1
-    except sqlite3.Error as exc:
-        print(f"agenthub: database {getattr(args, 'db', '?')}: {exc}", file=sys.stderr)
+    except database_errors() as exc:
+        print(f"agenthub: database {redact_url(str(getattr(args, 'db', '?')))}: {_first_line(exc)}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"agenthub: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
