@@ -807,25 +807,36 @@ class Database:
             return
         if self._closed:
             raise ApiError(503, "agenthub is shutting down")
+        conn = self._acquire()
+        self._local.conn = conn
+        try:
+            yield conn
+        finally:
+            self._local.conn = None
+            self._release(conn)
+
+    def _acquire(self):
         if self._size is not None:
             self._size.acquire()
         try:
+            return self._idle.get_nowait()
+        except queue.Empty:
             try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                conn = self._open()
-            self._local.conn = conn
-            try:
-                yield conn
-            finally:
-                self._local.conn = None
-                if conn.in_transaction:
-                    conn.rollback()
-                if self._closed or getattr(conn, "broken", False) or (not self.memory and self._idle.qsize() >= 32):
-                    if not self.memory:
-                        conn.close()
-                else:
-                    self._idle.put(conn)
+                return self._open()
+            except BaseException:
+                if self._size is not None:
+                    self._size.release()
+                raise
+
+    def _release(self, conn):
+        try:
+            if conn.in_transaction:
+                conn.rollback()
+            if self._closed or (not self.memory and self._idle.qsize() >= 32):
+                if not self.memory:
+                    conn.close()
+            else:
+                self._idle.put(conn)
         finally:
             if self._size is not None:
                 self._size.release()
@@ -1021,10 +1032,6 @@ class _PgConnection:
     def in_transaction(self):
         return not self.conn.closed and self.conn.info.transaction_status != 0     # 0: idle
 
-    @property
-    def broken(self):
-        return self.conn.closed or self.conn.broken
-
     def close(self):
         self.conn.close()
 
@@ -1046,36 +1053,56 @@ class PostgresDatabase(Database):
     BEGIN = ("BEGIN", f"SELECT pg_advisory_xact_lock({WRITER_LOCK})")
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
+    POOL_SIZE = 32                 # connections at most (requests beyond wait for one, then 503)
+
     def __init__(self, url):
         try:
             import psycopg
+            import psycopg_pool
         except ImportError:
-            raise StartupError("a postgresql:// database needs psycopg 3: pip install 'agenthub[postgres]'")
+            raise StartupError("a postgresql:// database needs psycopg 3 and its pool: "
+                               "pip install 'agenthub[postgres]'")
         self._psycopg = psycopg
-        self.errors = (psycopg.Error,)
+        self.errors = (psycopg.Error, psycopg_pool.PoolTimeout)
         self.path = url
         self.memory = False
-        self._idle = queue.LifoQueue()
-        self._size = None
         self._write_lock = threading.Lock()
         self._local = threading.local()
         self._closed = False
         self._full = False
         self.write_seconds = Histogram(LATENCY_BUCKETS)
-        try:
-            self._migrate()
-        except psycopg.OperationalError as exc:
-            raise StartupError(f"cannot use the PostgreSQL database {redact_url(url)}: {_first_line(exc)}")
+        numeric = _pg_numeric_loader(psycopg)
 
-    def _open(self):
-        psycopg = self._psycopg
+        def configure(conn):
+            conn.adapters.register_loader("numeric", numeric)
+        # psycopg_pool: connections made ahead, checked when they come back, replaced when broken
+        # (a database restart costs the requests in flight, not the process).
+        self.pool = psycopg_pool.ConnectionPool(
+            url, min_size=1, max_size=self.POOL_SIZE, timeout=30, open=False, configure=configure,
+            kwargs={"autocommit": True, "row_factory": _pg_rows, "connect_timeout": 10}, name="agenthub")
         try:
-            conn = psycopg.connect(self.path, autocommit=True, row_factory=_pg_rows, connect_timeout=10)
-        except psycopg.OperationalError as exc:
-            log(f"cannot connect to {redact_url(self.path)}: {_first_line(exc)}", "error")
+            self.pool.open(wait=True, timeout=15)
+            self._migrate()
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            self.pool.close()
+            raise StartupError(f"cannot use the PostgreSQL database {redact_url(url)}: {_first_line(exc)}")
+        except BaseException:
+            self.pool.close()
+            raise
+
+    def _acquire(self):
+        try:
+            return _PgConnection(self.pool.getconn())
+        except self.errors as exc:
+            log(f"no connection to {redact_url(self.path)}: {_first_line(exc)}", "error")
             raise ApiError(503, "agenthub's database cannot be reached; try again")
-        conn.adapters.register_loader("numeric", _pg_numeric_loader(psycopg))
-        return _PgConnection(conn)
+
+    def _release(self, conn):
+        self.pool.putconn(conn.conn)           # the pool rolls back, or drops a broken connection
+
+    def close(self):
+        self._closed = True
+        self.pool.close()
 
     def schema_version(self, db):
         db.execute("CREATE TABLE IF NOT EXISTS agenthub_schema (version BIGINT NOT NULL)")
@@ -2729,11 +2756,14 @@ IMAGES_SCHEMA = Schema({}, unknown="include", checks=(_images_check,), doc={
 # Auth ########################################################################
 ###############################################################################
 
+SCRYPT_N = 2 ** 14        # scrypt's cost (~60 ms a hash here); each stored hash records its own
+
+
 def hash_secret(secret):
     """A slow salted hash (scrypt) so a leaked database does not give away client secrets."""
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(secret.encode(), salt=salt, n=2 ** 14, r=8, p=1, dklen=32)
-    return f"scrypt$16384$8$1${salt.hex()}${digest.hex()}"
+    salt, n = secrets.token_bytes(16), SCRYPT_N
+    digest = hashlib.scrypt(secret.encode(), salt=salt, n=n, r=8, p=1, dklen=32)
+    return f"scrypt${n}$8$1${salt.hex()}${digest.hex()}"
 
 
 def check_secret(secret, stored):

@@ -33,6 +33,9 @@ import agenthub
 from agenthub import Config, create_app
 
 ANY_UUID = "00000000-0000-4000-8000-000000000000"
+# Client secrets hashed at a lower scrypt cost in this process (each hash records its cost, so the
+# check is the same code): the suite makes hundreds of clients, at ~60 ms a hash at full cost.
+agenthub.SCRYPT_N = 2 ** 10
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -81,11 +84,15 @@ def engine(request):
 
 
 @pytest.fixture
-def make_app(engine):
+def make_app(engine, request):
     """``create_app`` with the tests' defaults (no purger); every app a test makes is closed after it,
     whether it passed or not (closing twice is harmless, so a test may also close its own early).
-    On PostgreSQL a test that names an SQLite file (``db=``) is skipped: it tests that file."""
+    On PostgreSQL a test that names an SQLite file (``db=``) is skipped: it tests that file; so is
+    one marked ``sqlite_only`` (with its reason)."""
     made, schemas = [], []
+    only = request.node.get_closest_marker("sqlite_only")
+    if engine == "postgresql" and only:
+        pytest.skip(only.args[0])
 
     def make(**overrides):
         overrides.setdefault("purge_interval", 0)
@@ -3687,6 +3694,7 @@ def _chromium_binary():
 
 
 @pytest.mark.skipif(_chromium_binary() is None, reason="no chromium on this machine (Debian package 'chromium')")
+@pytest.mark.sqlite_only("a browser test: the pages' data is checked on both engines by WebTest")
 def test_browser_follows_a_running_jobs_log(server, tmp_path):
     app, base = server
     agent, job_id = _running_job(app)
@@ -3730,6 +3738,7 @@ document.getElementById("retire").submit();
 </script></body></html>"""
 
 
+@pytest.mark.sqlite_only("a browser test: the pages' data is checked on both engines by WebTest")
 def test_browser_a_page_on_another_origin_cannot_cancel_or_retire(make_app, tmp_path):
     """A real Chromium opens an attacker's page (another port of the same host) that auto-posts the job
     page's cancel form and a Prefactor retire; both reach the hub and are refused, nothing changes."""
@@ -4851,6 +4860,7 @@ def test_web_outcomes_times_and_charts(make_app):
     assert fragment.startswith("<h1>Jobs</h1>") and "<html" not in fragment
 
 
+@pytest.mark.sqlite_only("a browser test: the pages' data is checked on both engines by WebTest")
 def test_browser_pages_at_desk_and_phone_width_in_both_schemes(make_app, tmp_path):
     if _chromium_binary() is None:
         pytest.skip("no chromium on this machine (Debian package 'chromium')")
