@@ -711,6 +711,7 @@ class Database:
     BEGIN = ("BEGIN IMMEDIATE",)
     errors = (sqlite3.Error,)            # what a failing database raises (the loops survive these)
     skip_locked = ""                     # SQLite's single writer already hands each row out once
+    single_process = True                # one server per file (ProcessLock): in-process caches are safe
 
     def __init__(self, path):
         self.path = path
@@ -782,6 +783,13 @@ class Database:
     @staticmethod
     def utf8_bytes(column):
         return f"CAST({column} AS BLOB)"
+
+    def notify(self, db, channel):
+        """Tell the other processes of this database, at commit, that ``channel`` moved (none here)."""
+
+    def listen(self, channel, stop, changed):
+        """Call ``changed()`` whenever another process notifies ``channel``, until ``stop`` is set
+        (PostgreSQL; one process per SQLite file needs none)."""
 
     def _open(self):
         conn = sqlite3.connect(":memory:" if self.memory else self.path,
@@ -1052,6 +1060,7 @@ class PostgresDatabase(Database):
     WRITER_LOCK = 0x61676e74687562        # "agnthub": the advisory lock every write transaction takes
     BEGIN = ("BEGIN", f"SELECT pg_advisory_xact_lock({WRITER_LOCK})")
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    single_process = False               # several processes share it: no in-process cache of what they change
 
     POOL_SIZE = 32                 # connections at most (requests beyond wait for one, then 503)
 
@@ -1153,6 +1162,34 @@ class PostgresDatabase(Database):
     @staticmethod
     def utf8_bytes(column):
         return f"convert_to({column}, 'UTF8')"
+
+    def notify(self, db, channel):
+        db.execute("SELECT pg_notify(?, '')", (channel,))
+
+    def wake(self, channel):
+        """A notification outside any transaction (every listener refreshes: harmless)."""
+        with self.connection() as db:
+            self.notify(db, channel)
+
+    def listen(self, channel, stop, changed):
+        """LISTEN on a connection of its own; after each notification, and after every (re)connect
+        (notifications sent meanwhile are lost), ``changed()``."""
+        psycopg, delay = self._psycopg, 0.5
+        while not stop.is_set():
+            try:
+                with psycopg.connect(self.path, autocommit=True, connect_timeout=10) as conn:
+                    conn.execute(f"LISTEN {channel}")
+                    changed()
+                    delay = 0.5
+                    while not stop.is_set():
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            changed()
+            except (psycopg.Error, ApiError) as exc:
+                if stop.is_set():
+                    return
+                log(f"listening for {channel} failed: {_first_line(exc)}; again in {delay:g} s", "warning")
+                stop.wait(delay)
+                delay = min(30.0, delay * 2)
 
     def _refusal(self, exc):
         errors = self._psycopg.errors
@@ -1776,6 +1813,18 @@ class AgentStore(_DomainStore):
             db.execute("INSERT INTO settings (key, value) VALUES (?, ?)", (key, value))
             return value
 
+    def claim_turn(self, job, now, gap):
+        """Record ``now`` as the last round of ``job`` unless one was recorded less than ``gap``
+        seconds ago; True when this caller took the round."""
+        key = f"turn:{job}"
+        with self.write() as db:
+            row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+            if row is not None and now - float(row[0]) < gap:
+                return False
+            db.execute("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key)"
+                       " DO UPDATE SET value = excluded.value", (key, repr(now)))
+            return True
+
     def fill_environment(self, environment_id):
         with self.write() as db:
             db.execute("UPDATE agents SET environment_id = ? WHERE environment_id IS NULL", (environment_id,))
@@ -1983,6 +2032,8 @@ class AuthStore(_DomainStore):
         return owners
 
     def is_restricted(self, queue_name):
+        if not self.db.single_process:       # another process may restrict it: no cache
+            return self.read_one("SELECT 1 FROM restricted_queues WHERE name = ?", (queue_name,)) is not None
         cached = self._restricted
         if cached is None:
             generation = self._generation
@@ -2129,6 +2180,9 @@ class AuthStore(_DomainStore):
                               (now, token_hash)).fetchone()
 
 
+EVENTS_CHANNEL = "agenthub_events"
+
+
 class EventStore(_DomainStore):
     """User events and their ACL tokens."""
 
@@ -2141,6 +2195,14 @@ class EventStore(_DomainStore):
                         event.tag_filter, event.ltime, now))
             db.execute("DELETE FROM events WHERE seq <= (SELECT seq FROM events ORDER BY seq DESC"
                        " LIMIT 1 OFFSET ?)", (keep,))
+            self.db.notify(db, EVENTS_CHANNEL)      # the other processes read it (PostgreSQL)
+
+    def newest_ltime(self):
+        return self.read_one("SELECT coalesce(max(ltime), 0) FROM events")[0]
+
+    def events_after(self, seq):
+        """The events stored after ``seq``, oldest first (what other processes fired)."""
+        return self.read("SELECT * FROM events WHERE seq > ? ORDER BY seq", (seq,))
 
     def newest_events(self, keep):
         """The newest ``keep`` events, oldest first, and the highest Lamport time ever stored."""
@@ -4536,8 +4598,10 @@ class EventBuffer:
     def __init__(self, store, size, max_bytes):
         self.store, self.size, self.max_bytes = store, size, max_bytes
         rows, self._ltime = store.newest_events(size)
-        self._snapshot = _Snapshot(tuple(Event(r["id"], r["name"], r["payload"], r["node_filter"],
-                                               r["service_filter"], r["tag_filter"], r["ltime"]) for r in rows), 0)
+        self._snapshot = _Snapshot(tuple(map(self._event, rows)), 0)
+        self._last_seq = rows[-1]["seq"] if rows else 0
+        self.shared = not store.db.single_process      # other processes fire into the same ring
+        self._refreshing = threading.Lock()
         self._changed = threading.Condition()
         self.listeners = []            # called after every stored event (the Watchers thread)
         self.fired = Tally()           # by source: "api" (a PUT /v1/event/fire) or "hub" (its own)
@@ -4561,6 +4625,8 @@ class EventBuffer:
         # Inside the caller's write transaction when there is one (an agent's state change is
         # part of the change that caused it); the ring moves once it is committed.
         with self.store.write():
+            if self.shared:                         # under the writer lock every process takes
+                self._ltime = max(self._ltime, self.store.newest_ltime())
             event = Event(str(uuid.uuid4()), name, payload, node, service, tag, self._ltime + 1)
             if name != "_rexec":                    # Consul never buffers remote-exec events
                 self.store.add_event(event, self.size, utcnow())
@@ -4568,9 +4634,41 @@ class EventBuffer:
             self.store.after_commit(functools.partial(self._publish, event, internal))
         return event
 
+    @staticmethod
+    def _event(row):
+        return Event(row["id"], row["name"], row["payload"], row["node_filter"], row["service_filter"],
+                     row["tag_filter"], row["ltime"])
+
+    def refresh(self):
+        """Read what was stored since the ring's newest event (by any process) into the ring; True
+        when something was.  The ring is the database's: every process lists the same events
+        with the same indexes."""
+        with self._refreshing:
+            rows = self.store.events_after(self._last_seq)
+            if not rows:
+                return False
+            with self._changed:
+                old = self._snapshot
+                self._snapshot = _Snapshot((old.events + tuple(map(self._event, rows)))[-self.size:],
+                                           old.version + 1)
+                self._last_seq = rows[-1]["seq"]
+                self._ltime = max(self._ltime, rows[-1]["ltime"])
+                self._changed.notify_all()
+            return True
+
+    def follow(self, stop):
+        """Keep the ring current with the other processes' fires (a hub thread, PostgreSQL)."""
+        def changed():
+            if self.refresh():
+                for listener in self.listeners:
+                    listener()
+        self.store.db.listen(EVENTS_CHANNEL, stop, changed)
+
     def _publish(self, event, internal):
         """A committed event enters the ring; blocked queries wake."""
-        if event.name != "_rexec":
+        if self.shared:
+            self.refresh()              # in the database's order, with whatever others fired meanwhile
+        elif event.name != "_rexec":
             with self._changed:
                 old = self._snapshot
                 self._snapshot = _Snapshot((old.events + (event,))[-self.size:], old.version + 1)
@@ -8456,9 +8554,13 @@ class Hub:
         self._threads = []
 
     def start(self):
-        dropped = self.jobs.drop_partial_uploads()
+        # On a shared (PostgreSQL) database an unfinished upload may be another process's, still
+        # arriving: those are left to the purge, which drops uploads unfinished after a day.
+        dropped = self.jobs.drop_partial_uploads() if self.db.single_process else 0
         if dropped:
             log(f"dropped {dropped} upload(s) a previous run left unfinished")
+        if not self.db.single_process:
+            self._spawn(self.events.buffer.follow, "agenthub-events", self._stop)
         if self.config.purge_interval > 0:
             self._spawn(self._purge_loop, "agenthub-purge")
         if self.config.lost_contact_seconds > 0:
@@ -8493,6 +8595,8 @@ class Hub:
         interval = max(1.0, min(30.0, self.config.lost_contact_seconds / 10))
         while not self._stop.wait(interval):
             try:
+                if not self._my_turn("sweep", interval):
+                    continue
                 self.registry.sweep()
                 self.jobs.reclaim_from_lost_agents()
             except (*self.db.errors, ApiError) as exc:
@@ -8502,7 +8606,8 @@ class Hub:
         """Samples the queues for the pages' charts: one row per queue every --history-interval s."""
         while True:
             try:
-                self.jobs.sample_queues()
+                if self._my_turn("history", self.config.history_interval):
+                    self.jobs.sample_queues()
             except (*self.db.errors, ApiError) as exc:
                 if self._stop.is_set():
                     return                     # the hub closed under it
@@ -8514,9 +8619,16 @@ class Hub:
         """Emulates the original's TTL indexes (spec §4.5), waiting jobs excepted."""
         while not self._stop.wait(self.config.purge_interval):
             try:
-                self.jobs.purge()
+                if self._my_turn("purge", self.config.purge_interval):
+                    self.jobs.purge()
             except (*self.db.errors, ApiError) as exc:       # a busy or full disk must not kill the thread
                 log(f"purge failed: {exc}", "error")
+
+    def _my_turn(self, job, interval):
+        """Whether this process runs this round of a periodic ``job``: always on SQLite (one process);
+        on a shared database, the first process whose round comes ``interval`` / 2 after the last
+        one anywhere, so the job runs about once per interval however many processes there are."""
+        return self.db.single_process or self.registry.store.claim_turn(job, utcnow(), interval / 2)
 
     # Bottle plugin protocol
     def apply(self, callback, route):
@@ -8524,6 +8636,9 @@ class Hub:
 
     def close(self):
         self._stop.set()
+        if not self.db.single_process:
+            with contextlib.suppress(*self.db.errors, ApiError):
+                self.db.wake(EVENTS_CHANNEL)       # the listener sees the stop now, not in a second
         self.watchers.close()
         self.notifier.close(drain_seconds=min(5.0, self.config.shutdown_grace))
         for thread in self._threads:
