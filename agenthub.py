@@ -9457,7 +9457,7 @@ def serve_command(args):
             return 1
         app.hub.server = server
         print(f"agenthub {__version__} serving on http://{config.host}:{server.server_address[1]}/"
-              f" (database {config.db})", flush=True)
+              f" (database {redact_url(config.db)})", flush=True)
         signals = []
 
         def on_signal(signum, frame):
