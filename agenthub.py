@@ -787,6 +787,9 @@ class Database:
     def notify(self, db, channel):
         """Tell the other processes of this database, at commit, that ``channel`` moved (none here)."""
 
+    def lock_events(self, db):
+        """Serialise the transactions that add user events, to their commit (SQLite: its one writer)."""
+
     def listen(self, channel, stop, changed):
         """Call ``changed()`` whenever another process notifies ``channel``, until ``stop`` is set
         (PostgreSQL; one process per SQLite file needs none)."""
@@ -850,9 +853,13 @@ class Database:
                 self._size.release()
 
     @contextlib.contextmanager
-    def write(self):
+    def write(self, exclusive=True):
         """One write transaction, serialised with every other writer.  A write inside a write
-        joins it: the steps of one domain operation commit (or roll back) together."""
+        joins it: the steps of one domain operation commit (or roll back) together.
+
+        ``exclusive=False`` (a pop): on a database several processes share, this transaction does
+        not wait for the other processes' writers; it relies on row locks instead (SKIP LOCKED for
+        the job, the rows it updates, the event lock of ``lock_events``).  SQLite has one writer."""
         if getattr(self._local, "writing", False):
             yield self._local.conn
             return
@@ -861,7 +868,7 @@ class Database:
             try:
                 try:
                     began = time.perf_counter()
-                    for statement in self.BEGIN:
+                    for statement in (self.BEGIN if exclusive else self.BEGIN[:1]):
                         conn.execute(statement)
                     try:
                         yield conn
@@ -1166,6 +1173,13 @@ class PostgresDatabase(Database):
     def notify(self, db, channel):
         db.execute("SELECT pg_notify(?, '')", (channel,))
 
+    EVENTS_LOCK = WRITER_LOCK + 1
+
+    def lock_events(self, db):
+        # Taken by every fire, also outside the writer lock (a pop's state change): Lamport times
+        # and the events' order are assigned one transaction at a time, in commit order.
+        db.execute(f"SELECT pg_advisory_xact_lock({self.EVENTS_LOCK})")
+
     def wake(self, channel):
         """A notification outside any transaction (every listener refreshes: harmless)."""
         with self.connection() as db:
@@ -1268,8 +1282,8 @@ class _DomainStore:
     def connection(self):
         return self.db.connection()
 
-    def write(self):
-        return self.db.write()
+    def write(self, exclusive=True):
+        return self.db.write(exclusive)
 
     def after_commit(self, hook):
         self.db.after_commit(hook)
@@ -1411,8 +1425,8 @@ class JobStore(_DomainStore):
         (no phase posted) and without a log fragment."""
         return self.read("SELECT job_id, strands FROM jobs WHERE state = 'running' AND agent_name = ?"
                          " AND started_at < ? AND NOT EXISTS (SELECT 1 FROM log_fragments"
-                         " WHERE log_fragments.job_id = jobs.job_id AND log_fragments.attempt = jobs.attempt)",
-                         (agent_name, before))
+                         " WHERE log_fragments.job_id = jobs.job_id AND log_fragments.attempt = jobs.attempt)"
+                         + self.db.skip_locked, (agent_name, before))
 
     def requeue_job(self, job_id):
         """Back to waiting, in its original place in the queue (its arrival order is kept)."""
@@ -2198,7 +2212,11 @@ class EventStore(_DomainStore):
             self.db.notify(db, EVENTS_CHANNEL)      # the other processes read it (PostgreSQL)
 
     def newest_ltime(self):
-        return self.read_one("SELECT coalesce(max(ltime), 0) FROM events")[0]
+        """The highest Lamport time stored, once no other transaction can add an event before this
+        one commits."""
+        with self.write() as db:
+            self.db.lock_events(db)
+            return db.execute("SELECT coalesce(max(ltime), 0) FROM events").fetchone()[0]
 
     def events_after(self, seq):
         """The events stored after ``seq``, oldest first (what other processes fired)."""
@@ -3746,8 +3764,10 @@ class JobQueue:
         A job the agent reports on is never touched, however long it runs."""
         if self.config.strand_seconds <= 0:
             return 0
-        rows = self.store.silent_jobs(agent_name, now - self.config.strand_seconds)
         with self.store.write() as db:
+            # Read in the transaction: on a shared database the rows stay locked until it ends (a
+            # sweep in another process passes over them).
+            rows = self.store.silent_jobs(agent_name, now - self.config.strand_seconds)
             for row in rows:
                 job = self.store.get_job(row["job_id"])
                 if row["strands"] == 0:
@@ -3774,9 +3794,10 @@ class JobQueue:
 
     def pop(self, queues, agent_name, ip=None):
         """The next job of ``queues`` for the agent, or None — with the agent's sign of life and the
-        state change it causes, in one write transaction."""
+        state change it causes, in one write transaction (which, with several processes, does not
+        wait for the others' writers: pops run in parallel, each job handed out once by row locks)."""
         now = utcnow()
-        with self.store.write() as db:
+        with self.store.write(exclusive=False) as db:
             self.reclaim_stranded(agent_name, now)
             agent = self.agent_store.get_agent(agent_name)
             row = None

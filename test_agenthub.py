@@ -4062,10 +4062,12 @@ def fuzz_every_route(app, seed):
 # WebTest's client-side cookie jar trips over the (correctly quoted) cookie of an emoji agent name.
 @pytest.mark.filterwarnings("ignore:http.cookiejar bug")
 @pytest.mark.parametrize("seed, require_auth", [(1, False), (2, True)])
-def test_no_route_answers_500_to_hostile_input(seed, require_auth, make_app):
+def test_no_route_answers_500_to_hostile_input(seed, require_auth, make_app, engine):
     """Every route of every API, every input class, anonymous and with each role: never a 5xx (but the
     contract's own "Webhook URL not configured"), no exception text in a body, nothing in the log, an
     X-Request-Id on every answer, and every page still answers afterwards."""
+    if engine == "postgresql" and require_auth:
+        pytest.skip("on PostgreSQL the open variant runs (most input reaches the database there)")
     # No blocking event query may wait here (a valid index would hold the sweep for the wait): the cap of
     # zero answers them 429 after their parameters were read.
     app = make_app(purge_interval=0, lost_contact_seconds=0, require_auth=require_auth, max_watchers=0)
