@@ -50,6 +50,7 @@ import socket
 import sqlite3
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -9365,6 +9366,12 @@ def build_parser(environ=None):
     restore.add_argument("--db", default=env.db, help="SQLite file to replace (default %(default)s; AGENTHUB_DB)")
     restore.add_argument("--force", action="store_true", help="replace a database that already holds data")
 
+    migrate = commands.add_parser("migrate", help="copy an SQLite database into an empty PostgreSQL one (stop the"
+                                                  " server first)")
+    migrate.add_argument("--from", dest="source", required=True, metavar="FILE", help="the SQLite database")
+    migrate.add_argument("--to", dest="target", required=True, metavar="URL",
+                         help="postgresql://user:password@host:port/database, created empty (or holding no data)")
+
     bench = commands.add_parser("bench", help="measure the hub on a real server and print figures")
     bench.add_argument("--jobs", type=int, default=2000, help="jobs to submit and pop (default %(default)s)")
     bench.add_argument("--clients", type=int, default=8, help="concurrent clients (default %(default)s)")
@@ -9411,7 +9418,7 @@ def main(argv=None):
         commands.choices[args.command].error("unrecognized arguments: " + " ".join(extra))
     command = {"add-client": add_client_command, "add-event-token": add_event_token_command,
                "bench": bench_command, "backup": backup_command,
-               "restore": restore_command}.get(args.command, serve_command)
+               "restore": restore_command, "migrate": migrate_command}.get(args.command, serve_command)
     try:
         return command(args)
     except StartupError as exc:
@@ -9522,7 +9529,7 @@ def _command_store(args, command):
     if args.db in (":memory:", ""):
         print(f"agenthub: {command} needs a database file (--db PATH)", file=sys.stderr)
         return None
-    return Database(args.db)
+    return open_database(args.db)
 
 
 def _integrity(path):
@@ -9550,6 +9557,78 @@ def _copy_database(source_path, target_path):
         target.execute("PRAGMA journal_mode = DELETE")
     finally:
         target.close()
+        source.close()
+
+
+def migrate_command(args):
+    """``agenthub migrate --from hub.db --to postgresql://…``: every row of an SQLite database into an
+    empty PostgreSQL one, in one transaction.  The source is read from a consistent copy (upgraded to
+    this version's schema there, never in place); the key file stays the processes' --secret-key."""
+    if not is_postgres_url(args.target):
+        print("agenthub: migrate: --to must be a postgresql:// URL", file=sys.stderr)
+        return 2
+    if not os.path.isfile(args.source):
+        print(f"agenthub: migrate: {args.source}: no such database file", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as folder:
+        copy = os.path.join(folder, "source.db")
+        _copy_database(args.source, copy)
+        Database(copy).close()                        # the copy brought to this version's schema
+        target = PostgresDatabase(args.target)
+        try:
+            counts = _copy_rows(copy, target)
+        except StartupError as exc:
+            print(f"agenthub: migrate: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            target.close()
+    print(f"copied {sum(counts.values())} rows of {len(counts)} tables from {args.source} to "
+          f"{redact_url(args.target)}: " + ", ".join(f"{t} {n}" for t, n in counts.items() if n))
+    key = args.source + ".key"
+    if os.path.exists(key):
+        print(f"start every agenthub process on it with --secret-key set to the key in {key} (it signs the tokens"
+              " and seals the secrets just copied)")
+    return 0
+
+
+def _copy_rows(path, target):
+    """{table: rows} copied from the SQLite file at ``path`` into ``target``: parents before the
+    tables that refer to them, file chunks a few at a time (memory stays flat), identity counters
+    moved past the copied ids."""
+    source = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True)
+    source.text_factory = _read_text
+    try:
+        tables = [r[0] for r in source.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
+                                               " AND name NOT LIKE 'sqlite%' ORDER BY name")]
+        parents = {t: {r[2] for r in source.execute(f"PRAGMA foreign_key_list({t})")} - {t} for t in tables}
+        ordered = []
+        while len(ordered) < len(tables):
+            ordered += [t for t in tables if t not in ordered and parents[t] <= set(ordered)]
+        counts = {}
+        with target.write() as db:
+            for table in ("jobs", "agents", "clients", "events"):
+                if db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone():
+                    raise StartupError(f"{redact_url(target.path)} already holds data ({table}); migrate into"
+                                       " an empty database")
+            for table in ordered:
+                cursor = source.execute(f"SELECT * FROM {table}")
+                columns = [c[0] for c in cursor.description]
+                insert = (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+                          " ON CONFLICT DO NOTHING")
+                counts[table] = 0
+                while True:
+                    rows = cursor.fetchmany(8 if table == "file_chunks" else 500)
+                    if not rows:
+                        break
+                    db.executemany(insert, rows)
+                    counts[table] += len(rows)
+            for table, column in db.execute("SELECT table_name, column_name FROM information_schema.columns"
+                                            " WHERE table_schema = current_schema() AND is_identity = 'YES'"
+                                            ).fetchall():
+                db.execute(f"SELECT setval(pg_get_serial_sequence(?, ?), coalesce((SELECT max({column})"
+                           f" FROM {table}), 0) + 1, false)", (table, column))
+        return counts
+    finally:
         source.close()
 
 
@@ -9662,7 +9741,9 @@ def add_client_command(args):
     if store is None:
         return 2
     try:
-        auth = Auth(AuthStore(store), Config(db=args.db))
+        # The key signs access tokens, which this command makes none of: on PostgreSQL (where the
+        # key is the processes' configuration, not a file) it is not asked for.
+        auth = Auth(AuthStore(store), Config(db=args.db), key="-" if is_postgres_url(args.db) else None)
         secret, role, (tokens, sessions) = auth.reset_client(args.client_id, args.role, args.secret)
         print(f"client_id: {args.client_id}\nrole: {role}\nsecret: {secret}")
         if tokens or sessions:

@@ -5167,3 +5167,65 @@ def test_one_process_killed_mid_load_the_others_carry_on_and_nothing_is_lost(pg_
     assert errors == [] and not any(t.is_alive() for t in threads)
     assert app.hub.jobs.store.job_state_counts() == {"complete": 300}
     assert len(set(received)) == 300 and len(received) == len(set(received))      # never handed out twice
+
+
+def test_migrate_copies_an_sqlite_database_into_postgresql(tmp_path, capsys):
+    """`agenthub migrate --from hub.db --to postgresql://…`: jobs, results, logs, artifacts, agents,
+    clients (who can still log in), secrets (with the key file's key), user events and their order."""
+    if not POSTGRES:
+        pytest.skip("PostgreSQL tests not run: set AGENTHUB_TEST_POSTGRES=postgresql://… (README, 'Tests')")
+    path = str(tmp_path / "hub.db")
+    app = create_app(db=path, purge_interval=0, history_interval=0, quiet=True)
+    admin = Client(app, token_headers(app, "admin", "boss"))
+    agent = Client(app, token_headers(app, "agent", "mover"))
+    agent.post_json("/v1/agents/data/mover", {"state": "waiting", "queues": ["m"]})
+    admin.put_json("/v1/client-permissions/ci", {"client_secret": "a-long-enough-secret", "role": "contributor"})
+    admin.put("/v1/secrets/boss/db/password", json.dumps({"value": "s3cret"}),
+              headers={"Content-Type": "application/json"})
+    job_id = admin.post_json("/v1/job", {"job_queue": "m", "name": "moved", "tags": ["t"],
+                                         "test_data": {"secrets": {"PW": "db/password"}}}).json["job_id"]
+    waiting = admin.post_json("/v1/job", {"job_queue": "m"}).json["job_id"]
+    popped = agent.get("/v1/job?queue=m").json
+    assert popped["job_id"] == job_id and popped["test_data"]["secrets"] == {"PW": "s3cret"}
+    agent.post_json(f"/v1/result/{job_id}/log/output", {"fragment_number": 0, "timestamp": "2026-01-01T00:00:00",
+                                                         "phase": "test", "log_data": "hello\x00 log"})
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    agent.post(f"/v1/result/{job_id}/artifact", upload_files=[("file", "a.tgz", data)])
+    agent.post_json(f"/v1/result/{job_id}", {"job_state": "complete", "status": {"test": 0}})
+    anon = webtest.TestApp(app)
+    for n in range(3):
+        anon.put(f"/v1/event/fire/deploy", f"v{n}".encode())
+    events_before = anon.get("/v1/event/list").json
+    result_before = anon.get(f"/v1/result/{job_id}").json
+    app.close()
+
+    schema, url = PgSchemas.take()
+    try:
+        assert agenthub.main(["migrate", "--from", path, "--to", url]) == 0
+        out = capsys.readouterr().out
+        assert "copied" in out and "file_chunks 4" in out and f"{path}.key" in out
+        with open(path + ".key") as fh:
+            key = fh.read().strip()
+        moved = create_app(db=url, secret_key=key, purge_interval=0, history_interval=0, quiet=True)
+        try:
+            anon = webtest.TestApp(moved)
+            assert anon.get("/v1/event/list").json == events_before
+            after = anon.get(f"/v1/result/{job_id}").json
+            assert after == {**result_before, "test_output": "hello\ufffd log"}   # (PostgreSQL text holds no NUL)
+            assert anon.get(f"/v1/result/{job_id}/artifact").body == data
+            assert anon.get(f"/v1/result/{waiting}").json["job_state"] == "waiting"
+            assert [a["name"] for a in anon.get("/v1/agents/data").json] == ["mover"]
+            basic = base64.b64encode(b"ci:a-long-enough-secret").decode()
+            assert anon.post("/v1/oauth2/token", headers={"Authorization": f"Basic {basic}"}).json["access_token"]
+            assert moved.hub.secrets.resolve("boss", {"PW": "db/password"}) == {"PW": "s3cret"}
+            new = anon.post_json("/v1/job", {"job_queue": "m"}).json["job_id"]     # ids go on after the copy
+            assert anon.get(f"/v1/job/{new}/position").text == "1"
+            anon.put("/v1/event/fire/deploy", b"v3")
+            last = max(e["LTime"] for e in events_before)
+            assert [e["LTime"] for e in anon.get("/v1/event/list").json][-2:] == [last, last + 1]
+        finally:
+            moved.close()
+        assert agenthub.main(["migrate", "--from", path, "--to", url]) == 1         # never into data
+        assert "already holds data" in capsys.readouterr().err
+    finally:
+        PgSchemas.free.append(schema)
