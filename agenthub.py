@@ -9373,6 +9373,10 @@ def build_parser(environ=None):
                          help="postgresql://user:password@host:port/database, created empty (or holding no data)")
 
     bench = commands.add_parser("bench", help="measure the hub on a real server and print figures")
+    bench.add_argument("--db", metavar="URL", help="a PostgreSQL database to measure (in a schema of its own,"
+                                                   " dropped afterwards); default: a fresh SQLite file")
+    bench.add_argument("--processes", type=int, default=1,
+                       help="server processes sharing the database (PostgreSQL; default %(default)s)")
     bench.add_argument("--jobs", type=int, default=2000, help="jobs to submit and pop (default %(default)s)")
     bench.add_argument("--clients", type=int, default=8, help="concurrent clients (default %(default)s)")
     bench.add_argument("--agents", type=int, default=200, help="simulated polling agents (default %(default)s)")
@@ -9770,29 +9774,52 @@ def add_client_command(args):
 # numbers are for people to read.
 
 class _BenchServer:
-    """``agenthub serve`` on a free loopback port with a fresh file database."""
+    """``agenthub serve`` on free loopback ports: one process on a fresh SQLite file, or ``processes``
+    on a fresh schema of a PostgreSQL database (dropped afterwards).  Each new connection goes to
+    the next process; CPU, memory and thread figures are the first process's."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, db=None, processes=1):
         import subprocess
-        self.db = os.path.join(workdir, "bench.db")
-        store = Database(self.db)
-        auth = Auth(AuthStore(store), Config(db=self.db))
+        self.schema, self.processes = None, max(1, processes)
+        if db and is_postgres_url(db):
+            import psycopg
+            self.schema = f"agenthub_bench_{os.getpid()}"
+            with psycopg.connect(db, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+                conn.execute(f"CREATE SCHEMA {self.schema}")
+            self.base_url = db
+            self.db = db + ("&" if "?" in db else "?") + "options=" + urllib.parse.quote(
+                f"-c search_path={self.schema}")
+            self.kind = f"PostgreSQL, {self.processes} process{'es' if self.processes > 1 else ''}"
+        elif processes > 1:
+            raise SystemExit("bench: several server processes need a PostgreSQL --db")
+        else:
+            self.db, self.kind = os.path.join(workdir, "bench.db"), "file database"
+        store = open_database(self.db)
+        auth = Auth(AuthStore(store), Config(db=self.db), key="-")
         self.secret = auth.add_client("bench-agent", "agent", "bench-agent-secret-000")
         store.close()
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "serve", "--db", self.db, "--port", "0", "--quiet",
-             "--bench-route", "--purge-interval", "0", "--max-watchers-per-client", "100000",
-             "--max-watchers", "100000"], stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        match = re.search(r"http://([\d.]+):(\d+)/", line)
-        if not match:
-            self.proc.kill()
-            raise SystemExit(f"bench: the server did not start: {line!r}")
-        self.host, self.port = match.group(1), int(match.group(2))
+        key = secrets.token_hex(32)
+        self.procs, self.ports, self._next = [], [], itertools.count()
+        for _ in range(self.processes):
+            proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "serve", "--db", self.db, "--port", "0", "--quiet",
+                 "--secret-key", key, "--bench-route", "--purge-interval", "0", "--max-watchers-per-client",
+                 "100000", "--max-watchers", "100000"], stdout=subprocess.PIPE, text=True)
+            self.procs.append(proc)
+            line = proc.stdout.readline()
+            match = re.search(r"http://([\d.]+):(\d+)/", line)
+            if not match:
+                self.stop()
+                raise SystemExit(f"bench: the server did not start: {line!r}")
+            self.host = match.group(1)
+            self.ports.append(int(match.group(2)))
+        self.proc, self.port = self.procs[0], self.ports[0]
 
     def connection(self):
         import http.client
-        return http.client.HTTPConnection(self.host, self.port, timeout=120)
+        port = self.ports[(os.getpid() + next(self._next)) % len(self.ports)]
+        return http.client.HTTPConnection(self.host, port, timeout=120)
 
     def rss(self, key="VmRSS"):
         """Resident memory of the server process, in KiB (Linux)."""
@@ -9803,8 +9830,14 @@ class _BenchServer:
         return 0
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(timeout=10)
+        if self.schema:
+            import psycopg
+            with psycopg.connect(self.base_url, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
 
 
 def _request(conn, method, path, body=None, headers=None):
@@ -9860,7 +9893,7 @@ def _pct(values, p):
 def bench_command(args):
     import tempfile
     with tempfile.TemporaryDirectory(prefix="agenthub-bench-") as workdir:
-        server = _BenchServer(workdir)
+        server = _BenchServer(workdir, args.db, args.processes)
         try:
             if args.part in ("all", "testflinger"):
                 _bench_testflinger(server, args)
@@ -9971,8 +10004,8 @@ def _bench_events(server, args):
     request_bytes = (f"GET /v1/event/list?name=watched&index={index}&wait=120s HTTP/1.1\r\n"
                      f"Host: {server.host}\r\n\r\n").encode()
     sockets = []
-    for _ in range(args.watchers):
-        sock = socket.create_connection((server.host, server.port))
+    for n in range(args.watchers):                 # spread over the processes: a fire on one wakes all
+        sock = socket.create_connection((server.host, server.ports[n % len(server.ports)]))
         sock.sendall(request_bytes)
         sockets.append(sock)
     time.sleep(2.0)                                 # let every watcher reach its wait
@@ -10029,7 +10062,7 @@ def _bench_testflinger(server, args):
     auth = _bench_auth(server, conn)
     json_headers = {"Content-Type": "application/json"}
     print(f"agenthub {__version__} bench: server pid {server.proc.pid} on {server.host}:{server.port}, "
-          f"file database, {os.cpu_count()} cores")
+          f"{server.kind}, {os.cpu_count()} cores")
 
     # The ceiling: a trivial Bottle JSON route on the same server, same harness.
     ceiling_s, _, _ = _load(server, args.clients, args.jobs, lambda n, c: _request(c, "GET", "/_bench/ping")[0])
