@@ -9324,14 +9324,15 @@ def build_parser(environ=None):
     env = Config.from_env(environ, db=(environ or os.environ).get("AGENTHUB_DB", "agenthub.db"))
     parser = argparse.ArgumentParser(
         prog="agenthub", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="A hub for agents that run jobs: a Testflinger-compatible job queue on SQLite.\n"
+        description="A hub for agents that run jobs: a Testflinger-compatible job queue on SQLite or PostgreSQL.\n"
                     "Without a command, `agenthub [options]` is `agenthub serve [options]`.")
     parser.add_argument("--version", action="version", version=f"agenthub {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the HTTP server (the default command)")
     serve.add_argument("--db", default=env.db,
-                       help="SQLite file, or :memory: (default %(default)s; AGENTHUB_DB)")
+                       help="SQLite file, :memory:, or postgresql://user:password@host:port/database (several"
+                            " processes; pip install 'agenthub[postgres]') (default %(default)s; AGENTHUB_DB)")
     _serve_options(serve, env)
 
     client = commands.add_parser("add-client", help="create or reset an API client and print its secret")
@@ -9344,7 +9345,8 @@ def build_parser(environ=None):
                         help="also write {\"refresh_token\": …} to F, the file testflinger-agent --token-file reads")
     client.add_argument("--token-days", type=float, default=365,
                         help="lifetime of the token-file refresh token (default %(default)s)")
-    client.add_argument("--db", default=env.db, help="SQLite file (default %(default)s; AGENTHUB_DB)")
+    client.add_argument("--db", default=env.db,
+                        help="SQLite file or postgresql:// URL (default %(default)s; AGENTHUB_DB)")
 
     token = commands.add_parser("add-event-token", help="create or reset a user-event ACL token, print its secret")
     token.add_argument("token_name", metavar="NAME")
@@ -9353,12 +9355,14 @@ def build_parser(environ=None):
     token.add_argument("--write", nargs="*", default=[], metavar="PREFIX",
                        help="event-name prefixes it may fire (and list)")
     token.add_argument("--secret", help="use this secret (default: a random UUID, printed)")
-    token.add_argument("--db", default=env.db, help="SQLite file (default %(default)s; AGENTHUB_DB)")
+    token.add_argument("--db", default=env.db,
+                       help="SQLite file or postgresql:// URL (default %(default)s; AGENTHUB_DB)")
 
     backup = commands.add_parser("backup", help="copy a live database (and its key file) consistently; the server"
                                                 " keeps serving")
     backup.add_argument("dest", metavar="DEST", help="the copy to write (DEST.key gets the key file)")
-    backup.add_argument("--db", default=env.db, help="SQLite file (default %(default)s; AGENTHUB_DB)")
+    backup.add_argument("--db", default=env.db,
+                        help="SQLite file (default %(default)s; AGENTHUB_DB); PostgreSQL: use pg_dump")
 
     restore = commands.add_parser("restore", help="check a backup and make it the database (the server must be"
                                                   " stopped)")
@@ -9648,6 +9652,10 @@ def _copy_key(source, target):
 def backup_command(args):
     """A consistent copy of a live database while the server goes on serving, its key file beside
     it, and a check that the copy opens and passes integrity_check."""
+    if is_postgres_url(args.db):
+        print("agenthub: backup copies SQLite files; back a PostgreSQL database up with pg_dump (and keep the"
+              " --secret-key with it)", file=sys.stderr)
+        return 2
     if args.db in (":memory:", "") or not os.path.exists(args.db):
         print(f"agenthub: backup: no database file {args.db!r} (--db PATH)", file=sys.stderr)
         return 1
@@ -9678,6 +9686,10 @@ def restore_command(args):
     """Check a backup (opens, integrity_check ok, an agenthub schema this version knows) and put it
     in place of ``--db`` with its key file: copied beside the target, then renamed over it, so even
     a corrupt database is replaced.  Refused while a server holds the database."""
+    if is_postgres_url(args.db):
+        print("agenthub: restore replaces SQLite files; restore a PostgreSQL database with pg_restore, or copy"
+              " an SQLite backup into an empty one with `agenthub migrate`", file=sys.stderr)
+        return 2
     if args.db in (":memory:", ""):
         print("agenthub: restore needs a database file (--db PATH)", file=sys.stderr)
         return 1
