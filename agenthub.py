@@ -864,7 +864,10 @@ class Database:
         if getattr(self._local, "writing", False):
             yield self._local.conn
             return
-        with self._write_lock, self.connection() as conn:
+        # A shared database's non-exclusive transaction (a pop) does not wait for this process's
+        # other writers either: its row locks are its serialisation.
+        lock = self._write_lock if exclusive or self.single_process else contextlib.nullcontext()
+        with lock, self.connection() as conn:
             self._local.writing, self._local.hooks = True, []
             try:
                 try:

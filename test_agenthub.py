@@ -5053,7 +5053,9 @@ def test_three_processes_hand_each_of_2000_jobs_out_exactly_once(pg_hubs):
     assert app.hub.jobs.store.job_state_counts() == {"running": 2000}
     assigned = [r[0] for r in app.hub.db.read("SELECT job_id FROM job_events WHERE event_name = 'job_assigned'"
                                                " ORDER BY id")]
-    assert len(assigned) == 2000 and set(assigned[:30]) == urgent          # priority first, across processes
+    # Priority first across processes: a pop passes over jobs other pops hold locked (SKIP LOCKED), so
+    # while the last urgent jobs are being taken (at most one pop in flight per agent: 30) others go on.
+    assert len(assigned) == 2000 and urgent <= set(assigned[:60])
 
 
 def test_a_fire_on_one_process_wakes_a_watcher_parked_on_another(pg_hubs):
