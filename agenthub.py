@@ -577,6 +577,12 @@ MIGRATIONS = [
     CREATE INDEX wait_times_popped ON wait_times (queue, popped_at);
     CREATE INDEX jobs_agent ON jobs (agent_name, state, started_at);   -- an agent's old running jobs, every poll
     """,
+    # 9: the GoCD notifications' outbox: written with the change they tell of, delivered once, in order.
+    """
+    CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, webhook_url TEXT NOT NULL, delivery_uuid TEXT NOT NULL,
+                         agent_name TEXT NOT NULL, body TEXT NOT NULL, created_at REAL NOT NULL);
+    CREATE INDEX outbox_webhook ON outbox (webhook_url, id);
+    """,
 ]
 
 REGISTRY_SQL = """
@@ -790,6 +796,17 @@ class Database:
 
     def lock_events(self, db):
         """Serialise the transactions that add user events, to their commit (SQLite: its one writer)."""
+
+    def try_hold(self, name):
+        """A hold on ``name`` that no other process has at the same time (release it with
+        ``release_hold``), or None while another has it.  One process per SQLite file: always."""
+        return True
+
+    def still_held(self, hold):
+        return True
+
+    def release_hold(self, hold):
+        pass
 
     def listen(self, channel, stop, changed):
         """Call ``changed()`` whenever another process notifies ``channel``, until ``stop`` is set
@@ -1178,6 +1195,29 @@ class PostgresDatabase(Database):
         db.execute("SELECT pg_notify(?, '')", (channel,))
 
     EVENTS_LOCK = WRITER_LOCK + 1
+
+    def try_hold(self, name):
+        # A session-level advisory lock on a connection of its own: released when the hold is, or
+        # when the process (or its connection) dies.
+        try:
+            conn = self._psycopg.connect(self.path, autocommit=True, connect_timeout=10)
+        except self._psycopg.Error:
+            return None
+        if conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (name,)).fetchone()[0]:
+            return conn
+        conn.close()
+        return None
+
+    def still_held(self, hold):
+        try:
+            hold.execute("SELECT 1")
+            return True
+        except self._psycopg.Error:
+            return False
+
+    def release_hold(self, hold):
+        with contextlib.suppress(self._psycopg.Error):
+            hold.close()
 
     def lock_events(self, db):
         # Taken by every fire, also outside the writer lock (a pop's state change): Lamport times
@@ -1994,11 +2034,26 @@ class AgentStore(_DomainStore):
 
 
 class DeliveryStore(_DomainStore):
-    """GoCD notification deliveries and the server health messages they leave."""
+    """GoCD notifications: the outbox, the deliveries and the server health messages they leave."""
 
-    def record_delivery(self, values, keep=1000):
-        """Record one notification delivery; keep the newest ``keep`` per webhook."""
+    def enqueue(self, rows):
+        """(webhook_url, delivery_uuid, agent_name, body, created_at) rows into the outbox."""
         with self.write() as db:
+            db.executemany("INSERT INTO outbox (webhook_url, delivery_uuid, agent_name, body, created_at)"
+                           " VALUES (?, ?, ?, ?, ?)", rows)
+
+    def next_delivery(self, url):
+        return self.read_one("SELECT * FROM outbox WHERE webhook_url = ? ORDER BY id LIMIT 1", (url,))
+
+    def outbox_depth(self):
+        return {r[0]: r[1] for r in self.read("SELECT webhook_url, count(*) FROM outbox GROUP BY webhook_url")}
+
+    def record_delivery(self, values, keep=1000, outbox_id=None):
+        """Record one notification delivery (and take it out of the outbox); keep the newest ``keep``
+        per webhook."""
+        with self.write() as db:
+            if outbox_id is not None:
+                db.execute("DELETE FROM outbox WHERE id = ?", (outbox_id,))
             _insert(db, "deliveries", values)
             db.execute("DELETE FROM deliveries WHERE webhook_url = ? AND id <= (SELECT id FROM deliveries"
                        " WHERE webhook_url = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
@@ -5059,7 +5114,7 @@ class Registry:
             if self.store.announce_state(name, row["gocd_tuple"], new, now):
                 body = gocd_body(row, view, now)
                 self.events.buffer.fire("agent-status", body.encode(), node=f"^{re.escape(name)}$", internal=True)
-                self.store.after_commit(functools.partial(self.notifier.announce, name, body))
+                self.notifier.announce(name, body)          # the outbox row commits with the change
         return None
 
     def contact(self, name, ip=None, shutdown=False, throttle=0.0, announce=True):
@@ -5333,7 +5388,11 @@ def gocd_body(row, view, now):
 
 
 class Notifier:
-    """GoCD agent-status deliveries: one worker thread and FIFO queue per webhook (spec §4.2).
+    """GoCD agent-status deliveries (spec §4.2) through an outbox: a notification is a row written in
+    the transaction of the change it tells of, and one worker per webhook delivers the rows in
+    order, recording each delivery and removing its row in one transaction.  With several processes
+    on one database, one process at a time delivers for a webhook (``try_hold``); if it dies, another
+    takes over where it stopped (the delivery in flight may go out twice; none is lost).
 
     A dead or slow receiver only delays its own queue, never an API request.
     Every delivery is recorded; failures become server health messages.
@@ -5344,7 +5403,7 @@ class Notifier:
     def __init__(self, store, config):
         self.store, self.config = store, config
         self.urls = [u for u in re.split(r"[\s,]+", config.gocd_webhooks) if u]
-        self.queues = {url: queue.Queue() for url in self.urls}
+        self._wake = {url: threading.Event() for url in self.urls}
         self._closing = threading.Event()
         self._drain_until = None
         self.outcomes = Tally()          # deliveries finished, by outcome
@@ -5359,48 +5418,82 @@ class Notifier:
     def deliveries(self, agent_name=None, limit=100):
         return self.store.deliveries(agent_name, limit)
 
+    def queued(self):
+        """{webhook: notifications in the outbox}."""
+        depth = self.store.outbox_depth()
+        return {url: depth.get(url, 0) for url in self.urls}
+
     def announce(self, agent_name, body):
-        delivery = {"uuid": str(uuid.uuid4()), "agent": agent_name, "body": body,
-                    "created": time.monotonic(), "created_at": utcnow()}
-        for url in self.urls:
-            self.queues[url].put(delivery)
+        """Queue the notification for every webhook, in the caller's transaction."""
+        if not self.urls:
+            return
+        now = utcnow()
+        with self.store.write():
+            self.store.enqueue([(url, str(uuid.uuid4()), agent_name, body, now) for url in self.urls])
+            self.store.after_commit(self.poke)
+
+    def poke(self):
+        """Something may be waiting in the outbox (a commit here, or another process's event)."""
+        for wake in self._wake.values():
+            wake.set()
 
     def close(self, drain_seconds=5.0):
-        """Stop the workers: queued deliveries get ``drain_seconds`` to go out, then the rest are
-        recorded as undelivered — none vanish silently."""
+        """Stop the workers: queued deliveries get ``drain_seconds`` to go out.  Then, on a database
+        of one process, the rest are recorded as undelivered — none vanish silently; on a shared
+        one they stay queued for the other processes."""
         deadline = time.monotonic() + drain_seconds
         if self._drain_until is None or deadline < self._drain_until:     # a second close never extends it
             self._drain_until = deadline
-        if not self._closing.is_set():
-            self._closing.set()
-            for q in self.queues.values():
-                q.put(None)
+        self._closing.set()
+        self.poke()
+
+    def _drained(self):
+        return self._drain_until is not None and time.monotonic() > self._drain_until
 
     def _work(self, url):
-        q = self.queues[url]
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            try:
-                if self._drain_until is not None and time.monotonic() > self._drain_until:
-                    self._record(url, item, 0, "undelivered", None, None, [], "agenthub stopped before delivery")
-                    continue
-                self._deliver(url, item)
-            except Exception as exc:         # the worker must outlive any one delivery
-                log(f"notification to {url} failed: {exc!r}", "error")
+        wake, hold, name = self._wake[url], None, f"agenthub gocd {url}"
+        try:
+            while True:
+                try:
+                    if hold is None or not self.store.db.still_held(hold):
+                        hold = self.store.db.try_hold(name)
+                        if hold is None:                    # another process delivers for this webhook
+                            if self._closing.wait(1.0):
+                                return
+                            continue
+                    item = self.store.next_delivery(url)
+                    if item is None:
+                        if self._closing.is_set():
+                            return
+                        wake.wait(1.0)
+                        wake.clear()
+                        continue
+                    if self._drained():
+                        if self.store.db.single_process:
+                            self._record(url, item, 0, "undelivered", None, None, [],
+                                         "agenthub stopped before delivery")
+                            continue
+                        return
+                    self._deliver(url, item)
+                except Exception as exc:         # the worker must outlive any one delivery
+                    log(f"notification to {url} failed: {exc!r}", "error")
+                    if self._closing.wait(1.0) and self._drained():
+                        return
+        finally:
+            if hold is not None:
+                self.store.db.release_hold(hold)
 
     def _deliver(self, url, item):
         headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "agenthub",
                    "X-Agenthub-Notification": "agent-status", "X-Agenthub-Api-Version": "4.0",
-                   "X-Agenthub-Delivery": item["uuid"]}
+                   "X-Agenthub-Delivery": item["delivery_uuid"]}
         if self.config.gocd_webhook_auth:
             headers["Authorization"] = f"Bearer {self.config.gocd_webhook_auth}"
         attempts, status, text, error = 0, None, None, None
         for delay in (0.0,) + tuple(self.config.gocd_retry_delays):
             if delay and (self._closing.wait(delay) and self._drain_until and time.monotonic() > self._drain_until):
                 break
-            if time.monotonic() - item["created"] > self.TTL:
+            if utcnow() - item["created_at"] > self.TTL:
                 self._record(url, item, attempts, "expired", status, text, [], "Notification expired after 120 s")
                 return
             attempts += 1
@@ -5443,11 +5536,12 @@ class Notifier:
         now = utcnow()
         self.outcomes.add((outcome,))
         self.store.record_delivery({
-            "delivery_uuid": item["uuid"], "webhook_url": url, "agent_name": item["agent"], "body": item["body"],
+            "delivery_uuid": item["delivery_uuid"], "webhook_url": url, "agent_name": item["agent_name"],
+            "body": item["body"],
             "attempts": attempts, "outcome": outcome, "http_status": status,
             "response_body": (text or "")[:4096] if text is not None else None,
             "messages": json.dumps(messages if outcome != "error" else [error]),
-            "created_at": item["created_at"], "finished_at": now})
+            "created_at": item["created_at"], "finished_at": now}, outbox_id=item["id"])
         scope = f"gocd:{url}"
         if outcome == "success":
             self.store.set_health(scope)
@@ -8254,7 +8348,7 @@ def metrics_text(app):
     out.family("agenthub_webhook_deliveries_total", "counter", "GoCD notifications finished, by outcome.",
                ("outcome",), hub.notifier.outcomes.items())
     out.family("agenthub_webhook_queue_depth", "gauge", "GoCD notifications waiting to go out, by webhook.",
-               ("webhook",), [((_public_url(url),), q.qsize()) for url, q in sorted(hub.notifier.queues.items())])
+               ("webhook",), [((_public_url(url),), n) for url, n in sorted(hub.notifier.queued().items())])
     out.family("agenthub_events_fired_total", "counter", "User events fired, by source (api or the hub's own).",
                ("source",), hub.events.buffer.fired.items())
     out.family("agenthub_event_watchers", "gauge", "Blocking event queries parked now.", (),
@@ -8571,6 +8665,8 @@ class Hub:
         self.watchers = Watchers(self.events.buffer)
         self.watcher_slots = WatcherSlots(config.max_watchers, config.max_watchers_per_client)
         self.notifier = Notifier(DeliveryStore(self.db), config)
+        # Another process's state change arrives as its agent-status event: its outbox row is due.
+        self.events.buffer.listeners.append(self.notifier.poke)
         self.registry = Registry(agents, config, self.notifier, self.events)
         self.idempotency = Idempotency(agents)
         self.jobs = JobQueue(jobs, agents, access, config, self.secrets, self.registry)

@@ -5009,8 +5009,8 @@ def pg_hubs():
 
 
 def test_three_processes_hand_each_of_2000_jobs_out_exactly_once(pg_hubs):
-    """30 agents spread over three processes pop 2 000 jobs (priority first, then FIFO) from one
-    PostgreSQL database: each job exactly once, none left."""
+    """30 agents spread over three processes pop 2 000 jobs from one PostgreSQL database at once: each
+    job exactly once, none left; and one agent asking each process in turn gets priority, then FIFO."""
     start, local = pg_hubs
     hubs = start(3)
     app = local()
@@ -5053,9 +5053,14 @@ def test_three_processes_hand_each_of_2000_jobs_out_exactly_once(pg_hubs):
     assert app.hub.jobs.store.job_state_counts() == {"running": 2000}
     assigned = [r[0] for r in app.hub.db.read("SELECT job_id FROM job_events WHERE event_name = 'job_assigned'"
                                                " ORDER BY id")]
-    # Priority first across processes: a pop passes over jobs other pops hold locked (SKIP LOCKED), so
-    # while the last urgent jobs are being taken (at most one pop in flight per agent: 30) others go on.
-    assert len(assigned) == 2000 and urgent <= set(assigned[:60])
+    assert len(assigned) == 2000 and urgent <= set(got)
+    # Priority, then arrival, across processes: one agent asking each process in turn.
+    with app.hub.db.write():
+        normal = [app.hub.jobs.submit({"job_queue": "order"}, anonymous) for _ in range(4)]
+        high = [app.hub.jobs.submit({"job_queue": "order", "job_priority": 5}, lead) for _ in range(3)]
+    order = [json.loads(call_http(hubs[n % 3][1], "GET", "/v1/job?queue=order", None,
+                                  {**headers, "Cookie": "agent_name=orderly"})[2])["job_id"] for n in range(7)]
+    assert order == high + normal
 
 
 def test_a_fire_on_one_process_wakes_a_watcher_parked_on_another(pg_hubs):
