@@ -718,6 +718,7 @@ class Database:
     BEGIN = ("BEGIN IMMEDIATE",)
     errors = (sqlite3.Error,)            # what a failing database raises (the loops survive these)
     skip_locked = ""                     # SQLite's single writer already hands each row out once
+    same_as = "IS ?"                     # equal, NULL included (IS NOT DISTINCT FROM needs SQLite 3.39)
     single_process = True                # one server per file (ProcessLock): in-process caches are safe
 
     def __init__(self, path):
@@ -797,16 +798,10 @@ class Database:
     def lock_events(self, db):
         """Serialise the transactions that add user events, to their commit (SQLite: its one writer)."""
 
-    def try_hold(self, name):
-        """A hold on ``name`` that no other process has at the same time (release it with
-        ``release_hold``), or None while another has it.  One process per SQLite file: always."""
-        return True
-
-    def still_held(self, hold):
-        return True
-
-    def release_hold(self, hold):
-        pass
+    def hold(self, name):
+        """A hold on ``name`` that one process at a time has (``acquire()`` is True while this one
+        does; ``release()``).  One process per SQLite file: always this one."""
+        return _Hold()
 
     def listen(self, channel, stop, changed):
         """Call ``changed()`` whenever another process notifies ``channel``, until ``stop`` is set
@@ -1014,18 +1009,12 @@ def _pg_rows(cursor):
     return cls
 
 
-_PG_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
-
-
 def _pg_value(value):
-    """A parameter as PostgreSQL takes it.  Text cannot hold U+0000, and a JSON document holding
-    the escape ``\\u0000`` cannot be navigated (``::jsonb`` refuses it): both become U+FFFD, the
+    """A parameter as PostgreSQL takes it.  Text cannot hold U+0000: it becomes U+FFFD, the
     replacement character.  Booleans go in as the 0/1 the schema's flag columns hold."""
     if value.__class__ is str:
         if "\x00" in value:
             value = value.replace("\x00", "\ufffd")
-        if "\\u0000" in value:
-            value = _PG_NUL_ESCAPE.sub(lambda m: m.group(1) + "\\ufffd", value)
         return value
     if value is True or value is False:
         return int(value)
@@ -1045,12 +1034,15 @@ class _PgConnection:
     def _sql(cls, sql):
         found = cls._translated.get(sql)
         if found is None:
-            # No statement of this section holds a literal "?" or "%" (psycopg would need "%%").
+            # No statement of this section holds a literal "?"; a literal "%" is "%%" to psycopg
+            # when there are parameters.
             found = cls._translated[sql] = sql.replace("%", "%%").replace("?", "%s")
         return found
 
     def execute(self, sql, args=()):
-        return self.conn.execute(self._sql(sql), [_pg_value(v) for v in args] if args else None)
+        if not args:
+            return self.conn.execute(sql)
+        return self.conn.execute(self._sql(sql), [_pg_value(v) for v in args])
 
     def executemany(self, sql, rows):
         with self.conn.cursor() as cursor:
@@ -1088,6 +1080,7 @@ class PostgresDatabase(Database):
     WRITER_LOCK = 0x61676e74687562        # "agnthub": the advisory lock every write transaction takes
     BEGIN = ("BEGIN", f"SELECT pg_advisory_xact_lock({WRITER_LOCK})")
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    same_as = "IS NOT DISTINCT FROM ?"
     single_process = False               # several processes share it: no in-process cache of what they change
 
     POOL_SIZE = 32                 # connections at most (requests beyond wait for one, then 503)
@@ -1172,16 +1165,22 @@ class PostgresDatabase(Database):
         return [str(v) for v in values]
 
     @staticmethod
-    def json_has(column, value="?"):
-        return f"coalesce(({column})::jsonb @> jsonb_build_array(({value})::text), false)"
+    def _jsonb(column):
+        # jsonb refuses the escape \u0000 (a NUL it cannot hold): the stored JSON keeps it, and
+        # these queries read it as U+FFFD.
+        return f"replace({column}, '\\u0000', '\\ufffd')::jsonb"
 
-    @staticmethod
-    def json_elements(column, key):
-        return f"jsonb_array_elements_text(({column})::jsonb -> '{key}') AS elements (value)"
+    @classmethod
+    def json_has(cls, column, value="?"):
+        return f"coalesce({cls._jsonb(column)} @> jsonb_build_array(({value})::text), false)"
 
-    @staticmethod
-    def json_text(column, key):
-        return f"(({column})::jsonb ->> '{key}')"
+    @classmethod
+    def json_elements(cls, column, key):
+        return f"jsonb_array_elements_text({cls._jsonb(column)} -> '{key}') AS elements (value)"
+
+    @classmethod
+    def json_text(cls, column, key):
+        return f"({cls._jsonb(column)} ->> '{key}')"
 
     @staticmethod
     def utf8_length(column):
@@ -1196,28 +1195,8 @@ class PostgresDatabase(Database):
 
     EVENTS_LOCK = WRITER_LOCK + 1
 
-    def try_hold(self, name):
-        # A session-level advisory lock on a connection of its own: released when the hold is, or
-        # when the process (or its connection) dies.
-        try:
-            conn = self._psycopg.connect(self.path, autocommit=True, connect_timeout=10)
-        except self._psycopg.Error:
-            return None
-        if conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (name,)).fetchone()[0]:
-            return conn
-        conn.close()
-        return None
-
-    def still_held(self, hold):
-        try:
-            hold.execute("SELECT 1")
-            return True
-        except self._psycopg.Error:
-            return False
-
-    def release_hold(self, hold):
-        with contextlib.suppress(self._psycopg.Error):
-            hold.close()
+    def hold(self, name):
+        return _PgHold(self, name)
 
     def lock_events(self, db):
         # Taken by every fire, also outside the writer lock (a pop's state change): Lamport times
@@ -1284,6 +1263,44 @@ class PostgresDatabase(Database):
         """None here: pg_database_size() stats every file of the database on each scrape, and
         PostgreSQL's own exporters report its sizes."""
         return {}
+
+
+class _Hold:
+    def acquire(self):
+        return True
+
+    def release(self):
+        pass
+
+
+class _PgHold:
+    """A session-level advisory lock on a connection of its own, kept for the tries: released with
+    the hold, or when the process (or its connection) dies."""
+
+    def __init__(self, db, name):
+        self.db, self.name, self.conn, self.held = db, name, None, False
+
+    def acquire(self):
+        psycopg = self.db._psycopg
+        try:
+            if self.conn is None or self.conn.closed or self.conn.broken:
+                self.release()
+                self.conn = psycopg.connect(self.db.path, autocommit=True, connect_timeout=10)
+            if self.held:
+                self.conn.execute("SELECT 1")              # still ours while the session lives
+            else:
+                self.held = self.conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
+                                              (self.name,)).fetchone()[0]
+            return self.held
+        except psycopg.Error:
+            self.release()
+            return False
+
+    def release(self):
+        if self.conn is not None:
+            with contextlib.suppress(self.db._psycopg.Error):
+                self.conn.close()
+        self.conn, self.held = None, False
 
 
 def _pg_numeric_loader(psycopg):
@@ -1927,7 +1944,7 @@ class AgentStore(_DomainStore):
         """Store the announced state tuple if it is still ``old`` (so only one thread announces), and
         record the change in the agent's state history, in one transaction."""
         with self.write() as db:
-            if db.execute("UPDATE agents SET gocd_tuple = ? WHERE name = ? AND gocd_tuple IS NOT DISTINCT FROM ?",
+            if db.execute(f"UPDATE agents SET gocd_tuple = ? WHERE name = ? AND gocd_tuple {self.db.same_as}",
                           (new, name, old)).rowcount == 0:
                 return False
             db.execute("INSERT INTO agent_states (agent_name, time, state) VALUES (?, ?, ?)", (name, now, new))
@@ -4705,12 +4722,13 @@ class EventBuffer:
         # Inside the caller's write transaction when there is one (an agent's state change is
         # part of the change that caused it); the ring moves once it is committed.
         with self.store.write():
-            if self.shared:                         # under the writer lock every process takes
-                self._ltime = max(self._ltime, self.store.newest_ltime())
-            event = Event(str(uuid.uuid4()), name, payload, node, service, tag, self._ltime + 1)
+            # Shared: the highest stored time, under the event lock every process takes (a refresh
+            # may move self._ltime meanwhile: the next time is computed locally).
+            ltime = max(self._ltime, self.store.newest_ltime()) if self.shared else self._ltime
+            event = Event(str(uuid.uuid4()), name, payload, node, service, tag, ltime + 1)
             if name != "_rexec":                    # Consul never buffers remote-exec events
                 self.store.add_event(event, self.size, utcnow())
-                self._ltime += 1
+                self._ltime = max(self._ltime, ltime + 1)
             self.store.after_commit(functools.partial(self._publish, event, internal))
         return event
 
@@ -4723,8 +4741,11 @@ class EventBuffer:
         """Read what was stored since the ring's newest event (by any process) into the ring; True
         when something was.  The ring is the database's: every process lists the same events
         with the same indexes."""
+        # Read before taking the lock (which a hook holding a connection may wait for): rows another
+        # refresh applied meanwhile are dropped under it.
+        rows = self.store.events_after(self._last_seq)
         with self._refreshing:
-            rows = self.store.events_after(self._last_seq)
+            rows = [r for r in rows if r["seq"] > self._last_seq]
             if not rows:
                 return False
             with self._changed:
@@ -5391,7 +5412,7 @@ class Notifier:
     """GoCD agent-status deliveries (spec §4.2) through an outbox: a notification is a row written in
     the transaction of the change it tells of, and one worker per webhook delivers the rows in
     order, recording each delivery and removing its row in one transaction.  With several processes
-    on one database, one process at a time delivers for a webhook (``try_hold``); if it dies, another
+    on one database, one process at a time delivers for a webhook (``hold``); if it dies, another
     takes over where it stopped (the delivery in flight may go out twice; none is lost).
 
     A dead or slow receiver only delays its own queue, never an API request.
@@ -5451,16 +5472,14 @@ class Notifier:
         return self._drain_until is not None and time.monotonic() > self._drain_until
 
     def _work(self, url):
-        wake, hold, name = self._wake[url], None, f"agenthub gocd {url}"
+        wake, hold = self._wake[url], self.store.db.hold(f"agenthub gocd {url}")
         try:
             while True:
                 try:
-                    if hold is None or not self.store.db.still_held(hold):
-                        hold = self.store.db.try_hold(name)
-                        if hold is None:                    # another process delivers for this webhook
-                            if self._closing.wait(1.0):
-                                return
-                            continue
+                    if not hold.acquire():                  # another process delivers for this webhook
+                        if self._closing.wait(1.0):
+                            return
+                        continue
                     item = self.store.next_delivery(url)
                     if item is None:
                         if self._closing.is_set():
@@ -5480,8 +5499,7 @@ class Notifier:
                     if self._closing.wait(1.0) and self._drained():
                         return
         finally:
-            if hold is not None:
-                self.store.db.release_hold(hold)
+            hold.release()
 
     def _deliver(self, url, item):
         headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "agenthub",
@@ -9041,11 +9059,33 @@ class _RequestHandler(WSGIRequestHandler):
         if chunked:
             self.close_connection = True       # we cannot tell whether all of it was read
         elif body.remaining:
-            if body.remaining > CHUNK_SIZE:
-                self.close_connection = True   # cheaper to drop the connection than to read it
-            else:
-                while body.read(65536):
-                    pass
+            # A body the route did not read: discarded if it arrives within a second, else the
+            # connection is dropped (cheaper than reading a large one; a client that never sends
+            # what it declared holds no worker for long).
+            if body.remaining > CHUNK_SIZE or not self._drain(body.remaining, 1.0):
+                self.close_connection = True
+
+    def _drain(self, remaining, seconds):
+        conn = self.conn
+        take = min(remaining, len(conn.buffer))
+        del conn.buffer[:take]
+        remaining -= take
+        deadline = time.monotonic() + seconds
+        try:
+            while remaining > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                conn.sock.settimeout(left)
+                data = conn.sock.recv(min(remaining, 65536))
+                if not data:
+                    return False
+                remaining -= len(data)
+            return True
+        except OSError:
+            return False
+        finally:
+            conn.sock.settimeout(IO_SECONDS)
 
     def handle_expect_100(self):
         """Send "100 Continue" at once: buffered, curl would wait a second before every upload."""
@@ -9112,6 +9152,7 @@ class HubServer:
         self._waker.setblocking(False)
         self._wake.setblocking(False)
         self._accepting, self._closing = True, False
+        self._accept_paused_until = 0.0                 # accept failed (no file descriptors): until then
         self._stopped = threading.Event()           # shutdown() was called: serve_forever returns
         self._loop_thread, self._workers, self._started = None, [], threading.Lock()
 
@@ -9150,7 +9191,8 @@ class HubServer:
         for _ in self._workers:
             self._ready.put(None)
         if self._loop_thread is None:
-            self.socket.close()
+            for sock in (self.socket, self._waker, self._wake):
+                sock.close()
 
     def connection_opened(self, change):
         with self._idle:
@@ -9195,44 +9237,58 @@ class HubServer:
         listening, next_sweep = True, time.monotonic() + 1.0
         try:
             while not self._closing:
-                for key, _ in selector.select(1.0):
-                    if key.data == "accept":
-                        self._accept()
-                    elif key.data == "wake":
-                        try:
-                            while self._waker.recv(4096):
-                                pass
-                        except (BlockingIOError, OSError):
-                            pass
-                    else:
-                        self._readable(key.data)
-                with self._returning:
-                    returned, self._returned = self._returned, []
-                for conn in returned:
-                    if conn.closed:
-                        continue
-                    conn.since = time.monotonic()
-                    if conn.buffer and conn.head_complete():
-                        self._ready.put(conn)          # pipelined: the next request is already here
-                    else:
-                        selector.register(conn.sock, selectors.EVENT_READ, conn)
-                if listening and not self._accepting:
-                    selector.unregister(self.socket)
-                    self.socket.close()
-                    listening = False
-                now = time.monotonic()
-                if now >= next_sweep:
-                    next_sweep = now + 1.0
-                    self._sweep(now)
+                try:
+                    listening, next_sweep = self._turn(selector, listening, next_sweep)
+                except Exception as exc:        # the selector must outlive anything one turn meets
+                    log(f"the server's selector: {exc!r}", "error")
         finally:
-            for key in list(selector.get_map().values()):
-                if isinstance(key.data, _Connection):
-                    key.data.close()
+            with self._returning:
+                returned, self._returned = self._returned, []
+            for conn in returned + [key.data for key in selector.get_map().values()]:
+                if isinstance(conn, _Connection):
+                    conn.close()
             selector.close()
             if listening:
                 self.socket.close()
             self._waker.close()
             self._wake.close()
+
+    def _turn(self, selector, listening, next_sweep):
+        """One pass: what is readable, the connections given back, accepting, the sweep."""
+        for key, _ in selector.select(1.0):
+            if key.data == "accept":
+                self._accept()
+            elif key.data == "wake":
+                try:
+                    while self._waker.recv(4096):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+            else:
+                self._readable(key.data)
+        with self._returning:
+            returned, self._returned = self._returned, []
+        for conn in returned:
+            if conn.closed:
+                continue
+            conn.since = time.monotonic()
+            if conn.buffer and conn.head_complete():
+                self._ready.put(conn)          # pipelined: the next request is already here
+            else:
+                selector.register(conn.sock, selectors.EVENT_READ, conn)
+        now = time.monotonic()
+        if listening and self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            selector.register(self.socket, selectors.EVENT_READ, "accept")
+        if listening and not self._accepting:
+            if not self._accept_paused_until:
+                selector.unregister(self.socket)
+            self.socket.close()
+            listening = False
+        if now >= next_sweep:
+            next_sweep = now + 1.0
+            self._sweep(now)
+        return listening, next_sweep
 
     def _accept(self):
         for _ in range(128):
@@ -9240,8 +9296,11 @@ class HubServer:
                 sock, addr = self.socket.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:         # e.g. out of file descriptors: try again on the next turn
-                log(f"accept failed: {exc}", "warning")
+            except OSError as exc:         # e.g. out of file descriptors: stop accepting for a second
+                if not self._accept_paused_until:
+                    log(f"accept failed: {exc}; not accepting for a second", "warning")
+                self._accept_paused_until = time.monotonic() + 1.0
+                self._selector.unregister(self.socket)
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(IO_SECONDS)
@@ -9713,15 +9772,14 @@ def _copy_rows(path, target):
             ordered += [t for t in tables if t not in ordered and parents[t] <= set(ordered)]
         counts = {}
         with target.write() as db:
-            for table in ("jobs", "agents", "clients", "events"):
+            for table in ordered:
                 if db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone():
                     raise StartupError(f"{redact_url(target.path)} already holds data ({table}); migrate into"
-                                       " an empty database")
+                                       " an empty database (one no agenthub has served)")
             for table in ordered:
                 cursor = source.execute(f"SELECT * FROM {table}")
                 columns = [c[0] for c in cursor.description]
-                insert = (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-                          " ON CONFLICT DO NOTHING")
+                insert = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
                 counts[table] = 0
                 while True:
                     rows = cursor.fetchmany(8 if table == "file_chunks" else 500)

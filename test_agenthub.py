@@ -70,8 +70,8 @@ class PgSchemas:
                          + "".join(f"DELETE FROM {schema}.{t};" for t in tables)
                          + "SET session_replication_role = DEFAULT")
         else:
-            cls.made += 1
-            schema = f"t{os.getpid()}_{cls.made}"
+            cls.made += 1               # named per test worker: the next run empties and reuses them
+            schema = f"t_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_{cls.made}"
             conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
             conn.execute(f"CREATE SCHEMA {schema}")
         return schema, POSTGRES + ("&" if "?" in POSTGRES else "?") + "options=" + \
@@ -2069,6 +2069,21 @@ def test_a_head_sent_a_byte_at_a_time_and_pipelined_requests_are_answered_in_ord
         answers = reply.split(b"HTTP/1.1 ")[1:]
         assert [a[:3] for a in answers] == [b"200", b"200", b"200"]
         assert b"Testflinger" in answers[0] and b"job_id" in answers[1] and b'"p"' in answers[2]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_body_declared_and_never_sent_holds_the_only_worker_for_a_second_at_most(make_app):
+    app = make_app()
+    httpd, address = _serve(app, threads=1)
+    try:
+        with socket.create_connection(address) as stalled:
+            stalled.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\n")
+            assert stalled.makefile("rb").readline().startswith(b"HTTP/1.1 200")   # answered, body unread
+            status = call_http(f"http://{address[0]}:{address[1]}", "GET", "/healthz")[0]
+            assert status == 200                                 # the worker dropped the stalled one
+            assert stalled.recv(1) == b""                        # ... closing its connection
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -4083,6 +4098,20 @@ def test_no_route_answers_500_to_hostile_input(seed, require_auth, make_app, eng
     finally:
         app.close()
     assert failures == [] and sent > 10000, (sent, failures[:5])
+
+
+def test_nul_characters_and_their_json_escape_on_both_engines(app, anon, agent):
+    """A literal backslash-u0000 in text is kept as it is; a NUL in a JSON string is kept (escaped in the
+    stored JSON), and the tag searches that read that JSON in SQL still work."""
+    job_id = submit(anon, name="a\x00b", tags=["t\x00", "plain"], job_queue="q1")
+    assert [j["job_id"] for j in anon.get("/v1/job/search?tags=plain").json] == [job_id]
+    assert anon.get("/jobs?tag=plain").status_int == 200
+    agent.get("/v1/job?queue=q1")
+    text = "literal \\u0000 stays"
+    agent.post_json(f"/v1/result/{job_id}/log/output", {"fragment_number": 0, "timestamp": "2026-01-01T00:00:00",
+                                                         "phase": "test", "log_data": text})
+    assert anon.get(f"/v1/result/{job_id}").json["test_output"] == text
+    assert anon.get(f"/v1/job/{job_id}").json["name"] == "a\x00b"    # JSON keeps it escaped, on both
 
 
 def test_hostile_values_are_refused_in_each_apis_style_and_pages_show_the_rest_escaped(app, anon, agent):
