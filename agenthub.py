@@ -4928,6 +4928,11 @@ class Watchers:
         with self._cond:
             return len(self._parked)
 
+    def forget(self, watch):
+        """A parked query nobody waits for any more (its client left)."""
+        with self._cond:
+            self._parked = [w for w in self._parked if w is not watch]
+
     def park(self, watch):
         with self._cond:
             self._parked.append(watch)
@@ -6695,8 +6700,15 @@ def install_consul(app, hub):
                 else view.json()
             hub.watcher_slots.give_back(slot)
             return answer_raw("200 OK", list(fields.items()), body)
+        def abandoned():
+            """The client went away while parked: its slot is free at once (as Consul frees it)."""
+            if not watch.claim():
+                return False                   # being answered right now
+            hub.watcher_slots.give_back(slot)
+            hub.watchers.forget(watch)
+            return True
         watch.answer = answer_now
-        environ["agenthub.defer"]()
+        environ["agenthub.defer"](abandoned)
         hub.watchers.park(watch)
         return HTTPResponse("")          # discarded: the answer is written by the Watchers thread
 
@@ -8923,6 +8935,7 @@ class _Connection:
         self.since = time.monotonic()      # idle since / head started at
         self.lock = threading.Lock()       # orders a deferred answer against its worker
         self.parked = False                # deferred, the worker gone: the answer gives it back
+        self.abandoned = None              # … and what to call if the client goes away meanwhile
         self.closed = False
         self.handler = _RequestHandler(self)
 
@@ -9023,6 +9036,7 @@ class _RequestHandler(WSGIRequestHandler):
 
     def handle_one_request(self):
         self.deferred = self.answered_raw = False
+        self.conn.abandoned = None
         self.raw_requestline = self.rfile.readline(65537)
         received = time.monotonic()
         if not self.raw_requestline:
@@ -9093,10 +9107,13 @@ class _RequestHandler(WSGIRequestHandler):
         self.wfile.flush()
         return True
 
-    def defer(self):
+    def defer(self, abandoned=None):
         """The application will answer this request later, from another thread, with
-        ``answer_raw``: the worker goes back to the pool as soon as the application returns."""
+        ``answer_raw``: the worker goes back to the pool as soon as the application returns.
+        Meanwhile the selector watches the connection: if the client goes away, ``abandoned()``
+        is called; when it returns True (nobody will answer now) the connection is closed."""
         self.deferred = True
+        self.conn.abandoned = abandoned
 
     def answer_raw(self, status, headers, body):
         """Write this request's whole answer now, from any thread.  Returns ``resume``, which gives
@@ -9162,7 +9179,8 @@ class HubServer:
 
     def serve_forever(self, poll_interval=0.5):
         self.start()
-        self._stopped.wait()
+        while not self._stopped.wait(poll_interval):     # (the main thread wakes for signal handlers)
+            pass
 
     def start(self):
         """Start the selector thread and the workers (serve_forever does; idempotent)."""
@@ -9214,13 +9232,20 @@ class HubServer:
 
     def give_back(self, conn):
         """A worker (or a deferred answer) is done with ``conn``: back to the selector, or closed."""
-        if conn.handler.close_connection or self._closing:
-            conn.close()
+        if (conn.handler.close_connection or self._closing) and conn.abandoned is None:
+            conn.close()                       # (a deferred one may still be watched: the selector closes it)
             return
         with self._returning:
             self._returned.append(conn)
             if len(self._returned) > 1:
                 return                 # the selector is poked already: a thousand answers, one wake-up
+        self._poke()
+
+    def _returned_now(self, conn):
+        with self._returning:
+            self._returned.append(conn)
+            if len(self._returned) > 1:
+                return
         self._poke()
 
     def _poke(self):
@@ -9268,13 +9293,26 @@ class HubServer:
                 self._readable(key.data)
         with self._returning:
             returned, self._returned = self._returned, []
+        watched = selector.get_map()
         for conn in returned:
             if conn.closed:
                 continue
+            registered = watched.get(conn.sock) is not None
+            if not conn.parked and (conn.handler.close_connection or self._closing):
+                if registered:
+                    selector.unregister(conn.sock)
+                conn.close()
+                continue
+            if conn.parked:                    # waiting for a deferred answer: watched for EOF only
+                if not registered:
+                    selector.register(conn.sock, selectors.EVENT_READ, conn)
+                continue
             conn.since = time.monotonic()
             if conn.buffer and conn.head_complete():
+                if registered:
+                    selector.unregister(conn.sock)
                 self._ready.put(conn)          # pipelined: the next request is already here
-            else:
+            elif not registered:
                 selector.register(conn.sock, selectors.EVENT_READ, conn)
         now = time.monotonic()
         if listening and self._accept_paused_until and now >= self._accept_paused_until:
@@ -9316,6 +9354,16 @@ class HubServer:
             return
         except OSError:
             data = b""
+        if conn.parked:
+            if not data:                       # the client went away before its answer
+                self._selector.unregister(conn.sock)
+                if conn.abandoned is not None and conn.abandoned():
+                    conn.close()               # (else the answer is being written: it closes it)
+                return
+            conn.buffer += data                # a request sent ahead: served after the answer
+            if len(conn.buffer) >= HEAD_LIMIT:
+                self._selector.unregister(conn.sock)
+            return
         if not data:
             self._selector.unregister(conn.sock)
             conn.close()
@@ -9331,7 +9379,8 @@ class HubServer:
         """Close idle connections after IDLE_SECONDS, and heads that trickle in too slowly."""
         for key in list(self._selector.get_map().values()):
             conn = key.data
-            if isinstance(conn, _Connection) and now - conn.since > (HEAD_SECONDS if conn.buffer else IDLE_SECONDS):
+            if isinstance(conn, _Connection) and not conn.parked and \
+                    now - conn.since > (HEAD_SECONDS if conn.buffer else IDLE_SECONDS):
                 self._selector.unregister(conn.sock)
                 conn.close()
 
@@ -9355,7 +9404,8 @@ class HubServer:
                 if handler.deferred:
                     with conn.lock:
                         if not handler.answered_raw:
-                            conn.parked = True     # the deferred answer gives the connection back
+                            conn.parked = True     # the deferred answer gives the connection back;
+                            self._returned_now(conn)       # meanwhile the selector watches it
                             return
                 conn.flush()
             except (ConnectionError, TimeoutError, OSError):

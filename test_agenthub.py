@@ -4700,15 +4700,17 @@ _stderr_seen = {}
 
 
 def _read_available(stream, final=False):
-    """What a subprocess has written to ``stream`` so far (without blocking), accumulated."""
+    """What a subprocess has written to ``stream`` so far (without blocking; with ``final``, to its
+    end), accumulated.  It reads the pipe itself: a text stream's readline may keep later lines in
+    its buffer, where select() no longer sees them."""
     import select
-    seen = _stderr_seen.setdefault(id(stream), [])
-    while final or select.select([stream], [], [], 0)[0]:
-        line = stream.readline()
-        if not line:
+    seen = _stderr_seen.setdefault(stream, [])
+    while final or select.select([stream.fileno()], [], [], 0)[0]:
+        chunk = os.read(stream.fileno(), 65536)
+        if not chunk:
             break
-        seen.append(line)
-    return "".join(seen)
+        seen.append(chunk)
+    return b"".join(seen).decode(errors="replace")
 
 
 def test_requests_during_a_shutdown_answer_503_in_each_apis_style(app):
@@ -5260,3 +5262,30 @@ def test_migrate_copies_an_sqlite_database_into_postgresql(tmp_path, capsys):
         assert "already holds data" in capsys.readouterr().err
     finally:
         PgSchemas.free.append(schema)
+
+
+def test_a_blocking_query_whose_client_left_frees_its_slot_at_once(make_app):
+    """As Consul does: a watcher that disconnects stops counting against its address's limit."""
+    app = make_app(max_watchers_per_client=2)
+    httpd, (host, port) = _serve(app, threads=2)
+    base = f"http://{host}:{port}"
+    try:
+        index = xor_index(json.loads(call_http(base, "PUT", "/v1/event/fire/gone", b"1")[2])["ID"])
+        request = f"GET /v1/event/list?name=gone&index={index}&wait=60s HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        for _ in range(3):                           # more than the limit, one after the other
+            with socket.create_connection((host, port)) as sock:
+                sock.sendall(request.encode())
+                assert _wait_for(lambda: app.hub.watchers.parked() == 1)
+            assert _wait_for(lambda: app.hub.watchers.parked() == 0)        # gone with its client
+        results = {}
+        watcher = threading.Thread(target=lambda: results.update(answer=call_http(
+            base, "GET", f"/v1/event/list?name=gone&index={index}&wait=30s")))
+        watcher.start()
+        assert _wait_for(lambda: app.hub.watchers.parked() == 1)
+        second = json.loads(call_http(base, "PUT", "/v1/event/fire/gone", b"2")[2])
+        watcher.join(timeout=30)
+        status, headers, body = results["answer"]
+        assert status == 200 and json.loads(body)[-1]["ID"] == second["ID"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
