@@ -9440,7 +9440,8 @@ def _serve_options(parser, env):
                              " answered (an upload, a job-status webhook call) holds one")
     parser.add_argument("--secret-key", default=env.secret_key,
                         help="default: generated once, kept in <db>.key (0600), never in the database. It signs"
-                             " access tokens and encrypts secrets (AGENTHUB_SECRET_KEY)")
+                             " access tokens and encrypts secrets (AGENTHUB_SECRET_KEY). Required with a PostgreSQL"
+                             " --db: the same on every process")
     parser.add_argument("--require-auth", action="store_true", default=env.require_auth,
                         help="every API needs a credential for all but its public reads (anonymous Testflinger"
                              " callers no longer act as 'contributor'); refuses to start while no client can log"
