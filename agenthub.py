@@ -686,11 +686,11 @@ def private_files(path):
                 os.chmod(name, mode & 0o700)
 
 
-def open_database(url):
-    """The Database for ``--db``: a ``postgresql://`` URL selects PostgreSQL, anything else is
-    an SQLite file (or ``:memory:``)."""
+def open_database(url, threads=16):
+    """The Database for ``--db``: a ``postgresql://`` URL selects PostgreSQL (its pool sized for
+    ``threads`` request threads and the hub's own), anything else is an SQLite file (or ``:memory:``)."""
     if is_postgres_url(url):
-        return PostgresDatabase(url)
+        return PostgresDatabase(url, pool_size=threads + 16)
     return Database(url)
 
 
@@ -1083,9 +1083,8 @@ class PostgresDatabase(Database):
     same_as = "IS NOT DISTINCT FROM ?"
     single_process = False               # several processes share it: no in-process cache of what they change
 
-    POOL_SIZE = 32                 # connections at most (requests beyond wait for one, then 503)
-
-    def __init__(self, url):
+    def __init__(self, url, pool_size=32):
+        """``pool_size``: connections at most (a thread beyond waits for one, then answers 503)."""
         try:
             import psycopg
             import psycopg_pool
@@ -1108,7 +1107,7 @@ class PostgresDatabase(Database):
         # psycopg_pool: connections made ahead, checked when they come back, replaced when broken
         # (a database restart costs the requests in flight, not the process).
         self.pool = psycopg_pool.ConnectionPool(
-            url, min_size=1, max_size=self.POOL_SIZE, timeout=30, open=False, configure=configure,
+            url, min_size=1, max_size=max(4, pool_size), timeout=30, open=False, configure=configure,
             kwargs={"autocommit": True, "row_factory": _pg_rows, "connect_timeout": 10}, name="agenthub")
         try:
             self.pool.open(wait=True, timeout=15)
@@ -8678,7 +8677,7 @@ class Hub:
             if config.db not in (":memory:", "") and not is_postgres_url(config.db) else None
         try:
             key = server_key(config)
-            self.db = open_database(config.db)
+            self.db = open_database(config.db, config.threads)
         except BaseException:
             if self.lock:
                 self.lock.release()
