@@ -256,6 +256,36 @@ def test_three_processes_deliver_each_gocd_state_change_once(pg_hubs):
         receiver.close()
 
 
+def test_gocd_notifications_outlive_the_processes_that_queued_them(pg_hubs):
+    """Five state changes queued for a slow webhook; every process is killed (SIGKILL) after the first
+    delivery; a new process delivers the rest from the outbox, in order (the one in flight may come
+    twice: deliveries are at least once)."""
+    receiver = Receiver(delay=0.3)
+    try:
+        start, local = pg_hubs
+        hubs = start(3, "--gocd-webhook", receiver.url)
+        app = local()
+        headers = {**token_headers(app, "agent", "outbox"), "Content-Type": "application/json",
+                   "Cookie": "agent_name=outboxer"}
+        for state in ("waiting", "test", "waiting", "test", "waiting"):
+            assert call_http(hubs[0][1], "POST", "/v1/agents/data/outboxer", {"state": state}, headers)[0] == 200
+        assert _wait_for(lambda: receiver.requests)
+        for proc, _ in hubs:
+            proc.kill()
+            proc.wait()
+        start(1, "--gocd-webhook", receiver.url)
+
+        def delivered():
+            seen = {}
+            for _, _, sent, body in receiver.requests:
+                seen.setdefault(sent["X-Agenthub-Delivery"], json.loads(body)["agent_state"])
+            return list(seen.values())
+        assert _wait_for(lambda: len(delivered()) == 5, 30)
+        assert delivered() == ["Idle", "Building", "Idle", "Building", "Idle"]
+    finally:
+        receiver.close()
+
+
 def test_one_process_killed_mid_load_the_others_carry_on_and_nothing_is_lost(pg_hubs):
     """Agents on three processes take and finish 300 jobs; one process is killed with SIGKILL a third
     of the way through.  Its agents move to the others; a job whose answer died with the process is
