@@ -111,13 +111,18 @@ def make_app(engine, request):
     PgSchemas.free.extend(schemas)
 
 
+def needs_postgres():
+    """Skip, with the one line (pytest -rs groups them) that says how to run these tests."""
+    pytest.skip("PostgreSQL tests not run: set AGENTHUB_TEST_POSTGRES=postgresql://… (README, 'Tests')")
+
+
 def test_postgresql_engine_runs_the_suite_when_configured():
     """Without AGENTHUB_TEST_POSTGRES the PostgreSQL half of the suite does not run (this skip says
     so once); with AGENTHUB_TEST_POSTGRES_REQUIRED=1 (CI) a missing database is a failure."""
     if not POSTGRES:
         if os.environ.get("AGENTHUB_TEST_POSTGRES_REQUIRED"):
             pytest.fail("AGENTHUB_TEST_POSTGRES_REQUIRED is set but AGENTHUB_TEST_POSTGRES is not")
-        pytest.skip("PostgreSQL tests not run: set AGENTHUB_TEST_POSTGRES=postgresql://… (README, 'Tests')")
+        needs_postgres()
     import psycopg
     with psycopg.connect(POSTGRES, connect_timeout=5) as conn:
         assert conn.execute("SELECT 1").fetchone()[0] == 1
@@ -133,7 +138,7 @@ def pg_hubs():
     """Start agenthub processes on one PostgreSQL schema: ``start(n, *flags)`` -> [(process, base URL)],
     plus an in-process app on the same database (same key) for tokens and direct checks."""
     if not POSTGRES:
-        pytest.skip("PostgreSQL tests not run: set AGENTHUB_TEST_POSTGRES=postgresql://… (README, 'Tests')")
+        needs_postgres()
     schema, url = PgSchemas.take()
     procs, apps = [], []
 
@@ -5236,7 +5241,7 @@ def test_migrate_copies_an_sqlite_database_into_postgresql(tmp_path, capsys):
     """`agenthub migrate --from hub.db --to postgresql://…`: jobs, results, logs, artifacts, agents,
     clients (who can still log in), secrets (with the key file's key), user events and their order."""
     if not POSTGRES:
-        pytest.skip("PostgreSQL tests not run: set AGENTHUB_TEST_POSTGRES=postgresql://… (README, 'Tests')")
+        needs_postgres()
     path = str(tmp_path / "hub.db")
     app = create_app(db=path, purge_interval=0, history_interval=0, quiet=True)
     admin = Client(app, token_headers(app, "admin", "boss"))
