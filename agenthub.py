@@ -722,18 +722,22 @@ class Database:
     single_process = True                # one server per file (ProcessLock): in-process caches are safe
 
     def __init__(self, path):
-        self.path = path
+        self._common(path)
         self.memory = path in (":memory:", "")
         self._idle = queue.LifoQueue()
         self._size = threading.BoundedSemaphore(1) if self.memory else None
+        if not self.memory:
+            private_files(path)
+        self._migrate()
+
+    def _common(self, path):
+        """What every engine's Database holds besides its connections."""
+        self.path = path
         self._write_lock = threading.Lock()
         self._local = threading.local()          # the connection this thread holds, and whether it writes
         self._closed = False
         self._full = False                       # in a disk-full episode (logged once)
         self.write_seconds = Histogram(LATENCY_BUCKETS)     # time each write transaction held the writer
-        if not self.memory:
-            private_files(path)
-        self._migrate()
 
     def _migrate(self):
         with self.write() as db:
@@ -947,12 +951,17 @@ class Database:
         if not self._write_lock.acquire(timeout=wait):
             raise ApiError(503, "the database writer is busy")
         self._write_lock.release()
+        self._probe(now, wait)
+
+    PROBE = ("INSERT INTO settings (key, value) VALUES ('ready_probe', ?) ON CONFLICT (key)"
+             " DO UPDATE SET value = excluded.value")
+
+    def _probe(self, now, wait):
         with self.connection() as conn:
             conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
             try:
                 with self.write() as db:
-                    db.execute("INSERT INTO settings (key, value) VALUES ('ready_probe', ?) ON CONFLICT (key)"
-                               " DO UPDATE SET value = excluded.value", (str(now),))
+                    db.execute(self.PROBE, (str(now),))
             finally:
                 conn.execute("PRAGMA busy_timeout = 30000")
 
@@ -1093,13 +1102,8 @@ class PostgresDatabase(Database):
                                "pip install 'agenthub[postgres]'")
         self._psycopg = psycopg
         self.errors = (psycopg.Error, psycopg_pool.PoolTimeout)
-        self.path = url
+        self._common(url)
         self.memory = False
-        self._write_lock = threading.Lock()
-        self._local = threading.local()
-        self._closed = False
-        self._full = False
-        self.write_seconds = Histogram(LATENCY_BUCKETS)
         numeric = _pg_numeric_loader(psycopg)
 
         def configure(conn):
@@ -1197,6 +1201,10 @@ class PostgresDatabase(Database):
     def hold(self, name):
         return _PgHold(self, name)
 
+    def own_connection(self):
+        """A connection outside the pool, for a LISTEN or a session lock (autocommit)."""
+        return self._psycopg.connect(self.path, autocommit=True, connect_timeout=10)
+
     def lock_events(self, db):
         # Taken by every fire, also outside the writer lock (a pop's state change): Lamport times
         # and the events' order are assigned one transaction at a time, in commit order.
@@ -1213,7 +1221,7 @@ class PostgresDatabase(Database):
         psycopg, delay = self._psycopg, 0.5
         while not stop.is_set():
             try:
-                with psycopg.connect(self.path, autocommit=True, connect_timeout=10) as conn:
+                with self.own_connection() as conn:
                     conn.execute(f"LISTEN {channel}")
                     changed()
                     delay = 0.5
@@ -1240,17 +1248,13 @@ class PostgresDatabase(Database):
             return ApiError(503, "agenthub's database is unavailable; try again")
         return exc
 
-    def probe_write(self, now, wait=2.0):
-        if not self._write_lock.acquire(timeout=wait):
-            raise ApiError(503, "the database writer is busy")
-        self._write_lock.release()
+    def _probe(self, now, wait):
         with self.connection() as conn:
             try:
                 conn.execute("BEGIN")
                 conn.execute(f"SET LOCAL lock_timeout = '{int(wait * 1000)}ms'")
                 conn.execute(self.BEGIN[1])
-                conn.execute("INSERT INTO settings (key, value) VALUES ('ready_probe', ?) ON CONFLICT (key)"
-                             " DO UPDATE SET value = excluded.value", (str(now),))
+                conn.execute(self.PROBE, (str(now),))
                 conn.commit()
             except self.errors as exc:
                 raise self._refusal(exc) from exc
@@ -1284,7 +1288,7 @@ class _PgHold:
         try:
             if self.conn is None or self.conn.closed or self.conn.broken:
                 self.release()
-                self.conn = psycopg.connect(self.db.path, autocommit=True, connect_timeout=10)
+                self.conn = self.db.own_connection()
             if self.held:
                 self.conn.execute("SELECT 1")              # still ours while the session lives
             else:
@@ -5513,7 +5517,7 @@ class Notifier:
             headers["Authorization"] = f"Bearer {self.config.gocd_webhook_auth}"
         attempts, status, text, error = 0, None, None, None
         for delay in (0.0,) + tuple(self.config.gocd_retry_delays):
-            if delay and (self._closing.wait(delay) and self._drain_until and time.monotonic() > self._drain_until):
+            if delay and self._closing.wait(delay) and self._drained():
                 break
             if utcnow() - item["created_at"] > self.TTL:
                 self._record(url, item, attempts, "expired", status, text, [], "Notification expired after 120 s")
@@ -6594,11 +6598,16 @@ def install_consul(app, hub):
     headers, error = api.headers, api.error
 
     def answer(obj, **extra):
-        if "pretty" in request.query:
-            body = json.dumps(obj, indent=4) + "\n"
-        else:
-            body = json.dumps(obj, separators=(",", ":"))
+        body = pretty_json(obj) if "pretty" in request.query else json.dumps(obj, separators=(",", ":"))
         return HTTPResponse(body, 200, headers(**{"Content-Type": "application/json"}, **extra))
+
+    def pretty_json(obj):
+        return json.dumps(obj, indent=4) + "\n"
+
+    def list_body(view, pretty):
+        """A list answer's body: the view's JSON, shared by every query that asked the same, or
+        Consul's indented form (?pretty)."""
+        return pretty_json([e.as_json() for e in view.events]).encode() if pretty else view.json()
 
     def method_guard(allowed):
         """None when the method is allowed; else Consul's OPTIONS or 405 answer."""
@@ -6675,9 +6684,8 @@ def install_consul(app, hub):
             return parked(view, slot)
         if slot is not None:
             hub.watcher_slots.give_back(slot)
-        if "pretty" in request.query:
-            return answer([e.as_json() for e in view.events], **list_headers(view))
-        return HTTPResponse(view.json(), 200, headers(**{"Content-Type": "application/json"}, **list_headers(view)))
+        return HTTPResponse(list_body(view, "pretty" in request.query), 200,
+                            headers(**{"Content-Type": "application/json"}, **list_headers(view)))
 
     def list_headers(view):
         extra = {"X-Consul-Index": str(view.index)}
@@ -6695,10 +6703,9 @@ def install_consul(app, hub):
 
         def answer_now(view):
             fields = headers(**{"Content-Type": "application/json", "X-Request-Id": rid}, **list_headers(view))
-            body = (json.dumps([e.as_json() for e in view.events], indent=4) + "\n").encode() if pretty \
-                else view.json()
             hub.watcher_slots.give_back(slot)
-            return answer_raw("200 OK", list(fields.items()), body)
+            return answer_raw("200 OK", list(fields.items()), list_body(view, pretty))
+
         def abandoned():
             """The client went away while parked: its slot is free at once (as Consul frees it)."""
             if not watch.claim():
@@ -8712,11 +8719,16 @@ class Hub:
         if not self.db.single_process:
             self._spawn(self.events.buffer.follow, "agenthub-events", self._stop)
         if self.config.purge_interval > 0:
-            self._spawn(self._purge_loop, "agenthub-purge")
+            # Emulates the original's TTL indexes (spec §4.5), waiting jobs excepted.
+            self._spawn(self._every, "agenthub-purge", "purge", self.config.purge_interval, self.jobs.purge)
         if self.config.lost_contact_seconds > 0:
-            self._spawn(self._sweep_loop, "agenthub-sweep")
+            # Lost-contact detection (spec §5.6): a sweep every N/10 s, between 1 and 30 s.
+            every = max(1.0, min(30.0, self.config.lost_contact_seconds / 10))
+            self._spawn(self._every, "agenthub-sweep", "sweep", every, self._sweep)
         if self.config.history_interval > 0:
-            self._spawn(self._history_loop, "agenthub-history")
+            # The pages' charts: one sample per queue every --history-interval s, the first at once.
+            self._spawn(self._every, "agenthub-history", "history", self.config.history_interval,
+                        self.jobs.sample_queues, True)
         for target, name, *args in self.notifier.workers():
             self._spawn(target, name, *args)
         self._spawn(self.watchers.run, "agenthub-watchers", self._stop)
@@ -8740,39 +8752,22 @@ class Hub:
         thread.start()
         self._threads.append(thread)
 
-    def _sweep_loop(self):
-        """Lost-contact detection (spec §5.6): a sweep every N/10 s, between 1 and 30 s."""
-        interval = max(1.0, min(30.0, self.config.lost_contact_seconds / 10))
-        while not self._stop.wait(interval):
+    def _every(self, job, interval, step, at_once=False):
+        """Run ``step()`` every ``interval`` seconds (``at_once``: first now) until the hub stops, when
+        it is this process's turn; a busy or failing database is logged, never fatal to the thread."""
+        while at_once or not self._stop.wait(interval):
+            at_once = False
             try:
-                if not self._my_turn("sweep", interval):
-                    continue
-                self.registry.sweep()
-                self.jobs.reclaim_from_lost_agents()
-            except (*self.db.errors, ApiError) as exc:
-                log(f"sweep failed: {exc}", "error")
-
-    def _history_loop(self):
-        """Samples the queues for the pages' charts: one row per queue every --history-interval s."""
-        while True:
-            try:
-                if self._my_turn("history", self.config.history_interval):
-                    self.jobs.sample_queues()
+                if self._my_turn(job, interval):
+                    step()
             except (*self.db.errors, ApiError) as exc:
                 if self._stop.is_set():
                     return                     # the hub closed under it
-                log(f"queue sampling failed: {exc}", "error")
-            if self._stop.wait(self.config.history_interval):
-                return
+                log(f"{job} failed: {exc}", "error")
 
-    def _purge_loop(self):
-        """Emulates the original's TTL indexes (spec §4.5), waiting jobs excepted."""
-        while not self._stop.wait(self.config.purge_interval):
-            try:
-                if self._my_turn("purge", self.config.purge_interval):
-                    self.jobs.purge()
-            except (*self.db.errors, ApiError) as exc:       # a busy or full disk must not kill the thread
-                log(f"purge failed: {exc}", "error")
+    def _sweep(self):
+        self.registry.sweep()
+        self.jobs.reclaim_from_lost_agents()
 
     def _my_turn(self, job, interval):
         """Whether this process runs this round of a periodic ``job``: always on SQLite (one process);
@@ -9234,17 +9229,14 @@ class HubServer:
         if (conn.handler.close_connection or self._closing) and conn.abandoned is None:
             conn.close()                       # (a deferred one may still be watched: the selector closes it)
             return
+        self._to_selector(conn)
+
+    def _to_selector(self, conn):
+        """Hand ``conn`` to the selector thread (the only one that touches the selector)."""
         with self._returning:
             self._returned.append(conn)
             if len(self._returned) > 1:
                 return                 # the selector is poked already: a thousand answers, one wake-up
-        self._poke()
-
-    def _returned_now(self, conn):
-        with self._returning:
-            self._returned.append(conn)
-            if len(self._returned) > 1:
-                return
         self._poke()
 
     def _poke(self):
@@ -9404,7 +9396,7 @@ class HubServer:
                     with conn.lock:
                         if not handler.answered_raw:
                             conn.parked = True     # the deferred answer gives the connection back;
-                            self._returned_now(conn)       # meanwhile the selector watches it
+                            self._to_selector(conn)        # meanwhile the selector watches it
                             return
                 conn.flush()
             except (ConnectionError, TimeoutError, OSError):
@@ -9748,10 +9740,15 @@ def _command_store(args, command):
     return open_database(args.db)
 
 
+def _read_only(path, options="", **kwargs):
+    """An SQLite connection that cannot write to the database file at ``path``."""
+    return sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro{options}", uri=True, **kwargs)
+
+
 def _integrity(path):
     """(schema version, jobs or None when it is no agenthub database, integrity_check's answer) of a
     database file, opened read-only (a copy no process writes: nothing is created beside it)."""
-    conn = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro&immutable=1", uri=True)
+    conn = _read_only(path, "&immutable=1")
     try:
         checked = conn.execute("PRAGMA integrity_check").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -9766,7 +9763,7 @@ def _copy_database(source_path, target_path):
     """SQLite's online backup API from a live database (one read transaction: a consistent snapshot)
     into a new private file, left in rollback-journal mode so that reading it creates nothing."""
     os.close(os.open(target_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    source = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(source_path))}?mode=ro", uri=True, timeout=30)
+    source = _read_only(source_path, timeout=30)
     target = sqlite3.connect(target_path)
     try:
         source.backup(target)
@@ -9811,7 +9808,7 @@ def _copy_rows(path, target):
     """{table: rows} copied from the SQLite file at ``path`` into ``target``: parents before the
     tables that refer to them, file chunks a few at a time (memory stays flat), identity counters
     moved past the copied ids."""
-    source = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True)
+    source = _read_only(path)
     source.text_factory = _read_text
     try:
         tables = [r[0] for r in source.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
