@@ -1960,6 +1960,22 @@ def test_artifact_round_trip(anon, agent):
     assert len(agent.test.app.hub.db.read("SELECT id FROM files")) == 1
 
 
+@pytest.mark.sqlite_only("SQLite's memory-mapped reads (--mmap-mib)")
+@pytest.mark.parametrize("mmap_mib", [0, 1, 256])
+def test_artifacts_read_back_whole_with_and_without_memory_mapped_reads(make_app, tmp_path, mmap_mib):
+    """--mmap-mib 0 reads every page with a system call, 1 maps only the start of the file (the
+    artifact's pages lie partly beyond it), 256 maps all of it: the bytes come back the same."""
+    app = make_app(db=str(tmp_path / "hub.db"), mmap_mib=mmap_mib)
+    with app.hub.db.connection() as conn:
+        assert conn.execute("PRAGMA mmap_size").fetchone()[0] == mmap_mib * 1024 * 1024
+    test = webtest.TestApp(app)
+    job_id = test.post_json("/v1/job", {"job_queue": "q"}).json["job_id"]
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    test.post(f"/v1/result/{job_id}/artifact", upload_files=[("file", "file", data)],
+              headers=token_headers(app, "agent", "a1"))
+    assert test.get(f"/v1/result/{job_id}/artifact").body == data
+
+
 def test_artifact_errors(agent):
     assert agent.post(f"/v1/result/{ANY_UUID}/artifact", upload_files=[("other", "f", b"x")],
                       status=400).json == {"detail": {}, "message": "Bad Request"}
