@@ -6021,7 +6021,12 @@ class HubApp(bottle.Bottle):
         method = environ.get("REQUEST_METHOD", "")
         self.requests.add((api, template, method if method in self.METHODS else "other", f"{status // 100}xx"))
         self.latency.observe(seconds, (api, template))
-        if not self.hub.config.quiet:
+        if self.hub.config.quiet:
+            return
+        if environ.get("agenthub.parked"):
+            # A parked blocking query is logged when its answer goes out, with the time it was held.
+            environ["agenthub.log_answer"] = functools.partial(access_log, environ, api=api, route=template)
+        else:
             access_log(environ, status, seconds, api, template)
 
     _rid_prefix = secrets.token_hex(3)
@@ -6710,10 +6715,18 @@ def install_consul(app, hub):
         environ = request.environ
         rid, pretty, answer_raw = environ.get("agenthub.request_id"), "pretty" in request.query, \
             environ["agenthub.answer_raw"]
+        environ["agenthub.parked"] = True
+
+        def logged(status):
+            """The access log's line for this request, once it ends (499: the client went away)."""
+            line = environ.get("agenthub.log_answer")
+            if line is not None:
+                line(status=status, seconds=time.monotonic() - environ["agenthub.received"])
 
         def answer_now(view):
             fields = headers(**{"Content-Type": "application/json", "X-Request-Id": rid}, **list_headers(view))
             hub.watcher_slots.give_back(slot)
+            logged(200)
             return answer_raw("200 OK", list(fields.items()), list_body(view, pretty))
 
         def abandoned():
@@ -6722,6 +6735,7 @@ def install_consul(app, hub):
                 return False                   # being answered right now
             hub.watcher_slots.give_back(slot)
             hub.watchers.forget(watch)
+            logged(499)
             return True
         watch.answer = answer_now
         environ["agenthub.defer"](abandoned)

@@ -4967,6 +4967,34 @@ def test_log_lines_are_one_line_each_text_or_json(make_app, capsys):
     agenthub._LOG["json"] = False
 
 
+def test_a_parked_blocking_query_is_logged_when_it_ends_with_the_time_it_was_held(make_app, capsys):
+    """One access-log line per blocking query, written when its answer goes out (200, with the
+    wait it was held for) or when its client leaves (499), not when it was parked."""
+    app = make_app(log_format="json")
+    httpd, (host, port) = _serve(app, threads=2)
+    base = f"http://{host}:{port}"
+    lines = []
+
+    def list_lines():
+        lines.extend(json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{"))
+        return [e for e in lines if e.get("path") == "/v1/event/list"]
+    try:
+        index = xor_index(json.loads(call_http(base, "PUT", "/v1/event/fire/held", b"")[2])["ID"])
+        assert call_http(base, "GET", f"/v1/event/list?index={index}&wait=300ms")[0] == 200
+        with socket.create_connection((host, port)) as sock:
+            sock.sendall(f"GET /v1/event/list?index={index}&wait=60s HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+            assert _wait_for(lambda: app.hub.watchers.parked() == 1)
+        assert _wait_for(lambda: len(list_lines()) == 2)
+        answered, left = list_lines()
+        assert answered["status"] == 200 and answered["duration_ms"] >= 300        # held for its wait
+        assert answered["route"] == "/v1/event/list" and answered["api"] == "consul"
+        assert left["status"] == 499 and left["request_id"] != answered["request_id"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        agenthub._LOG["json"] = False
+
+
 def test_version_flag(capsys):
     assert agenthub.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"agenthub {agenthub.__version__}"
