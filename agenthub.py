@@ -8886,7 +8886,9 @@ def application(environ, start_response):
 # threads.  A worker answers (and then any request already pipelined behind
 # it) and gives the connection back.  So a thousand idle keep-alive agents are
 # a thousand registered sockets, not a thousand threads, and a client that
-# sends its head a byte at a time holds no worker at all.  A blocking event
+# sends its head a byte at a time holds no worker at all; nor does one that
+# trickles a small body (up to BODY_AHEAD bytes, the size of nearly every JSON
+# request): the selector waits for it with the head.  A blocking event
 # query gives its worker back too: the request is deferred
 # (``environ["agenthub.defer"]``) and the Watchers thread writes its answer
 # later (``environ["agenthub.answer_raw"]``), after which the connection
@@ -8894,7 +8896,8 @@ def application(environ, start_response):
 # agent's requests.Session and py-consul expect.
 
 HEAD_LIMIT = 256 * 1024        # a head not complete by then goes to a worker, which answers 414/431
-HEAD_SECONDS = 20.0            # a started head must be complete within this
+HEAD_SECONDS = 20.0            # a started head must be complete within this (with its body, if small)
+BODY_AHEAD = 64 * 1024         # a body declared this small is read with the head, before a worker takes it
 IDLE_SECONDS = 120.0           # idle keep-alive connections are closed after this
 IO_SECONDS = 60.0              # one read or write of a request being answered may take this long
 
@@ -8965,6 +8968,29 @@ class _Connection:
 
     def head_complete(self):
         return b"\n\r\n" in self.buffer or b"\n\n" in self.buffer or len(self.buffer) >= HEAD_LIMIT
+
+    _LENGTH = re.compile(rb"\ncontent-length:[ \t]*(\d{1,9})[ \t]*\r?\n", re.IGNORECASE)
+    _EXPECT = re.compile(rb"\nexpect:", re.IGNORECASE)
+
+    def request_ready(self):
+        """A worker may take this connection: its next request's head is complete, and so is its
+        body when that is declared small (not one waiting for "100 Continue").  Anything odd in
+        the head is the worker's to refuse."""
+        if not self.head_complete():
+            return False
+        buffer, ends = self.buffer, []
+        for mark, size in ((b"\n\r\n", 3), (b"\n\n", 2)):
+            found = buffer.find(mark)
+            if found >= 0:
+                ends.append(found + size)
+        if not ends:
+            return True                        # too long a head: the worker answers 431
+        end = min(ends)
+        head = bytes(buffer[:end])
+        length = self._LENGTH.search(head)
+        if length is None or self._EXPECT.search(head) or int(length.group(1)) > BODY_AHEAD:
+            return True
+        return len(buffer) >= end + int(length.group(1))
 
     def readline(self, limit=-1):
         start = 0
@@ -9355,7 +9381,7 @@ class HubServer:
                     selector.register(conn.sock, selectors.EVENT_READ, conn)
                 continue
             conn.since = time.monotonic()
-            if conn.buffer and conn.head_complete():
+            if conn.buffer and conn.request_ready():
                 if registered:
                     selector.unregister(conn.sock)
                 self._ready.put(conn)          # pipelined: the next request is already here
@@ -9418,7 +9444,7 @@ class HubServer:
         if not conn.buffer:
             conn.since = time.monotonic()      # the head's clock starts with its first byte
         conn.buffer += data
-        if conn.head_complete():
+        if conn.request_ready():
             self._selector.unregister(conn.sock)
             self._ready.put(conn)
 
@@ -9467,7 +9493,7 @@ class HubServer:
             if handler.close_connection or self._closing:
                 conn.close()
                 return
-            if not (conn.buffer and conn.head_complete()):
+            if not (conn.buffer and conn.request_ready()):
                 break
         self.give_back(conn)
 
