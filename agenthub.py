@@ -701,6 +701,16 @@ def is_postgres_url(url):
     return isinstance(url, str) and url.startswith(("postgresql://", "postgres://"))
 
 
+class _Batch:
+    """Writers sharing one SQLite transaction and its commit (``Database._write_grouped``)."""
+
+    def __init__(self, conn):
+        self.conn, self.size, self.hooks = conn, 0, []
+        self.broken = None                 # an error that lost the whole transaction
+        self.error = None                  # why the commit failed (after ``done``)
+        self.done = threading.Event()
+
+
 class Database:
     """The SQLite database (the embedded default engine): a pool of connections, ``write()``
     and the migrations.
@@ -738,6 +748,7 @@ class Database:
         """What every engine's Database holds besides its connections."""
         self.path = path
         self._write_lock = threading.Lock()
+        self._batch, self._waiting, self._waiting_lock = None, 0, threading.Lock()   # group commit (SQLite)
         self._local = threading.local()          # the connection this thread holds, and whether it writes
         self._closed = False
         self._full = False                       # in a disk-full episode (logged once)
@@ -879,16 +890,26 @@ class Database:
             if self._size is not None:
                 self._size.release()
 
+    GROUP = 16          # SQLite: up to this many writers' transactions share one commit (0: none)
+
     @contextlib.contextmanager
     def write(self, exclusive=True):
         """One write transaction, serialised with every other writer.  A write inside a write
         joins it: the steps of one domain operation commit (or roll back) together.
+
+        On SQLite, writers that queue up behind each other share a commit (``_write_grouped``):
+        a commit writes the WAL pages every writer touches (the job table, its indexes, the event
+        ring), so one commit for several of them costs little more than one for each.
 
         ``exclusive=False`` (a pop): on a database several processes share, this transaction does
         not wait for the other processes' writers; it relies on row locks instead (SKIP LOCKED for
         the job, the rows it updates, the event lock of ``lock_events``).  SQLite has one writer."""
         if getattr(self._local, "writing", False):
             yield self._local.conn
+            return
+        if self.GROUP:
+            with self._write_grouped() as conn:
+                yield conn
             return
         # A shared database's non-exclusive transaction (a pop) does not wait for this process's
         # other writers either: its row locks are its serialisation.
@@ -908,21 +929,139 @@ class Database:
                     conn.commit()
                     self.write_seconds.observe(time.perf_counter() - began)
                 except self.errors as exc:
-                    refusal = self._refusal(exc)
-                    if refusal is exc:
-                        raise
-                    raise refusal from exc
-                if self._full:
-                    self._full = False
-                    log("the database takes writes again")
+                    raise self._refused(exc)
+                self._writes_again()
             finally:
                 self._local.writing = False
                 hooks, self._local.hooks = self._local.hooks, []
-            for hook in hooks:               # committed (a rollback raised above and skipped them)
+            self._run_hooks(hooks)       # committed (a rollback raised above and skipped them)
+
+    @contextlib.contextmanager
+    def _write_grouped(self):
+        """SQLite's writer, with group commit.  The first writer to take the writer lock begins
+        the transaction (a *batch*).  When it is done and others wait for the lock, it does not
+        commit: it hands the open transaction to the next one, which joins it in a savepoint (its
+        failure undoes only its own steps), and so on, up to GROUP writers; the last commits for
+        all of them, runs their after-commit hooks in order, and wakes them.  Nobody returns
+        before the commit that holds its change, and a failed commit fails every writer in it."""
+        with self._waiting_lock:
+            self._waiting += 1
+        self._write_lock.acquire()
+        with self._waiting_lock:
+            self._waiting -= 1
+        locked, held, own, began = True, getattr(self._local, "conn", None), None, time.perf_counter()
+        try:
+            batch = self._batch
+            if batch is None:
+                if held is None:
+                    if self._closed:
+                        raise ApiError(503, "agenthub is shutting down")
+                    own = self._acquire()
+                conn = held or own
                 try:
-                    hook()
-                except Exception as exc:     # the change is made: one hook's failure stops no other
-                    log(f"an after-commit step failed: {exc!r}", "error")
+                    conn.execute(self.BEGIN[0])
+                except self.errors as exc:
+                    raise self._refused(exc)
+                batch = self._batch = _Batch(conn)
+            else:
+                conn = batch.conn
+                try:
+                    conn.execute("SAVEPOINT joined")
+                except self.errors as exc:     # the batch cannot go on: it fails, and frees its writers
+                    batch.broken = batch.broken or exc
+                    self._commit(batch)
+                    raise self._refused(exc)
+            first = batch.size == 0
+            self._local.conn, self._local.writing, self._local.hooks = conn, True, []
+            failure = None
+            try:
+                yield conn
+            except BaseException as exc:
+                failure = exc
+            finally:
+                self._local.writing = False
+                hooks, self._local.hooks = self._local.hooks, []
+            if failure is not None and first:
+                self._batch = None             # nobody else is in it yet: all of it goes
+                try:
+                    conn.rollback()
+                except self.errors:
+                    pass
+                raise self._refused(failure)
+            if not first:
+                try:
+                    if failure is not None:
+                        conn.execute("ROLLBACK TO joined")       # only this writer's steps
+                    conn.execute("RELEASE joined")
+                except self.errors as exc:
+                    batch.broken = batch.broken or exc
+            if failure is None:
+                batch.hooks.extend(hooks)
+            elif not conn.in_transaction:      # SQLite rolled the whole transaction back (a full disk)
+                batch.broken = batch.broken or failure
+            batch.size += 1
+            if batch.broken is None and batch.size < self.GROUP and self._waiting:
+                locked = False                 # the next writer joins; the last one commits
+                self._write_lock.release()
+                batch.done.wait()
+            else:
+                self._commit(batch)
+            self.write_seconds.observe(time.perf_counter() - began)
+            if batch.error is not None:
+                raise self._refused(batch.error)
+            if failure is not None:
+                raise self._refused(failure)
+        finally:
+            self._local.conn = held
+            if locked:
+                self._write_lock.release()
+            if own is not None:
+                self._release(own)
+
+    def _commit(self, batch):
+        """Commit ``batch`` (its writers hold or wait for the writer lock), then its hooks."""
+        self._batch = None
+        conn, error = batch.conn, batch.broken
+        if error is None:
+            try:
+                conn.commit()
+            except self.errors as exc:
+                error = exc
+        if error is not None:
+            try:
+                if conn.in_transaction:
+                    conn.rollback()
+            except self.errors:
+                pass
+        batch.error = error
+        try:
+            if error is None:
+                self._writes_again()
+                self._run_hooks(batch.hooks)
+        finally:
+            batch.done.set()
+
+    def _refused(self, exc):
+        """What a writer raises for ``exc``: a database refusal in the API's terms, else ``exc``."""
+        if isinstance(exc, self.errors):
+            refusal = self._refusal(exc)
+            if refusal is not exc:
+                refusal.__cause__ = exc
+                return refusal
+        return exc
+
+    def _writes_again(self):
+        if self._full:
+            self._full = False
+            log("the database takes writes again")
+
+    @staticmethod
+    def _run_hooks(hooks):
+        for hook in hooks:
+            try:
+                hook()
+            except Exception as exc:     # the change is made: one hook's failure stops no other
+                log(f"an after-commit step failed: {exc!r}", "error")
 
     def after_commit(self, hook):
         """Run ``hook()`` once the write transaction in progress has committed — before the writer
@@ -1101,6 +1240,7 @@ class PostgresDatabase(Database):
     skip_locked = " FOR UPDATE SKIP LOCKED"
     same_as = "IS NOT DISTINCT FROM ?"
     single_process = False               # several processes share it: no in-process cache of what they change
+    GROUP = 0                            # its writers run side by side (row locks), each with its commit
 
     def __init__(self, url, pool_size=32):
         """``pool_size``: connections at most (a thread beyond waits for one, then answers 503)."""

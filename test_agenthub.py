@@ -3131,6 +3131,58 @@ def test_rackspace_startup_that_creates_an_agent_announces_once(anon, app):
         [("Enabled", "Idle", "Idle")]
 
 
+@pytest.mark.sqlite_only("SQLite's group commit (PostgreSQL's writers commit side by side)")
+def test_writers_that_queue_up_share_one_commit_and_a_failing_one_undoes_only_its_own_steps(tmp_path):
+    path = str(tmp_path / "group.db")
+    db = agenthub.Database(path)
+    other = sqlite3.connect(path)                  # another connection sees each commit once
+
+    def commits():
+        return other.execute("PRAGMA data_version").fetchone()[0]
+
+    def seen(key):
+        with sqlite3.connect(path) as conn:
+            return conn.execute("SELECT count(*) FROM settings WHERE key = ?", (key,)).fetchone()[0] == 1
+    hooks, failures, visible, inside, release = [], {}, {}, threading.Event(), threading.Event()
+
+    def writer(key, fail=False, hold=False):
+        try:
+            with db.write() as conn:
+                conn.execute("INSERT INTO settings (key, value) VALUES (?, '1')", (key,))
+                db.after_commit(lambda: hooks.append(key))
+                if hold:
+                    inside.set()
+                    release.wait(10)
+                if fail:
+                    raise ValueError(key)
+            visible[key] = seen(key)              # committed before the writer returned
+        except ValueError as exc:
+            failures[key] = exc
+    try:
+        before = commits()
+        first = threading.Thread(target=writer, args=("a",), kwargs={"hold": True})
+        first.start()
+        assert inside.wait(10)
+        queued = [threading.Thread(target=writer, args=("b",), kwargs={"fail": True}),
+                  threading.Thread(target=writer, args=("c",))]
+        for number, thread in enumerate(queued, start=1):
+            thread.start()
+            assert _wait_for(lambda: db._waiting == number)      # queued behind the first writer
+        release.set()
+        for thread in [first] + queued:
+            thread.join(10)
+        assert commits() == before + 1                          # three writers, one commit
+        assert visible == {"a": True, "c": True} and list(failures) == ["b"]
+        assert not seen("b")                                    # the failed one's step is undone ...
+        assert hooks == ["a", "c"]                              # ... and its hook never runs
+        with db.write() as conn:                                # the writer is free again
+            conn.execute("INSERT INTO settings (key, value) VALUES ('d', '1')")
+        assert seen("d") and commits() == before + 2
+    finally:
+        other.close()
+        db.close()
+
+
 def test_a_pop_is_one_commit_with_the_state_change_it_causes_and_a_failed_one_announces_nothing(
         app, anon, agent):
     """The agent's sign of life, the job, its instance, its events and the Idle -> Building
