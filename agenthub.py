@@ -9309,40 +9309,13 @@ class _RequestHandler(WSGIRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         conn = self.conn
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         try:
-            # What the socket takes now, without waiting: a client that does not read (or reads
-            # slowly) must not hold up the answers of every other watcher behind it.
-            conn.sock.settimeout(0)
-            try:
-                sent = conn.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            finally:
-                conn.sock.settimeout(IO_SECONDS)
+            conn.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         except OSError:
-            self.close_connection, sent = True, len(data)
+            self.close_connection = True
         with conn.lock:
             self.answered_raw = True
-            parked = conn.parked     # (it stays parked for the selector until given back: while the
-                                     # answer is written, the sweep and a request sent ahead wait)
-        if sent < len(data) and parked:
-            rest = memoryview(data)[sent:]
-
-            def finish():
-                """The rest of the answer, by a worker, which may wait for the client (IO_SECONDS)."""
-                try:
-                    conn.sock.sendall(rest)
-                except OSError:
-                    self.close_connection = True
-                self.server.give_back(conn)
-            self.server.later(finish)
-            return _nothing
-        if sent < len(data):
-            try:            # answered before its worker let go of it: that worker still holds it
-                conn.sock.sendall(memoryview(data)[sent:])
-            except OSError:
-                self.close_connection = True
+            parked, conn.parked = conn.parked, False
         return functools.partial(self.server.give_back, conn) if parked else _nothing
 
     def log_request(self, code="-", size="-"):
@@ -9443,15 +9416,10 @@ class HubServer:
 
     def give_back(self, conn):
         """A worker (or a deferred answer) is done with ``conn``: back to the selector, or closed."""
-        conn.parked = False
         if (conn.handler.close_connection or self._closing) and conn.abandoned is None:
             conn.close()                       # (a deferred one may still be watched: the selector closes it)
             return
         self._to_selector(conn)
-
-    def later(self, task):
-        """Run ``task()`` on a worker (after the requests already waiting for one)."""
-        self._ready.put(task)
 
     def _to_selector(self, conn):
         """Hand ``conn`` to the selector thread (the only one that touches the selector)."""
@@ -9603,12 +9571,6 @@ class HubServer:
             conn = self._ready.get()
             if conn is None:
                 return
-            if not isinstance(conn, _Connection):
-                try:
-                    conn()                     # a task of later()
-                except Exception as exc:
-                    log(f"a server task failed: {exc!r}", "error")
-                continue
             try:
                 self._serve(conn)
             except Exception as exc:           # never lose a worker

@@ -5411,47 +5411,6 @@ def test_migrate_copies_an_sqlite_database_into_postgresql(tmp_path, capsys):
         PgSchemas.free.append(schema)
 
 
-def test_a_watcher_that_does_not_read_its_large_answer_holds_up_no_other_watcher(make_app):
-    """The thread answering parked watchers writes what each socket takes at once; the rest of an
-    answer a client does not read yet is written by a worker.  The slow client still gets all of
-    it, and its connection stays usable."""
-    app = make_app(event_max_bytes=200_000)
-    httpd, (host, port) = _serve(app, threads=2)
-    base = f"http://{host}:{port}"
-    try:
-        for n in range(40):                                   # an answer of about 8 MB
-            event = json.loads(call_http(base, "PUT", "/v1/event/fire/big", bytes([65 + n % 26]) * 150_000)[2])
-        index = xor_index(event["ID"])
-        slow = socket.socket()
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # and it reads nothing for now
-        slow.connect((host, port))
-        slow.sendall(f"GET /v1/event/list?index={index}&wait=60s HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
-        assert _wait_for(lambda: app.hub.watchers.parked() == 1)
-        for parked in (2, 1):        # the slow watcher is answered by the first fire; the second finds the
-            #                          thread answering watchers free, though the slow answer is not read yet
-            results, small_index = {}, call_http(base, "GET", "/v1/event/list?name=small")[1]["X-Consul-Index"]
-            other = threading.Thread(target=lambda: results.update(answer=call_http(
-                base, "GET", f"/v1/event/list?name=small&index={small_index}&wait=30s")))
-            other.start()
-            assert _wait_for(lambda: app.hub.watchers.parked() == parked)
-            small = json.loads(call_http(base, "PUT", "/v1/event/fire/small", b"s")[2])
-            other.join(timeout=20)
-            assert results["answer"][0] == 200 and json.loads(results["answer"][2])[-1]["ID"] == small["ID"]
-        with slow, slow.makefile("rb") as stream:
-            response = http.client.HTTPResponse(slow)
-            response.begin()
-            events = json.loads(response.read())
-            assert response.status == 200 and len(events) == 41 and events[-1]["Name"] == "small"
-            assert base64.b64decode(events[0]["Payload"]) == b"A" * 150_000
-            slow.sendall(b"GET /v1/event/list?name=small HTTP/1.1\r\nHost: localhost\r\n\r\n")   # kept alive
-            again = http.client.HTTPResponse(slow)
-            again.begin()
-            assert again.status == 200 and len(json.loads(again.read())) == 2
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
 def test_a_blocking_query_whose_client_left_frees_its_slot_at_once(make_app):
     """As Consul does: a watcher that disconnects stops counting against its address's limit."""
     app = make_app(max_watchers_per_client=2)
