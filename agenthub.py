@@ -949,15 +949,12 @@ class Database:
         self._write_lock.acquire()
         with self._waiting_lock:
             self._waiting -= 1
-        locked, held, own, began = True, getattr(self._local, "conn", None), None, time.perf_counter()
+        locked, held, began = True, getattr(self._local, "conn", None), time.perf_counter()
+        borrowed = contextlib.ExitStack()      # the first writer's connection, kept until the commit
         try:
             batch = self._batch
             if batch is None:
-                if held is None:
-                    if self._closed:
-                        raise ApiError(503, "agenthub is shutting down")
-                    own = self._acquire()
-                conn = held or own
+                conn = borrowed.enter_context(self.connection())
                 try:
                     conn.execute(self.BEGIN[0])
                 except self.errors as exc:
@@ -1015,8 +1012,7 @@ class Database:
             self._local.conn = held
             if locked:
                 self._write_lock.release()
-            if own is not None:
-                self._release(own)
+            borrowed.close()
 
     def _commit(self, batch):
         """Commit ``batch`` (its writers hold or wait for the writer lock), then its hooks."""
