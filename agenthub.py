@@ -985,7 +985,12 @@ class Database:
                 except self.errors:
                     pass
                 raise self._refused(failure)
-            if not first:
+            if not conn.in_transaction:
+                # SQLite rolled the whole transaction back (a full disk, an I/O error), earlier
+                # writers' steps included: the batch is lost, and each of its writers is told so.
+                batch.broken = batch.broken or failure or sqlite3.OperationalError(
+                    "the transaction was rolled back")
+            elif not first:
                 try:
                     if failure is not None:
                         conn.execute("ROLLBACK TO joined")       # only this writer's steps
@@ -994,8 +999,6 @@ class Database:
                     batch.broken = batch.broken or exc
             if failure is None:
                 batch.hooks.extend(hooks)
-            elif not conn.in_transaction:      # SQLite rolled the whole transaction back (a full disk)
-                batch.broken = batch.broken or failure
             batch.size += 1
             if batch.broken is None and batch.size < self.GROUP and self._waiting:
                 locked = False                 # the next writer joins; the last one commits
@@ -6161,7 +6164,12 @@ class HubApp(bottle.Bottle):
             return
         if environ.get("agenthub.parked"):
             # A parked blocking query is logged when its answer goes out, with the time it was held.
-            environ["agenthub.log_answer"] = functools.partial(access_log, environ, api=api, route=template)
+            # The answer may already have gone out (the Watchers thread): whichever of the two comes
+            # second writes the line (setdefault is atomic).
+            line = functools.partial(access_log, environ, api=api, route=template)
+            ended = environ.setdefault("agenthub.log_meet", line)
+            if ended is not line:
+                line(**ended)
         else:
             access_log(environ, status, seconds, api, template)
 
@@ -6855,9 +6863,10 @@ def install_consul(app, hub):
 
         def logged(status):
             """The access log's line for this request, once it ends (499: the client went away)."""
-            line = environ.get("agenthub.log_answer")
-            if line is not None:
-                line(status=status, seconds=time.monotonic() - environ["agenthub.received"])
+            ended = {"status": status, "seconds": time.monotonic() - environ["agenthub.received"]}
+            line = environ.setdefault("agenthub.log_meet", ended)     # (see HubApp._count)
+            if line is not ended:
+                line(**ended)
 
         def answer_now(view):
             fields = headers(**{"Content-Type": "application/json", "X-Request-Id": rid}, **list_headers(view))
@@ -9092,6 +9101,7 @@ class _Connection:
         self.since = time.monotonic()      # idle since / head started at
         self.lock = threading.Lock()       # orders a deferred answer against its worker
         self.parked = False                # deferred, the worker gone: the answer gives it back
+        self.resumed = False               # … which it has (the selector thread unparks it)
         self.abandoned = None              # … and what to call if the client goes away meanwhile
         self.closed = False
         self.handler = _RequestHandler(self)
@@ -9105,13 +9115,13 @@ class _Connection:
     def head_complete(self):
         return b"\n\r\n" in self.buffer or b"\n\n" in self.buffer or len(self.buffer) >= HEAD_LIMIT
 
-    _LENGTH = re.compile(rb"\ncontent-length:[ \t]*(\d{1,9})[ \t]*\r?\n", re.IGNORECASE)
-    _EXPECT = re.compile(rb"\nexpect:", re.IGNORECASE)
+    _LENGTH = re.compile(rb"\ncontent-length:[ \t]*(\d{1,9})[ \t]*(?=\r?\n)", re.IGNORECASE)
+    _AT_ONCE = re.compile(rb"\n(?:expect|transfer-encoding):", re.IGNORECASE)
 
     def request_ready(self):
         """A worker may take this connection: its next request's head is complete, and so is its
-        body when that is declared small (not one waiting for "100 Continue").  Anything odd in
-        the head is the worker's to refuse."""
+        body when that is declared by one small Content-Length.  Anything odd in the head is the
+        worker's to refuse."""
         if not self.head_complete():
             return False
         buffer, ends = self.buffer, []
@@ -9123,10 +9133,12 @@ class _Connection:
             return True                        # too long a head: the worker answers 431
         end = min(ends)
         head = bytes(buffer[:end])
-        length = self._LENGTH.search(head)
-        if length is None or self._EXPECT.search(head) or int(length.group(1)) > BODY_AHEAD:
+        # A body waiting for "100 Continue", a chunked one, several lengths or a large one: the
+        # worker takes the request now (and refuses what is odd about it).
+        lengths = self._LENGTH.findall(head)
+        if len(lengths) != 1 or self._AT_ONCE.search(head) or int(lengths[0]) > BODY_AHEAD:
             return True
-        return len(buffer) >= end + int(length.group(1))
+        return len(buffer) >= end + int(lengths[0])
 
     def readline(self, limit=-1):
         start = 0
@@ -9235,6 +9247,9 @@ class _RequestHandler(WSGIRequestHandler):
         environ["agenthub.received"] = received
         environ["agenthub.answer_raw"] = self.answer_raw
         environ["agenthub.defer"] = self.defer
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:                   # the body's end is ambiguous (RFC 9112 6.3): refused
+            environ["CONTENT_LENGTH"] = ", ".join(lengths)
         declared = environ.get("CONTENT_LENGTH") or "0"
         length = parse_uint(declared)
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
@@ -9311,8 +9326,15 @@ class _RequestHandler(WSGIRequestHandler):
             self.close_connection = True
         with conn.lock:
             self.answered_raw = True
-            parked, conn.parked = conn.parked, False
-        return functools.partial(self.server.give_back, conn) if parked else _nothing
+            parked = conn.parked
+        # Parked, the connection stays so until ``resume``: till then the selector keeps what the
+        # client sends next for later and hands the connection to no worker (it is still in the
+        # selector, and given back once more by ``resume``).
+        return functools.partial(self._resume, conn) if parked else _nothing
+
+    def _resume(self, conn):
+        conn.resumed = True                    # the selector thread unparks it (``HubServer._loop``)
+        self.server.give_back(conn)
 
     def log_request(self, code="-", size="-"):
         """Nothing: the application writes the access log (with the request id, API and route)."""
@@ -9471,9 +9493,13 @@ class HubServer:
         with self._returning:
             returned, self._returned = self._returned, []
         watched = selector.get_map()
-        for conn in returned:
+        # Parked, then answered: given back twice, the two may come in one batch; each connection
+        # is handled once here, or two workers could take it.
+        for conn in dict.fromkeys(returned):
             if conn.closed:
                 continue
+            if conn.parked and conn.resumed:   # answered: what the client sent meanwhile is served now
+                conn.parked = conn.resumed = False
             registered = watched.get(conn.sock) is not None
             if not conn.parked and (conn.handler.close_connection or self._closing):
                 if registered:

@@ -2351,6 +2351,11 @@ def test_a_body_declared_and_never_sent_holds_the_only_worker_for_a_second_at_mo
             small.setblocking(True)
             small.sendall(b"0123456789")                                 # the body at last: answered
             assert small.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+        for odd in (b"Transfer-Encoding: chunked\r\nContent-Length: 10\r\n\r\n0\r\n\r\n",
+                    b"Content-Length: 5\r\nContent-Length: 10\r\n\r\n{}"):
+            with socket.create_connection(address) as client:          # refused at once, not awaited
+                client.sendall(b"PUT /v1/event/fire/odd HTTP/1.1\r\nHost: localhost\r\n" + odd)
+                assert client.makefile("rb").readline().startswith(b"HTTP/1.1 400")
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -3180,6 +3185,58 @@ def test_writers_that_queue_up_share_one_commit_and_a_failing_one_undoes_only_it
         assert seen("d") and commits() == before + 2
     finally:
         other.close()
+        db.close()
+
+
+def test_a_writer_that_fills_the_disk_inside_a_shared_commit_fails_every_writer_of_it_with_507(tmp_path):
+    """SQLite rolls a whole transaction back on SQLITE_FULL, the steps of the writers before
+    included: each of them is refused (507), none sees its change, and the writer is free again."""
+    path = str(tmp_path / "full.db")
+    db = agenthub.Database(path)
+    outcomes, hooks, inside, release = {}, [], threading.Event(), threading.Event()
+
+    def seen(key):
+        with sqlite3.connect(path) as conn:
+            return conn.execute("SELECT count(*) FROM settings WHERE key = ?", (key,)).fetchone()[0] == 1
+
+    def writer(key, hold=False, fill=False):
+        try:
+            with db.write() as conn:
+                conn.execute("INSERT INTO settings (key, value) VALUES (?, '1')", (key,))
+                db.after_commit(lambda: hooks.append(key))
+                if hold:
+                    inside.set()
+                    release.wait(10)
+                if fill:                       # a real SQLITE_FULL: the file may not grow further
+                    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+                    conn.execute(f"PRAGMA max_page_count = {pages + 1}")
+                    try:
+                        conn.execute("INSERT INTO settings (key, value) VALUES ('big', ?)", ("x" * 500000,))
+                    finally:
+                        conn.execute("PRAGMA max_page_count = 1073741823")
+            outcomes[key] = "ok"
+        except agenthub.ApiError as exc:
+            outcomes[key] = exc.status
+    try:
+        first = threading.Thread(target=writer, args=("a",), kwargs={"hold": True})
+        first.start()
+        assert inside.wait(10)
+        queued = [threading.Thread(target=writer, args=("b",), kwargs={"fill": True}),
+                  threading.Thread(target=writer, args=("c",))]
+        for number, thread in enumerate(queued, start=1):
+            thread.start()
+            assert _wait_for(lambda: db._waiting == number)
+        release.set()
+        for thread in [first] + queued:
+            thread.join(10)
+        assert outcomes["a"] == outcomes["b"] == 507        # the batch a and b were in is lost
+        assert outcomes["c"] in ("ok", 507)                 # c was in it too, or began the next one
+        assert not seen("a") and not seen("b") and seen("c") == (outcomes["c"] == "ok")
+        assert hooks == (["c"] if outcomes["c"] == "ok" else [])
+        with db.write() as conn:                            # the writer is free again
+            conn.execute("INSERT INTO settings (key, value) VALUES ('d', '1')")
+        assert seen("d")
+    finally:
         db.close()
 
 
@@ -5057,10 +5114,42 @@ def test_a_parked_blocking_query_is_logged_when_it_ends_with_the_time_it_was_hel
         assert answered["status"] == 200 and answered["duration_ms"] >= 300        # held for its wait
         assert answered["route"] == "/v1/event/list" and answered["api"] == "consul"
         assert left["status"] == 499 and left["request_id"] != answered["request_id"]
+        # Waits so short the answer may go out before the route has returned: still one line each.
+        conn = http.client.HTTPConnection(host, port)
+        for _ in range(30):
+            conn.request("GET", f"/v1/event/list?index={index}&wait=1ms")
+            assert conn.getresponse().read() and True
+        conn.close()
+        assert _wait_for(lambda: len(list_lines()) == 32)
+        assert len({line["request_id"] for line in list_lines()}) == 32
     finally:
         httpd.shutdown()
         httpd.server_close()
         agenthub._LOG["json"] = False
+
+
+def test_keep_alive_blocking_queries_answered_before_or_after_parking_are_each_answered_once(make_app):
+    """A wait so short that the Watchers thread answers while the worker is still in the route, or
+    just after it parked the connection: the client's next request on the same connection goes to
+    one worker, once (a connection given back twice used to reach two workers, and one of them
+    dropped it)."""
+    app = make_app()
+    httpd, (host, port) = _serve(app, threads=2)
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.request("PUT", "/v1/event/fire/held", b"")
+        conn.getresponse().read()
+        conn.request("GET", "/v1/event/list")
+        answer = conn.getresponse()
+        index, events = answer.headers["X-Consul-Index"], json.loads(answer.read())
+        for _ in range(500):
+            conn.request("GET", f"/v1/event/list?index={index}&wait=1ms")
+            answer = conn.getresponse()
+            assert (answer.status, json.loads(answer.read())) == (200, events)
+        conn.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_version_flag(capsys):
