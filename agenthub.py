@@ -907,14 +907,22 @@ class Database:
         if getattr(self._local, "writing", False):
             yield self._local.conn
             return
-        if self.GROUP:
+        if self.GROUP and not self.memory:
             with self._write_grouped() as conn:
                 yield conn
             return
         # A shared database's non-exclusive transaction (a pop) does not wait for this process's
         # other writers either: its row locks are its serialisation.
         lock = self._write_lock if exclusive or self.single_process else contextlib.nullcontext()
-        with lock, self.connection() as conn:
+        # ``:memory:`` has one connection: a writer takes it before the writer lock, as a thread
+        # that reads, then writes, does (the other order deadlocks the two).  It has no group
+        # commit either: a writer holds the only connection until it commits.
+        with contextlib.ExitStack() as held:
+            if self.memory:
+                conn = held.enter_context(self.connection())
+            held.enter_context(lock)
+            if not self.memory:
+                conn = held.enter_context(self.connection())
             self._local.writing, self._local.hooks = True, []
             try:
                 try:

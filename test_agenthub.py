@@ -3137,6 +3137,42 @@ def test_rackspace_startup_that_creates_an_agent_announces_once(anon, app):
 
 
 @pytest.mark.sqlite_only("SQLite's group commit (PostgreSQL's writers commit side by side)")
+def test_a_thread_that_reads_then_writes_on_an_in_memory_database_never_deadlocks_with_a_writer():
+    """``:memory:`` has one connection.  A thread holding it (a read, the readiness probe) then
+    writes, while another writer has begun: the writer used to take the writer lock, then wait for
+    the connection, and the two waited for each other for ever."""
+    db = agenthub.Database(":memory:")
+    holding, go, done = threading.Event(), threading.Event(), []
+
+    def insert(key):
+        with db.write() as conn:
+            conn.execute("INSERT INTO settings (key, value) VALUES (?, '1')", (key,))
+        done.append(key)
+
+    def reader_then_writer():
+        with db.connection():
+            holding.set()
+            go.wait(10)
+            insert("reader")
+    first = threading.Thread(target=reader_then_writer, daemon=True)
+    first.start()
+    assert holding.wait(10)
+    second = threading.Thread(target=insert, args=("writer",), daemon=True)
+    second.start()
+
+    def waits_for_the_connection():
+        frame = sys._current_frames().get(second.ident)
+        while frame is not None and frame.f_code.co_name != "_acquire":
+            frame = frame.f_back
+        return frame is not None
+    assert _wait_for(waits_for_the_connection)
+    go.set()                                       # the writer waits for the connection: read on
+    first.join(10)
+    second.join(10)
+    assert sorted(done) == ["reader", "writer"]    # (deadlocked, the two daemon threads stay blocked)
+    db.close()
+
+
 def test_writers_that_queue_up_share_one_commit_and_a_failing_one_undoes_only_its_own_steps(tmp_path):
     path = str(tmp_path / "group.db")
     db = agenthub.Database(path)
