@@ -996,8 +996,8 @@ class Database:
             if not conn.in_transaction:
                 # SQLite rolled the whole transaction back (a full disk, an I/O error), earlier
                 # writers' steps included: the batch is lost, and each of its writers is told so.
-                batch.broken = batch.broken or failure or sqlite3.OperationalError(
-                    "the transaction was rolled back")
+                batch.broken = batch.broken or (failure if isinstance(failure, self.errors) else
+                                                ApiError(503, "agenthub's database rolled a change back; try again"))
             elif not first:
                 try:
                     if failure is not None:
@@ -6877,10 +6877,17 @@ def install_consul(app, hub):
                 line(**ended)
 
         def answer_now(view):
-            fields = headers(**{"Content-Type": "application/json", "X-Request-Id": rid}, **list_headers(view))
             hub.watcher_slots.give_back(slot)
+            try:
+                fields = headers(**{"Content-Type": "application/json", "X-Request-Id": rid}, **list_headers(view))
+                body = list_body(view, pretty)
+            except Exception as exc:           # answered all the same: a parked connection is never left
+                log(f"answering a blocking query failed: {exc!r}", "error")
+                logged(500)
+                return answer_raw("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8"),
+                                                               ("X-Request-Id", rid)], b"Internal Server Error\n")
             logged(200)
-            return answer_raw("200 OK", list(fields.items()), list_body(view, pretty))
+            return answer_raw("200 OK", list(fields.items()), body)
 
         def abandoned():
             """The client went away while parked: its slot is free at once (as Consul frees it)."""
@@ -9109,7 +9116,6 @@ class _Connection:
         self.since = time.monotonic()      # idle since / head started at
         self.lock = threading.Lock()       # orders a deferred answer against its worker
         self.parked = False                # deferred, the worker gone: the answer gives it back
-        self.resumed = False               # … which it has (the selector thread unparks it)
         self.abandoned = None              # … and what to call if the client goes away meanwhile
         self.closed = False
         self.handler = _RequestHandler(self)
@@ -9258,6 +9264,8 @@ class _RequestHandler(WSGIRequestHandler):
         lengths = self.headers.get_all("Content-Length") or []
         if len(lengths) > 1:                   # the body's end is ambiguous (RFC 9112 6.3): refused
             environ["CONTENT_LENGTH"] = ", ".join(lengths)
+        if "CONTENT_LENGTH" in environ:        # (whitespace around a header's value is not part of it)
+            environ["CONTENT_LENGTH"] = environ["CONTENT_LENGTH"].strip(" \t")
         declared = environ.get("CONTENT_LENGTH") or "0"
         length = parse_uint(declared)
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
@@ -9341,8 +9349,7 @@ class _RequestHandler(WSGIRequestHandler):
         return functools.partial(self._resume, conn) if parked else _nothing
 
     def _resume(self, conn):
-        conn.resumed = True                    # the selector thread unparks it (``HubServer._loop``)
-        self.server.give_back(conn)
+        self.server.give_back(conn, resumed=True)   # the selector thread unparks it
 
     def log_request(self, code="-", size="-"):
         """Nothing: the application writes the access log (with the request id, API and route)."""
@@ -9440,17 +9447,17 @@ class HubServer:
         with self._idle:
             return self._idle.wait_for(lambda: self.in_flight <= 0, timeout)
 
-    def give_back(self, conn):
+    def give_back(self, conn, resumed=False):
         """A worker (or a deferred answer) is done with ``conn``: back to the selector, or closed."""
         if (conn.handler.close_connection or self._closing) and conn.abandoned is None:
             conn.close()                       # (a deferred one may still be watched: the selector closes it)
             return
-        self._to_selector(conn)
+        self._to_selector(conn, resumed)
 
-    def _to_selector(self, conn):
+    def _to_selector(self, conn, resumed=False):
         """Hand ``conn`` to the selector thread (the only one that touches the selector)."""
         with self._returning:
-            self._returned.append(conn)
+            self._returned.append((conn, resumed))
             if len(self._returned) > 1:
                 return                 # the selector is poked already: a thousand answers, one wake-up
         self._poke()
@@ -9476,7 +9483,7 @@ class HubServer:
         finally:
             with self._returning:
                 returned, self._returned = self._returned, []
-            for conn in returned + [key.data for key in selector.get_map().values()]:
+            for conn in [c for c, _ in returned] + [key.data for key in selector.get_map().values()]:
                 if isinstance(conn, _Connection):
                     conn.close()
             selector.close()
@@ -9501,13 +9508,17 @@ class HubServer:
         with self._returning:
             returned, self._returned = self._returned, []
         watched = selector.get_map()
-        # Parked, then answered: given back twice, the two may come in one batch; each connection
-        # is handled once here, or two workers could take it.
-        for conn in dict.fromkeys(returned):
+        # Parked, then answered: given back twice (the worker parks it, the answer resumes it), in
+        # one batch or two.  Only the resume unparks it, and each connection is handled once per
+        # batch, or two workers could take it.
+        batch = {}
+        for conn, resumed in returned:
+            batch[conn] = batch.get(conn, False) or resumed
+        for conn, resumed in batch.items():
             if conn.closed:
                 continue
-            if conn.parked and conn.resumed:   # answered: what the client sent meanwhile is served now
-                conn.parked = conn.resumed = False
+            if resumed:                        # answered: what the client sent meanwhile is served now
+                conn.parked = False
             registered = watched.get(conn.sock) is not None
             if not conn.parked and (conn.handler.close_connection or self._closing):
                 if registered:

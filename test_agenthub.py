@@ -2351,6 +2351,9 @@ def test_a_body_declared_and_never_sent_holds_the_only_worker_for_a_second_at_mo
             small.setblocking(True)
             small.sendall(b"0123456789")                                 # the body at last: answered
             assert small.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+        with socket.create_connection(address) as client:              # whitespace around the value
+            client.sendall(b"PUT /v1/event/fire/spaced HTTP/1.1\r\nHost: localhost\r\nContent-Length:\t2 \r\n\r\n{}")
+            assert client.makefile("rb").readline().startswith(b"HTTP/1.1 200")
         for odd in (b"Transfer-Encoding: chunked\r\nContent-Length: 10\r\n\r\n0\r\n\r\n",
                     b"Content-Length: 5\r\nContent-Length: 10\r\n\r\n{}"):
             with socket.create_connection(address) as client:          # refused at once, not awaited
@@ -5183,6 +5186,48 @@ def test_keep_alive_blocking_queries_answered_before_or_after_parking_are_each_a
             answer = conn.getresponse()
             assert (answer.status, json.loads(answer.read())) == (200, events)
         conn.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_many_keep_alive_clients_pipelining_after_short_blocking_queries_are_each_answered(make_app):
+    """Sixty connections each send a blocking query that ends at once and a request behind it, over
+    and over: a parked connection is given back by its worker and again by its answer, and only the
+    second may hand it on (the first, handled late, once gave it to a second worker or to the
+    selector while a worker read from it, and the client waited for ever)."""
+    app = make_app()
+    httpd, (host, port) = _serve(app, threads=2)
+    try:
+        call_http(f"http://{host}:{port}", "PUT", "/v1/event/fire/held", b"")
+        index = call_http(f"http://{host}:{port}", "GET", "/v1/event/list")[1]["X-Consul-Index"]
+        ask = (f"GET /v1/event/list?index={index}&wait=1ms HTTP/1.1\r\nHost: localhost\r\n\r\n"
+               "GET /v1/event/list HTTP/1.1\r\nHost: localhost\r\n\r\n").encode()
+        answered, failed = [], []
+
+        def client(number):
+            try:
+                with socket.create_connection((host, port), timeout=10) as sock:
+                    answers = sock.makefile("rb")
+                    for round_ in range(12):
+                        sock.sendall(ask)
+                        for _ in range(2):
+                            assert answers.readline().startswith(b"HTTP/1.1 200")
+                            length = 0
+                            while (line := answers.readline()) not in (b"\r\n", b""):
+                                if line.lower().startswith(b"content-length:"):
+                                    length = int(line.split(b":")[1])
+                            assert len(answers.read(length)) == length
+                            answered.append(number)
+                        time.sleep(random.random() / 10)      # idle, as agents are between polls
+            except Exception as exc:
+                failed.append(repr(exc))
+        threads = [threading.Thread(target=client, args=(number,)) for number in range(60)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert failed == [] and len(answered) == 60 * 12 * 2
     finally:
         httpd.shutdown()
         httpd.server_close()
