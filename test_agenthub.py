@@ -3176,107 +3176,95 @@ def test_a_thread_that_reads_then_writes_on_an_in_memory_database_never_deadlock
     db.close()
 
 
+class _QueuedWriters:
+    """Writers of the group-commit tests, on an SQLite file: each inserts its key into settings,
+    with an after-commit hook, then runs its own further step (which may fail).  ``batch`` holds
+    the first one inside its transaction until the others have queued up behind it."""
+
+    def __init__(self, path):
+        self.path, self.db = path, agenthub.Database(path)
+        self.hooks, self.outcomes = [], {}
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def seen(self, key):
+        with sqlite3.connect(self.path) as conn:
+            return conn.execute("SELECT count(*) FROM settings WHERE key = ?", (key,)).fetchone()[0] == 1
+
+    def write(self, key, hold=False, then=None):
+        try:
+            with self.db.write() as conn:
+                conn.execute("INSERT INTO settings (key, value) VALUES (?, '1')", (key,))
+                self.db.after_commit(lambda: self.hooks.append(key))
+                if hold:
+                    self.inside.set()
+                    self.release.wait(10)
+                if then is not None:
+                    then(conn)
+            self.outcomes[key] = ("ok", self.seen(key))      # committed before the writer returned?
+        except (ValueError, agenthub.ApiError) as exc:
+            self.outcomes[key] = exc
+
+    def batch(self, *queued):
+        """``write("a")`` held, then ``write(key, then=step)`` for each (key, step) of ``queued``."""
+        first = threading.Thread(target=self.write, args=("a",), kwargs={"hold": True})
+        first.start()
+        assert self.inside.wait(10)
+        threads = [threading.Thread(target=self.write, args=(key,), kwargs={"then": step}) for key, step in queued]
+        for number, thread in enumerate(threads, start=1):
+            thread.start()
+            assert _wait_for(lambda: self.db._waiting == number)     # queued behind the first writer
+        self.release.set()
+        for thread in [first] + threads:
+            thread.join(10)
+
+
 def test_writers_that_queue_up_share_one_commit_and_a_failing_one_undoes_only_its_own_steps(tmp_path):
-    path = str(tmp_path / "group.db")
-    db = agenthub.Database(path)
-    other = sqlite3.connect(path)                  # another connection sees each commit once
+    writers = _QueuedWriters(str(tmp_path / "group.db"))
+    other = sqlite3.connect(writers.path)                 # another connection sees each commit once
 
     def commits():
         return other.execute("PRAGMA data_version").fetchone()[0]
 
-    def seen(key):
-        with sqlite3.connect(path) as conn:
-            return conn.execute("SELECT count(*) FROM settings WHERE key = ?", (key,)).fetchone()[0] == 1
-    hooks, failures, visible, inside, release = [], {}, {}, threading.Event(), threading.Event()
-
-    def writer(key, fail=False, hold=False):
-        try:
-            with db.write() as conn:
-                conn.execute("INSERT INTO settings (key, value) VALUES (?, '1')", (key,))
-                db.after_commit(lambda: hooks.append(key))
-                if hold:
-                    inside.set()
-                    release.wait(10)
-                if fail:
-                    raise ValueError(key)
-            visible[key] = seen(key)              # committed before the writer returned
-        except ValueError as exc:
-            failures[key] = exc
+    def fail(conn):
+        raise ValueError("b")
     try:
         before = commits()
-        first = threading.Thread(target=writer, args=("a",), kwargs={"hold": True})
-        first.start()
-        assert inside.wait(10)
-        queued = [threading.Thread(target=writer, args=("b",), kwargs={"fail": True}),
-                  threading.Thread(target=writer, args=("c",))]
-        for number, thread in enumerate(queued, start=1):
-            thread.start()
-            assert _wait_for(lambda: db._waiting == number)      # queued behind the first writer
-        release.set()
-        for thread in [first] + queued:
-            thread.join(10)
+        writers.batch(("b", fail), ("c", None))
         assert commits() == before + 1                          # three writers, one commit
-        assert visible == {"a": True, "c": True} and list(failures) == ["b"]
-        assert not seen("b")                                    # the failed one's step is undone ...
-        assert hooks == ["a", "c"]                              # ... and its hook never runs
-        with db.write() as conn:                                # the writer is free again
-            conn.execute("INSERT INTO settings (key, value) VALUES ('d', '1')")
-        assert seen("d") and commits() == before + 2
+        outcomes = writers.outcomes
+        assert outcomes["a"] == outcomes["c"] == ("ok", True) and isinstance(outcomes["b"], ValueError)
+        assert not writers.seen("b")                            # the failed one's step is undone ...
+        assert writers.hooks == ["a", "c"]                      # ... and its hook never runs
+        writers.write("d")                                      # the writer is free again
+        assert outcomes["d"] == ("ok", True) and commits() == before + 2
     finally:
         other.close()
-        db.close()
+        writers.db.close()
 
 
 def test_a_writer_that_fills_the_disk_inside_a_shared_commit_fails_every_writer_of_it_with_507(tmp_path):
     """SQLite rolls a whole transaction back on SQLITE_FULL, the steps of the writers before
     included: each of them is refused (507), none sees its change, and the writer is free again."""
-    path = str(tmp_path / "full.db")
-    db = agenthub.Database(path)
-    outcomes, hooks, inside, release = {}, [], threading.Event(), threading.Event()
+    writers = _QueuedWriters(str(tmp_path / "full.db"))
 
-    def seen(key):
-        with sqlite3.connect(path) as conn:
-            return conn.execute("SELECT count(*) FROM settings WHERE key = ?", (key,)).fetchone()[0] == 1
-
-    def writer(key, hold=False, fill=False):
+    def fill(conn):                                    # a real SQLITE_FULL: the file may not grow further
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 1}")
         try:
-            with db.write() as conn:
-                conn.execute("INSERT INTO settings (key, value) VALUES (?, '1')", (key,))
-                db.after_commit(lambda: hooks.append(key))
-                if hold:
-                    inside.set()
-                    release.wait(10)
-                if fill:                       # a real SQLITE_FULL: the file may not grow further
-                    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-                    conn.execute(f"PRAGMA max_page_count = {pages + 1}")
-                    try:
-                        conn.execute("INSERT INTO settings (key, value) VALUES ('big', ?)", ("x" * 500000,))
-                    finally:
-                        conn.execute("PRAGMA max_page_count = 1073741823")
-            outcomes[key] = "ok"
-        except agenthub.ApiError as exc:
-            outcomes[key] = exc.status
+            conn.execute("INSERT INTO settings (key, value) VALUES ('big', ?)", ("x" * 500000,))
+        finally:
+            conn.execute("PRAGMA max_page_count = 1073741823")
     try:
-        first = threading.Thread(target=writer, args=("a",), kwargs={"hold": True})
-        first.start()
-        assert inside.wait(10)
-        queued = [threading.Thread(target=writer, args=("b",), kwargs={"fill": True}),
-                  threading.Thread(target=writer, args=("c",))]
-        for number, thread in enumerate(queued, start=1):
-            thread.start()
-            assert _wait_for(lambda: db._waiting == number)
-        release.set()
-        for thread in [first] + queued:
-            thread.join(10)
-        assert outcomes["a"] == outcomes["b"] == 507        # the batch a and b were in is lost
-        assert outcomes["c"] in ("ok", 507)                 # c was in it too, or began the next one
-        assert not seen("a") and not seen("b") and seen("c") == (outcomes["c"] == "ok")
-        assert hooks == (["c"] if outcomes["c"] == "ok" else [])
-        with db.write() as conn:                            # the writer is free again
-            conn.execute("INSERT INTO settings (key, value) VALUES ('d', '1')")
-        assert seen("d")
+        writers.batch(("b", fill), ("c", None))
+        status = {key: getattr(outcome, "status", outcome) for key, outcome in writers.outcomes.items()}
+        assert status["a"] == status["b"] == 507                # the batch a and b were in is lost
+        assert status["c"] in (("ok", True), 507)               # c was in it too, or began the next one
+        assert not writers.seen("a") and not writers.seen("b") and writers.seen("c") == (status["c"] != 507)
+        assert writers.hooks == (["c"] if status["c"] != 507 else [])
+        writers.write("d")                                      # the writer is free again
+        assert writers.outcomes["d"] == ("ok", True)
     finally:
-        db.close()
+        writers.db.close()
 
 
 def test_a_pop_is_one_commit_with_the_state_change_it_causes_and_a_failed_one_announces_nothing(
