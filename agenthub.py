@@ -9116,6 +9116,7 @@ class _Connection:
         self.since = time.monotonic()      # idle since / head started at
         self.lock = threading.Lock()       # orders a deferred answer against its worker
         self.parked = False                # deferred, the worker gone: the answer gives it back
+        self.unwritten = b""               # answered before its worker was done: the rest, for it
         self.abandoned = None              # … and what to call if the client goes away meanwhile
         self.closed = False
         self.handler = _RequestHandler(self)
@@ -9327,29 +9328,39 @@ class _RequestHandler(WSGIRequestHandler):
         self.conn.abandoned = abandoned
 
     def answer_raw(self, status, headers, body):
-        """Write this request's whole answer now, from any thread.  Returns ``resume``, which gives
-        the connection back to the selector (or closes it): call it at once, or — answering a
-        thousand blocked watchers from one thread — once all of them are written, so that the
-        selector thread does not compete for the interpreter with the answers still to write."""
+        """Answer this request now, from any thread: what the socket takes at once is written here,
+        and the rest of a large answer its client is slow to read by a worker (one client that does
+        not read would otherwise hold the thread answering every blocked watcher).  Returns
+        ``resume``, which gives the connection back to the selector (or closes it) once the answer
+        is written: call it at once, or — answering a thousand blocked watchers from one thread —
+        once all of them are, so that the selector thread does not compete for the interpreter
+        with the answers still to write."""
         lines = [f"HTTP/1.1 {status}", f"Date: {_http_date()}", f"Content-Length: {len(body)}",
                  *(f"{k}: {v}" for k, v in headers)]
         if self.close_connection:
             lines.append("Connection: close")
         conn = self.conn
+        answer = memoryview(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         try:
-            conn.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+            # The socket is non-blocking underneath its timeout; ``send`` would first wait for room.
+            rest = answer[os.write(conn.sock.fileno(), answer):]
+        except BlockingIOError:
+            rest = answer
         except OSError:
-            self.close_connection = True
+            rest, self.close_connection = b"", True
         with conn.lock:
             self.answered_raw = True
             parked = conn.parked
+            if not parked:
+                conn.unwritten = rest          # the worker, still in the route, writes it (``_serve``)
         # Parked, the connection stays so until ``resume``: till then the selector keeps what the
         # client sends next for later and hands the connection to no worker (it is still in the
         # selector, and given back once more by ``resume``).
-        return functools.partial(self._resume, conn) if parked else _nothing
-
-    def _resume(self, conn):
-        self.server.give_back(conn, resumed=True)   # the selector thread unparks it
+        if not parked:
+            return _nothing
+        if rest:
+            return functools.partial(self.server.finish_answer, conn, rest)
+        return functools.partial(self.server.give_back, conn, resumed=True)
 
     def log_request(self, code="-", size="-"):
         """Nothing: the application writes the access log (with the request id, API and route)."""
@@ -9612,11 +9623,29 @@ class HubServer:
             conn = self._ready.get()
             if conn is None:
                 return
+            if not isinstance(conn, _Connection):
+                try:
+                    conn()                     # the rest of a deferred answer (``finish_answer``)
+                except Exception as exc:
+                    log(f"finishing an answer failed: {exc!r}", "error")
+                continue
             try:
                 self._serve(conn)
             except Exception as exc:           # never lose a worker
                 log(f"serving a connection failed: {exc!r}", "error")
                 conn.close()
+
+    def finish_answer(self, conn, rest):
+        """A parked connection's answer is partly written: a worker writes the rest (as it would
+        write any answer to a slow client), then gives the connection back."""
+        self._ready.put(functools.partial(self._finish_answer, conn, rest))
+
+    def _finish_answer(self, conn, rest):
+        try:
+            conn.sock.sendall(rest)
+        except OSError:
+            conn.handler.close_connection = True
+        self.give_back(conn, resumed=True)
 
     def _serve(self, conn):
         handler = conn.handler
@@ -9629,6 +9658,8 @@ class HubServer:
                             conn.parked = True     # the deferred answer gives the connection back;
                             self._to_selector(conn)        # meanwhile the selector watches it
                             return
+                        rest, conn.unwritten = conn.unwritten, b""
+                    conn.sock.sendall(rest)        # answered already: what its socket did not take
                 conn.flush()
             except (ConnectionError, TimeoutError, OSError):
                 conn.close()

@@ -5221,6 +5221,56 @@ def test_many_keep_alive_clients_pipelining_after_short_blocking_queries_are_eac
         httpd.server_close()
 
 
+def _read_answer(answers):
+    """Status line and body of one HTTP/1.1 answer read from a socket file."""
+    status, length = answers.readline(), 0
+    while (line := answers.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return status, answers.read(length)
+
+
+def test_a_watcher_that_does_not_read_its_answer_holds_up_no_other_watcher(make_app):
+    """The Watchers thread writes what a socket takes at once; a worker writes the rest of a large
+    answer its client does not read.  Writing all of it there held every other watcher back for
+    as long as the socket's timeout (60 s)."""
+    app = make_app(event_max_bytes=20000)
+    httpd, (host, port) = _serve(app, threads=2)
+    try:
+        feeder = http.client.HTTPConnection(host, port, timeout=10)
+        for _ in range(256):                                     # a full ring of large events: ~6.5 MB listed
+            feeder.request("PUT", "/v1/event/fire/big", b"x" * 19000)
+            assert feeder.getresponse().read()
+        feeder.request("GET", "/v1/event/list")
+        answer = feeder.getresponse()
+        index, listed = answer.headers["X-Consul-Index"], answer.read()
+        ask = f"GET /v1/event/list?index={index}&wait=60s HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect((host, port))
+        stalled.sendall(ask)                                     # parked first, answered first: never read
+        assert _wait_for(lambda: app.hub.watchers.parked() == 1)
+        reader = socket.create_connection((host, port), timeout=20)
+        reader.sendall(ask)
+        assert _wait_for(lambda: app.hub.watchers.parked() == 2)
+        feeder.request("PUT", "/v1/event/fire/big", b"y")
+        assert feeder.getresponse().status == 200
+        status, body = _read_answer(reader.makefile("rb"))      # answered, though the first is not read
+        assert status.startswith(b"HTTP/1.1 200") and len(json.loads(body)) == 256
+        stalled.settimeout(20)
+        answers = stalled.makefile("rb")
+        assert _read_answer(answers) == (status, body)           # the whole answer, when it reads at last
+        stalled.sendall(b"GET /v1/event/list?name=none HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert _read_answer(answers) == (status, b"[]")          # ... and its connection still serves
+        assert len(listed) > 6000000                             # more than loopback sockets hold
+        stalled.close()
+        reader.close()
+        feeder.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_version_flag(capsys):
     assert agenthub.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"agenthub {agenthub.__version__}"
