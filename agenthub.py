@@ -9104,6 +9104,15 @@ class _KeepAliveHandler(ServerHandler):
             self.headers["Connection"] = "close"
 
 
+def _unwritten(pieces, written):
+    """What is left of ``pieces`` (memoryviews) once ``written`` bytes of them went out."""
+    for number, piece in enumerate(pieces):
+        if written < len(piece):
+            return [piece[written:], *pieces[number + 1:]] if written or number else pieces
+        written -= len(piece)
+    return []
+
+
 class _Connection:
     """One client connection: its socket, what was read ahead of the current request, the
     answer being buffered, and its request handler.  A worker reads and writes through it
@@ -9116,7 +9125,8 @@ class _Connection:
         self.since = time.monotonic()      # idle since / head started at
         self.lock = threading.Lock()       # orders a deferred answer against its worker
         self.parked = False                # deferred, the worker gone: the answer gives it back
-        self.unwritten = b""               # answered before its worker was done: the rest, for it
+        self.unwritten = []                # answered before its worker was done: the rest, for it
+        self.outgoing = []                 # parked, answered: the rest the selector writes
         self.abandoned = None              # … and what to call if the client goes away meanwhile
         self.closed = False
         self.handler = _RequestHandler(self)
@@ -9220,6 +9230,9 @@ class _Connection:
     def close(self):
         if not self.closed:
             self.closed = True
+            if self.outgoing:                  # (only the selector thread writes or closes these)
+                self.outgoing = []
+                self.server.end()
             try:
                 self.sock.close()
             except OSError:
@@ -9340,14 +9353,16 @@ class _RequestHandler(WSGIRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         conn = self.conn
-        answer = memoryview(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        # The head and the body, which a thousand watchers' answers share: the rest of each is
+        # kept as views of these, never as a copy per watcher.
+        answer = [memoryview(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")), memoryview(body)]
         try:
             # The socket is non-blocking underneath its timeout; ``send`` would first wait for room.
-            rest = answer[os.write(conn.sock.fileno(), answer):]
+            rest = _unwritten(answer, os.writev(conn.sock.fileno(), answer))
         except BlockingIOError:
             rest = answer
         except OSError:
-            rest, self.close_connection = b"", True
+            rest, self.close_connection = [], True
         with conn.lock:
             self.answered_raw = True
             parked = conn.parked
@@ -9358,9 +9373,7 @@ class _RequestHandler(WSGIRequestHandler):
         # selector, and given back once more by ``resume``).
         if not parked:
             return _nothing
-        if rest:
-            return functools.partial(self.server.finish_answer, conn, rest)
-        return functools.partial(self.server.give_back, conn, resumed=True)
+        return functools.partial(self.server.give_back, conn, resumed=rest or True)
 
     def log_request(self, code="-", size="-"):
         """Nothing: the application writes the access log (with the request id, API and route)."""
@@ -9459,7 +9472,9 @@ class HubServer:
             return self._idle.wait_for(lambda: self.in_flight <= 0, timeout)
 
     def give_back(self, conn, resumed=False):
-        """A worker (or a deferred answer) is done with ``conn``: back to the selector, or closed."""
+        """A worker (or a deferred answer) is done with ``conn``: back to the selector, or closed.
+        ``resumed``: True for a parked connection's answer, or the list of what is left of it to
+        write (the selector writes it as the client takes it, then unparks the connection)."""
         if (conn.handler.close_connection or self._closing) and conn.abandoned is None:
             conn.close()                       # (a deferred one may still be watched: the selector closes it)
             return
@@ -9505,7 +9520,7 @@ class HubServer:
 
     def _turn(self, selector, listening, next_sweep):
         """One pass: what is readable, the connections given back, accepting, the sweep."""
-        for key, _ in selector.select(1.0):
+        for key, events in selector.select(1.0):
             if key.data == "accept":
                 self._accept()
             elif key.data == "wake":
@@ -9514,6 +9529,8 @@ class HubServer:
                         pass
                 except (BlockingIOError, OSError):
                     pass
+            elif events & selectors.EVENT_WRITE:
+                self._writable(key.data)       # (what it has to read waits for the next pass)
             else:
                 self._readable(key.data)
         with self._returning:
@@ -9528,25 +9545,23 @@ class HubServer:
         for conn, resumed in batch.items():
             if conn.closed:
                 continue
+            registered = watched.get(conn.sock) is not None
+            if isinstance(resumed, list):      # answered in part: the selector writes the rest
+                self.begin()                   # (a graceful shutdown waits for it, as for a request)
+                conn.outgoing, conn.since = resumed, time.monotonic()
+                interest = selectors.EVENT_WRITE | (selectors.EVENT_READ if len(conn.buffer) < HEAD_LIMIT else 0)
+                if registered:
+                    selector.modify(conn.sock, interest, conn)
+                else:
+                    selector.register(conn.sock, interest, conn)
+                continue
             if resumed:                        # answered: what the client sent meanwhile is served now
                 conn.parked = False
-            registered = watched.get(conn.sock) is not None
-            if not conn.parked and (conn.handler.close_connection or self._closing):
-                if registered:
-                    selector.unregister(conn.sock)
-                conn.close()
-                continue
             if conn.parked:                    # waiting for a deferred answer: watched for EOF only
                 if not registered:
                     selector.register(conn.sock, selectors.EVENT_READ, conn)
                 continue
-            conn.since = time.monotonic()
-            if conn.buffer and conn.request_ready():
-                if registered:
-                    selector.unregister(conn.sock)
-                self._ready.put(conn)          # pipelined: the next request is already here
-            elif not registered:
-                selector.register(conn.sock, selectors.EVENT_READ, conn)
+            self._hand_back(conn, registered)
         now = time.monotonic()
         if listening and self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
@@ -9579,6 +9594,46 @@ class HubServer:
             conn = _Connection(self, sock, addr)
             self._selector.register(sock, selectors.EVENT_READ, conn)
 
+    def _hand_back(self, conn, registered):
+        """``conn`` is the selector's again: closed, given to a worker (a request is already
+        here), or watched for the next one."""
+        selector = self._selector
+        if conn.handler.close_connection or self._closing:
+            if registered:
+                selector.unregister(conn.sock)
+            conn.close()
+            return
+        conn.since = time.monotonic()
+        if conn.buffer and conn.request_ready():
+            if registered:
+                selector.unregister(conn.sock)
+            self._ready.put(conn)              # pipelined: the next request is already here
+        elif not registered:
+            selector.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _writable(self, conn):
+        """Write what the socket takes of a parked connection's answer; all of it written, the
+        connection is unparked."""
+        try:
+            conn.outgoing = _unwritten(conn.outgoing, os.writev(conn.sock.fileno(), conn.outgoing))
+        except BlockingIOError:
+            return
+        except OSError:                        # the client went away
+            self._selector.unregister(conn.sock)
+            conn.close()
+            return
+        conn.since = time.monotonic()          # (the sweep closes a write that stalls for IO_SECONDS)
+        if conn.outgoing:
+            return
+        self.end()
+        conn.parked = False
+        if len(conn.buffer) < HEAD_LIMIT:
+            self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            self._hand_back(conn, True)
+        else:                                  # (a head too large, read meanwhile: the worker answers 431)
+            self._selector.unregister(conn.sock)
+            self._hand_back(conn, False)
+
     def _readable(self, conn):
         """Read what has arrived of a head without blocking; complete, it goes to a worker."""
         try:
@@ -9590,12 +9645,15 @@ class HubServer:
         if conn.parked:
             if not data:                       # the client went away before its answer
                 self._selector.unregister(conn.sock)
-                if conn.abandoned is not None and conn.abandoned():
+                if conn.outgoing or (conn.abandoned is not None and conn.abandoned()):
                     conn.close()               # (else the answer is being written: it closes it)
                 return
             conn.buffer += data                # a request sent ahead: served after the answer
             if len(conn.buffer) >= HEAD_LIMIT:
-                self._selector.unregister(conn.sock)
+                if conn.outgoing:              # read no more; the answer is still written
+                    self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+                else:
+                    self._selector.unregister(conn.sock)
             return
         if not data:
             self._selector.unregister(conn.sock)
@@ -9612,8 +9670,15 @@ class HubServer:
         """Close idle connections after IDLE_SECONDS, and heads that trickle in too slowly."""
         for key in list(self._selector.get_map().values()):
             conn = key.data
-            if isinstance(conn, _Connection) and not conn.parked and \
-                    now - conn.since > (HEAD_SECONDS if conn.buffer else IDLE_SECONDS):
+            if not isinstance(conn, _Connection):
+                continue
+            if conn.outgoing:
+                limit = IO_SECONDS             # an answer its client has not read for a minute
+            elif conn.parked:
+                continue
+            else:
+                limit = HEAD_SECONDS if conn.buffer else IDLE_SECONDS
+            if now - conn.since > limit:
                 self._selector.unregister(conn.sock)
                 conn.close()
 
@@ -9623,29 +9688,11 @@ class HubServer:
             conn = self._ready.get()
             if conn is None:
                 return
-            if not isinstance(conn, _Connection):
-                try:
-                    conn()                     # the rest of a deferred answer (``finish_answer``)
-                except Exception as exc:
-                    log(f"finishing an answer failed: {exc!r}", "error")
-                continue
             try:
                 self._serve(conn)
             except Exception as exc:           # never lose a worker
                 log(f"serving a connection failed: {exc!r}", "error")
                 conn.close()
-
-    def finish_answer(self, conn, rest):
-        """A parked connection's answer is partly written: a worker writes the rest (as it would
-        write any answer to a slow client), then gives the connection back."""
-        self._ready.put(functools.partial(self._finish_answer, conn, rest))
-
-    def _finish_answer(self, conn, rest):
-        try:
-            conn.sock.sendall(rest)
-        except OSError:
-            conn.handler.close_connection = True
-        self.give_back(conn, resumed=True)
 
     def _serve(self, conn):
         handler = conn.handler
@@ -9658,8 +9705,9 @@ class HubServer:
                             conn.parked = True     # the deferred answer gives the connection back;
                             self._to_selector(conn)        # meanwhile the selector watches it
                             return
-                        rest, conn.unwritten = conn.unwritten, b""
-                    conn.sock.sendall(rest)        # answered already: what its socket did not take
+                        rest, conn.unwritten = conn.unwritten, []
+                    for piece in rest:             # answered already: what its socket did not take
+                        conn.sock.sendall(piece)
                 conn.flush()
             except (ConnectionError, TimeoutError, OSError):
                 conn.close()

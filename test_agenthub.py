@@ -5230,10 +5230,10 @@ def _read_answer(answers):
     return status, answers.read(length)
 
 
-def test_a_watcher_that_does_not_read_its_answer_holds_up_no_other_watcher(make_app):
-    """The Watchers thread writes what a socket takes at once; a worker writes the rest of a large
-    answer its client does not read.  Writing all of it there held every other watcher back for
-    as long as the socket's timeout (60 s)."""
+def test_watchers_that_do_not_read_their_answers_hold_up_no_other_watcher_and_no_worker(make_app):
+    """The Watchers thread writes what a socket takes at once; the selector writes the rest of a
+    large answer as its client reads it.  Writing all of it there held every other watcher back
+    for the socket's timeout (60 s); writing it on a worker held the workers."""
     app = make_app(event_max_bytes=20000)
     httpd, (host, port) = _serve(app, threads=2)
     try:
@@ -5244,26 +5244,34 @@ def test_a_watcher_that_does_not_read_its_answer_holds_up_no_other_watcher(make_
         feeder.request("GET", "/v1/event/list")
         answer = feeder.getresponse()
         index, listed = answer.headers["X-Consul-Index"], answer.read()
+        assert len(listed) > 6000000                             # more than loopback sockets hold
         ask = f"GET /v1/event/list?index={index}&wait=60s HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
-        stalled = socket.socket()
-        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stalled.connect((host, port))
-        stalled.sendall(ask)                                     # parked first, answered first: never read
-        assert _wait_for(lambda: app.hub.watchers.parked() == 1)
+        stalled = []
+        for number in range(1, 4):                               # more of them than workers
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, port))
+            sock.sendall(ask)                                    # parked first, answered first: not read
+            assert _wait_for(lambda: app.hub.watchers.parked() == number)
+            stalled.append(sock)
         reader = socket.create_connection((host, port), timeout=20)
         reader.sendall(ask)
-        assert _wait_for(lambda: app.hub.watchers.parked() == 2)
+        assert _wait_for(lambda: app.hub.watchers.parked() == 4)
         feeder.request("PUT", "/v1/event/fire/big", b"y")
-        assert feeder.getresponse().status == 200
-        status, body = _read_answer(reader.makefile("rb"))      # answered, though the first is not read
+        assert feeder.getresponse().read()
+        status, body = _read_answer(reader.makefile("rb"))      # answered, though the others are not read
         assert status.startswith(b"HTTP/1.1 200") and len(json.loads(body)) == 256
-        stalled.settimeout(20)
-        answers = stalled.makefile("rb")
-        assert _read_answer(answers) == (status, body)           # the whole answer, when it reads at last
-        stalled.sendall(b"GET /v1/event/list?name=none HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        assert _read_answer(answers) == (status, b"[]")          # ... and its connection still serves
-        assert len(listed) > 6000000                             # more than loopback sockets hold
-        stalled.close()
+        feeder.request("GET", "/v1/event/list?name=none")       # and the workers are free
+        assert feeder.getresponse().read() == b"[]"
+        assert _wait_for(lambda: httpd.in_flight == 3)           # a graceful shutdown waits for these answers
+        for sock in stalled:
+            sock.settimeout(20)
+            answers = sock.makefile("rb")
+            assert _read_answer(answers) == (status, body)       # the whole answer, when it reads at last
+            sock.sendall(b"GET /v1/event/list?name=none HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert _read_answer(answers) == (status, b"[]")      # ... and its connection still serves
+            sock.close()
+        assert _wait_for(lambda: httpd.in_flight == 0)
         reader.close()
         feeder.close()
     finally:
