@@ -9478,6 +9478,8 @@ class HubServer:
         if (conn.handler.close_connection or self._closing) and conn.abandoned is None:
             conn.close()                       # (a deferred one may still be watched: the selector closes it)
             return
+        if isinstance(resumed, list):
+            self.begin()                       # counted before the hand-over: wait_idle must see it
         self._to_selector(conn, resumed)
 
     def _to_selector(self, conn, resumed=False):
@@ -9509,6 +9511,9 @@ class HubServer:
         finally:
             with self._returning:
                 returned, self._returned = self._returned, []
+            for conn, resumed in returned:
+                if isinstance(resumed, list):
+                    self.end()
             for conn in [c for c, _ in returned] + [key.data for key in selector.get_map().values()]:
                 if isinstance(conn, _Connection):
                     conn.close()
@@ -9544,10 +9549,11 @@ class HubServer:
             batch[conn] = batch.get(conn, False) or resumed
         for conn, resumed in batch.items():
             if conn.closed:
+                if isinstance(resumed, list):
+                    self.end()
                 continue
             registered = watched.get(conn.sock) is not None
             if isinstance(resumed, list):      # answered in part: the selector writes the rest
-                self.begin()                   # (a graceful shutdown waits for it, as for a request)
                 conn.outgoing, conn.since = resumed, time.monotonic()
                 interest = selectors.EVENT_WRITE | (selectors.EVENT_READ if len(conn.buffer) < HEAD_LIMIT else 0)
                 if registered:
@@ -9643,9 +9649,13 @@ class HubServer:
         except OSError:
             data = b""
         if conn.parked:
+            if not data and conn.outgoing:     # half-closed: the answer is still written, then closed
+                conn.handler.close_connection = True
+                self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+                return
             if not data:                       # the client went away before its answer
                 self._selector.unregister(conn.sock)
-                if conn.outgoing or (conn.abandoned is not None and conn.abandoned()):
+                if conn.abandoned is not None and conn.abandoned():
                     conn.close()               # (else the answer is being written: it closes it)
                 return
             conn.buffer += data                # a request sent ahead: served after the answer

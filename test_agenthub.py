@@ -5230,6 +5230,51 @@ def _read_answer(answers):
     return status, answers.read(length)
 
 
+def _large_answers(host, port):
+    """Fill a hub's ring (``event_max_bytes=20000``) with large events; return a connection and a
+    blocking query that parks on the ring (answered with ~6.5 MB, more than loopback sockets hold)."""
+    feeder = http.client.HTTPConnection(host, port, timeout=10)
+    for _ in range(256):
+        feeder.request("PUT", "/v1/event/fire/big", b"x" * 19000)
+        assert feeder.getresponse().read()
+    feeder.request("GET", "/v1/event/list")
+    answer = feeder.getresponse()
+    index = answer.headers["X-Consul-Index"]
+    assert len(answer.read()) > 6000000
+    return feeder, f"GET /v1/event/list?index={index}&wait=60s HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+
+
+def _parked_slow_reader(host, port, ask):
+    """A client with a small receive buffer that sends ``ask`` and reads nothing yet."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, port))
+    sock.sendall(ask)
+    return sock
+
+
+def test_a_graceful_shutdown_finishes_a_large_answer_its_watcher_reads_late(make_app):
+    """Stopping answers the parked watchers (as Consul does on leave); the rest of an answer the
+    socket did not take counts as in flight, so the shutdown waits for it (--shutdown-grace)
+    instead of closing the connection halfway through."""
+    app = make_app(event_max_bytes=20000, shutdown_grace=20)
+    httpd, (host, port) = _serve(app, threads=2)
+    feeder, ask = _large_answers(host, port)
+    feeder.close()
+    sock = _parked_slow_reader(host, port, ask)
+    assert _wait_for(lambda: app.hub.watchers.parked() == 1)
+    stopping = threading.Thread(target=agenthub.graceful_shutdown, args=(app, httpd, "test"))
+    stopping.start()
+    assert _wait_for(lambda: app.hub.watchers.parked() == 0 and httpd.in_flight == 1)
+    assert stopping.is_alive()                                  # waiting for the answer to go out
+    sock.settimeout(20)
+    status, body = _read_answer(sock.makefile("rb"))
+    assert status.startswith(b"HTTP/1.1 200") and len(json.loads(body)) == 256
+    stopping.join(20)
+    assert not stopping.is_alive() and httpd.in_flight == 0
+    sock.close()
+
+
 def test_watchers_that_do_not_read_their_answers_hold_up_no_other_watcher_and_no_worker(make_app):
     """The Watchers thread writes what a socket takes at once; the selector writes the rest of a
     large answer as its client reads it.  Writing all of it there held every other watcher back
@@ -5237,23 +5282,11 @@ def test_watchers_that_do_not_read_their_answers_hold_up_no_other_watcher_and_no
     app = make_app(event_max_bytes=20000)
     httpd, (host, port) = _serve(app, threads=2)
     try:
-        feeder = http.client.HTTPConnection(host, port, timeout=10)
-        for _ in range(256):                                     # a full ring of large events: ~6.5 MB listed
-            feeder.request("PUT", "/v1/event/fire/big", b"x" * 19000)
-            assert feeder.getresponse().read()
-        feeder.request("GET", "/v1/event/list")
-        answer = feeder.getresponse()
-        index, listed = answer.headers["X-Consul-Index"], answer.read()
-        assert len(listed) > 6000000                             # more than loopback sockets hold
-        ask = f"GET /v1/event/list?index={index}&wait=60s HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+        feeder, ask = _large_answers(host, port)
         stalled = []
         for number in range(1, 4):                               # more of them than workers
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect((host, port))
-            sock.sendall(ask)                                    # parked first, answered first: not read
+            stalled.append(_parked_slow_reader(host, port, ask))  # parked first, answered first: not read
             assert _wait_for(lambda: app.hub.watchers.parked() == number)
-            stalled.append(sock)
         reader = socket.create_connection((host, port), timeout=20)
         reader.sendall(ask)
         assert _wait_for(lambda: app.hub.watchers.parked() == 4)
