@@ -4966,7 +4966,14 @@ class EventBuffer:
         to change, or until one deadline (``wait``, default and cap 600 s), and
         answers with whatever is current then.  With ``park`` it does not wait:
         it returns a Watch for the Watchers thread to answer.
+
+        On a database several processes share, the ring first catches up with what they stored
+        (one indexed read): a client that fired on one process and lists on another sees its
+        event, without waiting for the notification.
         """
+        if self.shared and self.refresh():
+            for listener in self.listeners:
+                listener()
         snapshot = self._snapshot
         view = snapshot.view(key, select)
         if not index or view.index != index:
