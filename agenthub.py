@@ -5082,6 +5082,7 @@ class Watchers:
         self.buffer = buffer
         self._parked = []
         self._cond = threading.Condition()
+        self._answering = threading.Lock()
         self._poked = False
         buffer.listeners.append(self.poke)
 
@@ -5117,6 +5118,12 @@ class Watchers:
             self._answer(parked, final=stop.is_set())
 
     def _answer(self, parked, final=False):
+        # One pass at a time: ``close`` (a graceful shutdown) waits for a pass under way, whose
+        # answers are then all handed over (and counted in flight) before the shutdown waits.
+        with self._answering:
+            self._answer_now(parked, final)
+
+    def _answer_now(self, parked, final):
         snapshot, now, answered, finish = self.buffer.current(), time.monotonic(), [], []
         for watch in parked:
             view = snapshot.view(watch.key, watch.select)
