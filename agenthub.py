@@ -9355,13 +9355,13 @@ class _RequestHandler(WSGIRequestHandler):
         self.conn.abandoned = abandoned
 
     def answer_raw(self, status, headers, body):
-        """Answer this request now, from any thread: what the socket takes at once is written here,
-        and the rest of a large answer its client is slow to read by a worker (one client that does
-        not read would otherwise hold the thread answering every blocked watcher).  Returns
-        ``resume``, which gives the connection back to the selector (or closes it) once the answer
-        is written: call it at once, or — answering a thousand blocked watchers from one thread —
-        once all of them are, so that the selector thread does not compete for the interpreter
-        with the answers still to write."""
+        """Answer this request now, from any thread: what the socket takes at once is written here;
+        the rest of a large answer its client is slow to read is written by the selector thread
+        (parked) or by the request's worker (still in the route), so one client that does not read
+        never holds the thread answering every blocked watcher.  Returns ``resume``, which gives
+        the connection back to the selector (or closes it): call it at once, or — answering a
+        thousand blocked watchers from one thread — once all of them are written, so that the
+        selector thread does not compete for the interpreter with the answers still to write."""
         lines = [f"HTTP/1.1 {status}", f"Date: {_http_date()}", f"Content-Length: {len(body)}",
                  *(f"{k}: {v}" for k, v in headers)]
         if self.close_connection:
